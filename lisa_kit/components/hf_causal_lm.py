@@ -1,0 +1,99 @@
+"""Any transformers causal LM (LLaMA/Vicuna, Llama-2/3, Mistral, Qwen2…) as a component.
+
+The model is reached through its decoder and output head separately, so the final
+(normalised) hidden states the seg head needs and the logits come from one pass:
+``forward(inputs_embeds (B, L, D), attention_mask (B, L_total)) -> LMOutput``.
+The KV cache is the transformers ``Cache`` object, passed back in for the next step.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+import lisa_kit
+from lisa_kit.components._util import hf_config_dict, resolve_dtype
+from lisa_kit.interfaces import ComponentSpec, LanguageModel, LMOutput
+from lisa_kit.tokenizer import Tokenizer, load_tokenizer
+
+
+class HFCausalLM(LanguageModel):
+    def __init__(self, model, tokenizer: Tokenizer):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.hidden_size = model.config.hidden_size
+        self._decoder = model.get_decoder()
+        params = inspect.signature(self._decoder.forward).parameters
+        # transformers >= 5.24 calls the cache argument `cache`; earlier 5.x `past_key_values`.
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().num_embeddings
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False,
+                logits: bool = True, output_layers: bool = False) -> LMOutput:
+        kwargs = {self._cache_kw: cache} if cache is not None else {}
+        out = self._decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=use_cache, output_hidden_states=output_layers, **kwargs)
+        hidden = out.last_hidden_state
+        # Read `cache` first: touching `past_key_values` on >= 5.24 outputs warns.
+        new_cache = out.get("cache") if "cache" in out else out.get("past_key_values")
+        return LMOutput(hidden=hidden, logits=self.model.get_output_embeddings()(hidden) if logits else None,
+                        cache=new_cache if use_cache else None,
+                        layer_hidden=out.hidden_states if output_layers else None)
+
+    def resize_vocab(self, n: int) -> None:
+        if n != self.vocab_size:
+            self.model.resize_token_embeddings(n, mean_resizing=False)
+
+    def export_config(self) -> dict:
+        return {"config": hf_config_dict(self.model.config)}
+
+
+def build_hf_causal_lm(pretrained: str | None = None, config: dict | None = None, tokenizer: str | None = None,
+                       tokenizer_kind: str = "auto", attn_implementation: str = "sdpa",
+                       dtype: str = "float32") -> HFCausalLM:
+    """``pretrained``: a local transformers model directory; ``config``: a config dict
+    with ``model_type`` (random weights, e.g. for tiny tests or before a checkpoint
+    import loads them); ``tokenizer``: tokenizer directory (default: ``pretrained``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    if pretrained is not None:
+        model = AutoModelForCausalLM.from_pretrained(str(pretrained), local_files_only=True, dtype=torch_dtype,
+                                                     attn_implementation=attn_implementation)
+    elif config is not None:
+        cfg = dict(config)
+        model_type = cfg.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("hf_causal_lm `config` needs a `model_type` (e.g. llama, qwen2, mistral)")
+        hf_cfg = AutoConfig.for_model(model_type, **cfg)
+        hf_cfg._attn_implementation = attn_implementation
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch_dtype)
+    else:
+        raise ValueError("hf_causal_lm needs `pretrained` (a model directory) or `config`")
+    tok_dir = tokenizer or pretrained
+    if tok_dir is None:
+        raise ValueError("hf_causal_lm needs `tokenizer` (a tokenizer directory) when built from `config`")
+    tok = load_tokenizer(Path(tok_dir), tokenizer_kind)
+    model.config.use_cache = True
+    return HFCausalLM(model, tok)
+
+
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+              "vocab_size": 300, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+@lisa_kit.hookimpl
+def lisa_kit_components():
+    return [ComponentSpec("llm", "hf_causal_lm", build_hf_causal_lm,
+                          tiny={"config": TINY_LLAMA, "tokenizer": "@tiny_tokenizer"},
+                          description="transformers AutoModelForCausalLM (LLaMA, Vicuna, Llama-2/3, Mistral, Qwen2)")]

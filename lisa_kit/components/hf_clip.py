@@ -1,0 +1,116 @@
+"""CLIP vision tower from a transformers ``CLIPVisionModel`` directory.
+
+``forward(pixels (I, 3, S, S)) -> (I, N, Dv)``: the hidden states of layer
+``select_layer`` (LLaVA/LISA: -2, the penultimate), CLS dropped for ``select_feature:
+patch``. ``N = (S / patch)^2``: 256 at 224 px, 576 at 336 px; nothing downstream
+assumes either.
+
+Preprocessing reproduces the ``CLIPImageProcessor`` LISA used (PIL path): shortest
+edge to ``size`` with bicubic resampling, centre crop, rescale to [0, 1] and
+normalise, with the arithmetic in the same dtypes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+import lisa_kit
+from lisa_kit.components._util import hf_config_dict, read_json
+from lisa_kit.interfaces import ComponentSpec, VisionEncoder
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class HFClipVisionEncoder(VisionEncoder):
+    def __init__(self, model, select_layer: int = -2, select_feature: str = "patch", image_size: int | None = None,
+                 crop_size: int | None = None, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, resample: int = 3,
+                 rescale_factor: float = 1 / 255):
+        super().__init__()
+        if select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {select_feature!r}")
+        self.model = model
+        cfg = model.config
+        self.select_layer = select_layer
+        self.select_feature = select_feature
+        self.feature_dim = cfg.hidden_size
+        self.crop_size = int(crop_size or cfg.image_size)
+        self.image_size = int(image_size or cfg.image_size)
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+        self.resample = resample
+        self.rescale_factor = rescale_factor
+        self.num_tokens = (cfg.image_size // cfg.patch_size) ** 2 + (select_feature == "cls_patch")
+
+    # -- preprocessing ------------------------------------------------------------
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """RGB ``uint8 (H, W, 3)`` -> ``float32 (3, crop, crop)``."""
+        h, w = image.shape[:2]
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.image_size, int(self.image_size * long / short)
+        out_h, out_w = (new_long, new_short) if w <= h else (new_short, new_long)
+        x = np.asarray(Image.fromarray(image).resize((out_w, out_h), resample=self.resample, reducing_gap=None))
+        top, left = (out_h - self.crop_size) // 2, (out_w - self.crop_size) // 2
+        x = x[top:top + self.crop_size, left:left + self.crop_size]
+        x = (x * self.rescale_factor).astype(np.float32)  # uint8 * float64 scale, then float32
+        x = (x - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+    # -- forward ------------------------------------------------------------------
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        out = self.model(pixel_values=pixels.to(dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.select_layer]
+        if self.select_feature == "patch":
+            feats = feats[:, 1:]
+        return feats.to(pixels.dtype)
+
+    def export_config(self) -> dict:
+        return {"config": hf_config_dict(self.model.config), "select_layer": self.select_layer,
+                "select_feature": self.select_feature, "image_size": self.image_size, "crop_size": self.crop_size,
+                "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+
+def build_hf_clip(pretrained: str | None = None, config: dict | None = None, select_layer: int = -2,
+                  select_feature: str = "patch", image_size: int | None = None, crop_size: int | None = None,
+                  mean: list | None = None, std: list | None = None) -> HFClipVisionEncoder:
+    """``pretrained``: a local ``CLIPVisionModel``/``CLIPModel`` directory (weights loaded);
+    ``config``: a ``CLIPVisionConfig`` dict (random weights; for tests and imports that
+    load weights afterwards). Preprocessing values come from ``preprocessor_config.json``
+    when present."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    pre = {}
+    if pretrained is not None:
+        from pathlib import Path
+
+        p = Path(pretrained)
+        if (p / "preprocessor_config.json").exists():
+            pre = read_json(p / "preprocessor_config.json")
+        model = CLIPVisionModel.from_pretrained(str(p), local_files_only=True)
+    elif config is not None:
+        cfg = dict(config)
+        cfg.pop("model_type", None)
+        model = CLIPVisionModel(CLIPVisionConfig(**cfg))
+    else:
+        raise ValueError("hf_clip needs `pretrained` (a CLIP directory) or `config`")
+    model.requires_grad_(False)
+    size = pre.get("size", {})
+    crop = pre.get("crop_size", {})
+    return HFClipVisionEncoder(
+        model, select_layer=select_layer, select_feature=select_feature,
+        image_size=image_size or (size.get("shortest_edge") if isinstance(size, dict) else size),
+        crop_size=crop_size or (crop.get("height") if isinstance(crop, dict) else crop),
+        mean=mean or pre.get("image_mean", OPENAI_CLIP_MEAN), std=std or pre.get("image_std", OPENAI_CLIP_STD),
+        resample=pre.get("resample", 3))
+
+
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "image_size": 56, "patch_size": 14, "hidden_act": "quick_gelu", "projection_dim": 32}
+
+
+@lisa_kit.hookimpl
+def lisa_kit_components():
+    return [ComponentSpec("vision_encoder", "hf_clip", build_hf_clip, tiny={"config": TINY_CLIP},
+                          description="transformers CLIPVisionModel, select layer -2, patch tokens")]

@@ -1,0 +1,176 @@
+"""The LISA model: a composition of the five components and the seg head.
+
+Path of a batch (shapes as in :mod:`lisa_kit.interfaces`)::
+
+    vision_pixels (I,3,h,w) -> vision_encoder -> (I,N,Dv) -> projector -> (I,N,D)
+    input_ids (B,T) + image features -> fusion -> inputs_embeds (B,L,D), token_positions (B,T)
+    -> llm -> hidden (B,L,D), logits (B,L,V)
+    [SEG] tokens --token_positions--> hidden rows (K,D) -> seg_head -> prompts (K,P)
+    mask_pixels (I,3,S,S) -> mask_decoder.encode_image -> per image features
+    prompts of image i (M_i,P) -> mask_decoder.decode -> low-res (M_i,1,h',w') -> postprocess -> (M_i,H_i,W_i)
+
+Loss lives in :mod:`lisa_kit.loss`, generation in :mod:`lisa_kit.generation`, batching
+in :mod:`lisa_kit.data`.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lisa_kit.interfaces import FusedBatch, ImageMeta
+
+SEG_HIDDEN_CHOICES = ("previous", "token")
+
+
+@dataclass
+class Batch:
+    """A training/teacher-forced batch.
+
+    ``input_ids``/``attention_mask``/``labels``: ``(B, T)``; ``row_images[b]``: image index of
+    each image slot of row ``b`` (LISA's ``offset`` expanded); ``vision_pixels`` ``(I,3,h,w)``;
+    ``mask_pixels`` ``(I,3,S,S)``; ``metas[i]``: sizes of image ``i``; ``gt_masks[i]``:
+    ``(M_i, H_i, W_i)`` float targets, one per ``[SEG]`` of image ``i`` (training only).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    row_images: list[list[int]]
+    vision_pixels: torch.Tensor
+    mask_pixels: torch.Tensor
+    metas: list[ImageMeta]
+    labels: torch.Tensor | None = None
+    gt_masks: list[torch.Tensor] | None = None
+    padding_side: str = "right"
+
+    def to(self, device) -> "Batch":
+        mv = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return Batch(mv(self.input_ids), mv(self.attention_mask), self.row_images, mv(self.vision_pixels),
+                     mv(self.mask_pixels), self.metas, mv(self.labels),
+                     [mv(g) for g in self.gt_masks] if self.gt_masks is not None else None, self.padding_side)
+
+
+@dataclass
+class ModelOutput:
+    """``logits (B,L,V)``, ``hidden (B,L,D)``, ``fused``; ``seg_index (K,3)`` rows of
+    (row, text position, fused position used); ``seg_embeddings (K,P)``; per image ``i``:
+    ``low_res_masks[i] (M_i,1,h',w')``, ``scores[i] (M_i,1)``, ``pred_masks[i] (M_i,H_i,W_i)``
+    (logits at the original size), and ``seg_of_image[i]``: which of the K seg rows they are."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    fused: FusedBatch
+    seg_index: torch.Tensor
+    seg_embeddings: torch.Tensor
+    low_res_masks: list[torch.Tensor] = field(default_factory=list)
+    scores: list[torch.Tensor] = field(default_factory=list)
+    pred_masks: list[torch.Tensor] = field(default_factory=list)
+    seg_of_image: list[list[int]] = field(default_factory=list)
+
+
+class LisaModel(nn.Module):
+    def __init__(self, vision_encoder, projector, llm, mask_decoder, fusion, seg_head, seg_token: str = "[SEG]",
+                 seg_hidden: str = "previous", train_image_encoder: bool = False, recipe=None):
+        super().__init__()
+        if seg_hidden not in SEG_HIDDEN_CHOICES:
+            raise ValueError(f"seg_hidden must be one of {SEG_HIDDEN_CHOICES}, got {seg_hidden!r}")
+        self.vision_encoder = vision_encoder
+        self.projector = projector
+        self.llm = llm
+        self.mask_decoder = mask_decoder
+        self.fusion = fusion
+        self.seg_head = seg_head
+        self.seg_token = seg_token
+        self.seg_hidden = seg_hidden
+        self.train_image_encoder = train_image_encoder
+        self.recipe = recipe  # the resolved recipe this model was built from (plain dict)
+
+    # -- ids ----------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    @property
+    def seg_token_id(self) -> int:
+        return self.tokenizer.token_id(self.seg_token)
+
+    # -- stages -------------------------------------------------------------------
+    def encode_vision(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(I,3,h,w) -> (I,N,D)``. The tower is frozen in LISA: no graph is kept for it."""
+        frozen = not any(p.requires_grad for p in self.vision_encoder.parameters())
+        with torch.no_grad() if frozen else nullcontext():
+            feats = self.vision_encoder(pixels)
+        return self.projector(feats)
+
+    def encode_masks(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        with nullcontext() if self.train_image_encoder else torch.no_grad():
+            return self.mask_decoder.encode_image(pixels)
+
+    def fuse(self, batch: Batch, image_features: torch.Tensor) -> FusedBatch:
+        return self.fusion.fuse(batch.input_ids, batch.attention_mask, batch.labels, image_features,
+                                batch.row_images, self.llm.embed, padding_side=batch.padding_side)
+
+    def seg_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 token_positions: torch.Tensor) -> torch.Tensor:
+        """``(K, 3)``: (row, text index of ``[SEG]``, fused index whose hidden state is used).
+
+        ``previous`` (the original's choice, needed for its checkpoints): the position
+        right before ``[SEG]``, whose output predicts it; ``token``: ``[SEG]`` itself.
+        """
+        is_seg = (input_ids == self.seg_token_id) & attention_mask.bool()
+        rows, cols = is_seg.nonzero(as_tuple=True)
+        fused = token_positions[rows, cols]
+        if self.seg_hidden == "previous":
+            fused = fused - 1
+        return torch.stack([rows, cols, fused], 1)
+
+    def image_of_seg(self, batch_row_images: list[list[int]], input_ids: torch.Tensor, seg_index: torch.Tensor) -> list[int]:
+        """The image a ``[SEG]`` refers to: the last image slot before it in its row (the
+        row's first image when it comes before every slot)."""
+        slot = self.fusion.IMAGE_SLOT
+        out = []
+        for r, c, _ in seg_index.tolist():
+            slots_before = int((input_ids[r, :c] == slot).sum())
+            imgs = batch_row_images[r]
+            if not imgs:
+                raise ValueError(f"row {r} has a {self.seg_token} but no image")
+            out.append(imgs[max(slots_before - 1, 0)])
+        return out
+
+    def decode_masks(self, mask_features: dict[str, torch.Tensor], prompts: torch.Tensor, seg_images: list[int],
+                     metas: list[ImageMeta]):
+        """Decode each image's prompts on its own features. Returns per image lists
+        (low_res, scores, pred_masks, seg indices)."""
+        low, scores, preds, which = [], [], [], []
+        for i, meta in enumerate(metas):
+            idx = [k for k, im in enumerate(seg_images) if im == i]
+            which.append(idx)
+            if not idx:
+                h, w = meta.original_size
+                low.append(prompts.new_zeros(0, 1, 1, 1))
+                scores.append(prompts.new_zeros(0, 1))
+                preds.append(prompts.new_zeros(0, h, w, dtype=torch.float32))
+                continue
+            feats = {k: v[i:i + 1] for k, v in mask_features.items()}
+            lr, sc = self.mask_decoder.decode(feats, prompts[idx])
+            low.append(lr)
+            scores.append(sc)
+            preds.append(self.mask_decoder.postprocess(lr, meta))
+        return low, scores, preds, which
+
+    # -- teacher-forced forward ----------------------------------------------------
+    def forward(self, batch: Batch) -> ModelOutput:
+        image_features = self.encode_vision(batch.vision_pixels)
+        fused = self.fuse(batch, image_features)
+        out = self.llm(fused.inputs_embeds, attention_mask=fused.attention_mask.long(),
+                       position_ids=fused.position_ids)
+        seg_index = self.seg_rows(batch.input_ids, batch.attention_mask, fused.token_positions)
+        prompts = self.seg_head(out.hidden[seg_index[:, 0], seg_index[:, 2]])
+        seg_images = self.image_of_seg(batch.row_images, batch.input_ids, seg_index)
+        mask_features = self.encode_masks(batch.mask_pixels)
+        low, scores, preds, which = self.decode_masks(mask_features, prompts, seg_images, batch.metas)
+        return ModelOutput(logits=out.logits, hidden=out.hidden, fused=fused, seg_index=seg_index,
+                           seg_embeddings=prompts, low_res_masks=low, scores=scores, pred_masks=preds,
+                           seg_of_image=which)

@@ -1,0 +1,571 @@
+"""YAML recipes: which registered components make a model, and with which settings.
+
+A recipe names components only (``model.<kind>.name``), never import paths or code;
+new components come from plugins (:mod:`lisa_kit.registry`).
+
+Loading (:func:`load_recipe`):
+
+1. ``base:`` chains are followed (a path relative to the recipe, or a bare name looked
+   up as ``<name>.yaml`` next to the recipe and then in :func:`recipe_dirs`).
+2. Each child is merged over its base: mappings deep-merge and everything else
+   (scalars, lists) is replaced, except that a component node ``model.<kind>`` whose
+   ``name`` changes is replaced whole, so settings of the old component never leak
+   into the new one.
+3. Overrides apply in order, with the same merge rule: ``key=value`` (value parsed as
+   YAML; sets or adds), ``+key=value`` (same), ``~key`` (delete; the key must exist).
+   ``model.<kind>.name=<other>`` therefore resets that node to ``{name: <other>}``.
+
+The result is a :class:`Recipe`: the merged ``cfg`` plus where every key was set
+(``sources``), so problems name the file (or override) to fix.
+
+Validation (:func:`validate_recipe`, :func:`check_recipe`) checks a recipe against the
+registry's ``build`` signatures without building anything or reading weights.
+"""
+from __future__ import annotations
+
+import collections.abc
+import copy
+import datetime
+import inspect
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseException
+
+import lisa_kit
+from lisa_kit import registry as _registry
+from lisa_kit.errors import RecipeError, UnknownComponentError
+from lisa_kit.interfaces import KINDS
+
+__all__ = [
+    "Recipe", "recipe_dirs", "list_recipes", "find_recipe", "load_recipe", "validate_recipe",
+    "check_recipe", "missing_keys", "resolved_yaml", "RECIPE_PATH_ENV", "TOP_LEVEL_KEYS", "MODEL_KEYS",
+]
+
+RECIPE_PATH_ENV = "LISA_KIT_RECIPE_PATH"
+MISSING = "???"
+TOP_LEVEL_KEYS = ("base", "name", "description", "model", "weights", "loss", "generation",
+                  "conversation", "data", "train", "eval", "precision", "bench")
+MODEL_KEYS = KINDS + ("seg_token", "seg_hidden")
+SEG_HIDDEN = ("previous", "token")
+_COMPONENT_PATHS = frozenset(f"model.{kind}" for kind in KINDS)
+_HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
+_DOTTED_MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+# PyYAML (YAML 1.1) reads 1e-4 as a string; recipe files (OmegaConf's loader) do not.
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+@dataclass
+class Recipe:
+    """A loaded recipe.
+
+    ``cfg``: the merged config (``base`` removed, interpolations left lazy);
+    ``path``: the recipe file asked for (``None`` for an in-memory mapping);
+    ``sources``: dotted key -> file or override that set it (see :meth:`source_of`);
+    ``files``: the recipe file then its bases; ``overrides``: as applied.
+    """
+
+    cfg: DictConfig
+    path: Path | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+    files: tuple[Path, ...] = ()
+    overrides: tuple[str, ...] = ()
+
+    def source_of(self, key: str) -> str:
+        """The file (or ``override '...'``) that set ``key`` or its closest parent."""
+        key = re.sub(r"\[\d+\]", "", key)
+        parts = key.split(".")
+        while parts:
+            origin = self.sources.get(".".join(parts))
+            if origin is not None:
+                return origin
+            parts.pop()
+        return str(self.path) if self.path else "<recipe>"
+
+
+# -- finding ----------------------------------------------------------------------
+def recipe_dirs() -> list[Path]:
+    """``$LISA_KIT_RECIPE_PATH`` entries (``os.pathsep`` separated), then the repository's ``recipes/``."""
+    dirs = [Path(p).expanduser() for p in os.environ.get(RECIPE_PATH_ENV, "").split(os.pathsep) if p]
+    dirs.append(Path(lisa_kit.__file__).resolve().parent.parent / "recipes")
+    return dirs
+
+
+def list_recipes() -> dict[str, Path]:
+    """Recipe name -> file for every ``*.yaml`` in :func:`recipe_dirs` (earlier dirs win)."""
+    found: dict[str, Path] = {}
+    for directory in recipe_dirs():
+        if directory.is_dir():
+            for path in sorted(directory.glob("*.yaml")):
+                found.setdefault(path.stem, path)
+    return dict(sorted(found.items()))
+
+
+def _is_bare_name(text: str) -> bool:
+    return "/" not in text and os.sep not in text and not text.startswith("~")
+
+
+def _stem(name: str) -> str:
+    return name[: -len(".yaml")] if name.endswith(".yaml") else name
+
+
+def find_recipe(name_or_path: str | os.PathLike) -> Path:
+    """An existing file as given, else ``<dir>/<name>.yaml`` from :func:`recipe_dirs`."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    text = str(name_or_path)
+    if _is_bare_name(text):
+        for directory in recipe_dirs():
+            candidate = directory / f"{_stem(text)}.yaml"
+            if candidate.is_file():
+                return candidate
+    available = ", ".join(list_recipes()) or "(none)"
+    searched = ", ".join(str(d) for d in recipe_dirs())
+    raise RecipeError(f"recipe {text!r} not found; available recipes: {available} "
+                      f"(searched {searched}; add directories with ${RECIPE_PATH_ENV})")
+
+
+def _find_base(base: str, child: Path | None, origin: str) -> Path:
+    here = child.parent if child is not None else Path.cwd()
+    candidate = here / Path(base).expanduser()
+    if candidate.is_file():
+        return candidate
+    if _is_bare_name(base):
+        sibling = here / f"{_stem(base)}.yaml"
+        if sibling.is_file():
+            return sibling
+        try:
+            return find_recipe(base)
+        except RecipeError as exc:
+            raise RecipeError(f"base {exc}", key="base", file=origin) from None
+    raise RecipeError(f"base recipe {base!r} not found (relative to {here})", key="base", file=origin)
+
+
+# -- loading and merging ------------------------------------------------------------
+def _read(path: Path) -> dict:
+    try:
+        raw = OmegaConf.load(path)
+    except (OSError, yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise RecipeError(f"cannot read recipe: {exc}", file=str(path)) from None
+    if not isinstance(raw, DictConfig):
+        raise RecipeError("a recipe must be a YAML mapping", file=str(path))
+    return OmegaConf.to_container(raw, resolve=False)
+
+
+def _chain(data: dict, path: Path | None, origin: str, seen: list[Path]) -> list[tuple[str, dict]]:
+    """``(origin, data)`` layers, base-most first; ``base`` keys are removed."""
+    base = data.pop("base", None)
+    if base is None:
+        return [(origin, data)]
+    if not isinstance(base, str) or not base or base == MISSING:
+        raise RecipeError(f"base must be a recipe name or a path, got {base!r}", key="base", file=origin)
+    base_path = _find_base(base, path, origin)
+    resolved = base_path.resolve()
+    if resolved in seen:
+        cycle = " -> ".join(str(p) for p in [*seen, resolved])
+        raise RecipeError(f"base recipes form a cycle: {cycle}", key="base", file=origin)
+    return _chain(_read(base_path), base_path, str(base_path), [*seen, resolved]) + [(origin, data)]
+
+
+def _record(sources: dict[str, str], path: str, value: Any, origin: str) -> None:
+    sources[path] = origin
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _record(sources, f"{path}.{key}", item, origin)
+
+
+def _forget(sources: dict[str, str], path: str) -> None:
+    for key in [k for k in sources if k == path or k.startswith(path + ".")]:
+        del sources[key]
+
+
+def _renamed(path: str, old: dict, new: dict) -> bool:
+    return path in _COMPONENT_PATHS and "name" in new and new["name"] != old.get("name")
+
+
+def _merge(dst: dict, src: Mapping, origin: str, sources: dict[str, str], prefix: str = "") -> None:
+    """Merge ``src`` into ``dst`` in place with the recipe rule (see module docstring)."""
+    for key, value in src.items():
+        path = f"{prefix}{key}"
+        old = dst.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and not _renamed(path, old, value):
+            _merge(old, value, origin, sources, path + ".")
+        else:
+            dst[key] = copy.deepcopy(value)
+            _forget(sources, path)
+            _record(sources, path, value, origin)
+
+
+def _split_key(key: str, origin: str) -> list[str]:
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"bad key {key!r}", file=origin)
+    if parts[0] == "base":
+        raise RecipeError("base cannot be overridden; load the other recipe instead", key=key, file=origin)
+    return parts
+
+
+def _parse_value(raw: str, origin: str) -> Any:
+    raw = raw.strip()
+    if not raw:
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"cannot parse value {raw!r} as YAML: {exc}", file=origin) from None
+    return _normalize(value)
+
+
+def _normalize(value: Any) -> Any:
+    if isinstance(value, str) and _FLOAT.match(value):
+        return float(value)
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return value.isoformat()  # OmegaConf cannot hold dates
+    if isinstance(value, list):
+        return [_normalize(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalize(v) for k, v in value.items()}
+    return value
+
+
+def _apply_override(data: dict, text: str, sources: dict[str, str]) -> None:
+    origin = f"override {text!r}"
+    text = text.strip()
+    if text.startswith("~"):
+        if "=" in text:
+            raise RecipeError("a deletion takes no value; write ~key", file=origin)
+        parts = _split_key(text[1:], origin)
+        node: Any = data
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise RecipeError("cannot delete: key is not in the recipe", key=text[1:], file=origin)
+        del node[parts[-1]]
+        _forget(sources, text[1:])
+        return
+    key, eq, raw = text.partition("=")
+    if not eq:
+        raise RecipeError("an override is key=value, +key=value or ~key", file=origin)
+    parts = _split_key(key.lstrip("+"), origin)
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, list):
+            raise RecipeError("cannot set inside a list; set the whole list",
+                              key=".".join(parts[: i + 1]), file=origin)
+    nested: Any = _parse_value(raw, origin)
+    for part in reversed(parts):
+        nested = {part: nested}
+    _merge(data, nested, origin, sources)
+
+
+def load_recipe(source: str | os.PathLike | Mapping, overrides: Iterable[str] = ()) -> Recipe:
+    """Load a recipe by name, path or as a mapping, follow ``base:`` and apply ``overrides``.
+
+    Raises :class:`RecipeError` naming the file (or override) and key at fault.
+    """
+    if isinstance(source, DictConfig):
+        source = OmegaConf.to_container(source, resolve=False)
+    if isinstance(source, Mapping):
+        path, origin, data = None, "<dict>", copy.deepcopy(dict(source))
+    else:
+        path = find_recipe(source)
+        origin, data = str(path), _read(path)
+    layers = _chain(data, path, origin, [path.resolve()] if path else [])
+    merged: dict = {}
+    sources: dict[str, str] = {}
+    for layer_origin, layer in layers:
+        _merge(merged, layer, layer_origin, sources)
+    overrides = tuple(overrides)
+    for text in overrides:
+        _apply_override(merged, text, sources)
+    try:
+        cfg = OmegaConf.create(merged)
+    except OmegaConfBaseException as exc:
+        raise RecipeError(f"invalid recipe content: {exc}", file=origin) from None
+    files = tuple(Path(o) for o, _ in reversed(layers) if o != "<dict>")
+    return Recipe(cfg=cfg, path=path, sources=sources, files=files, overrides=overrides)
+
+
+def _as_recipe(recipe: Recipe | DictConfig | Mapping | str | os.PathLike) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+
+
+# -- resolving ------------------------------------------------------------------
+class _Unresolved:
+    """Placeholder for a value whose interpolation failed (already reported)."""
+
+    def __repr__(self) -> str:
+        return "<unresolved>"
+
+
+_UNRESOLVED = _Unresolved()
+
+
+def _resolve(cfg: DictConfig) -> tuple[dict, list[str], list[tuple[str, str]]]:
+    """Plain container with interpolations resolved where possible.
+
+    Returns ``(data, missing_keys, errors)``: missing values (and interpolations to
+    them) stay ``"???"``; failed interpolations become a placeholder and are listed
+    in ``errors`` as ``(key, message)``. Unlike ``OmegaConf.to_container(resolve=True)``
+    one bad value does not hide the rest.
+    """
+    missing: list[str] = []
+    errors: list[tuple[str, str]] = []
+
+    def child(node, key, path):
+        if OmegaConf.is_missing(node, key):
+            missing.append(path)
+            return MISSING
+        try:
+            value = node[key]
+        except InterpolationToMissingValueError:
+            missing.append(path)
+            return MISSING
+        except OmegaConfBaseException as exc:
+            errors.append((path, str(exc).splitlines()[0]))
+            return _UNRESOLVED
+        return walk(value, path)
+
+    def walk(node, path):
+        if isinstance(node, DictConfig):
+            return {k: child(node, k, f"{path}.{k}" if path else str(k)) for k in node.keys()}
+        if isinstance(node, ListConfig):
+            return [child(node, i, f"{path}[{i}]") for i in range(len(node))]
+        return node
+
+    return walk(cfg, ""), missing, errors
+
+
+def missing_keys(recipe: Recipe | DictConfig) -> list[str]:
+    """Dotted keys whose value is still ``???`` (directly or through an interpolation)."""
+    cfg = recipe.cfg if isinstance(recipe, Recipe) else recipe
+    return sorted(_resolve(cfg)[1])
+
+
+def resolved_yaml(recipe: Recipe | DictConfig) -> str:
+    """The merged recipe as YAML, interpolations resolved; missing values print as ``???``."""
+    cfg = recipe.cfg if isinstance(recipe, Recipe) else recipe
+    data, _, errors = _resolve(cfg)
+    if errors:
+        key, message = errors[0]
+        file = recipe.source_of(key) if isinstance(recipe, Recipe) else None
+        raise RecipeError(f"cannot resolve interpolation: {message}", key=key, file=file)
+    return OmegaConf.to_yaml(OmegaConf.create(data))
+
+
+# -- validation -----------------------------------------------------------------
+def _looks_like_code(name: str) -> bool:
+    return ":" in name or bool(_DOTTED_MODULE.match(name)) or name.endswith(".py") or "/" in name
+
+
+def _parameters(build: Any) -> tuple[dict[str, inspect.Parameter], bool] | None:
+    """Keyword-passable parameters of ``build`` and whether it takes ``**kwargs``."""
+    try:
+        signature = inspect.signature(build)
+    except (TypeError, ValueError):
+        return None  # e.g. some builtins: nothing to check against
+    params = {n: p for n, p in signature.parameters.items()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    return params, var_kw
+
+
+def _annotation(build: Any, param: inspect.Parameter) -> Any:
+    """The parameter's annotation as an object, or ``None`` when unknown/unevaluable."""
+    annotation = param.annotation
+    if annotation is inspect.Parameter.empty:
+        return None
+    if isinstance(annotation, str):  # ``from __future__ import annotations``
+        module = sys.modules.get(getattr(build, "__module__", None) or "")
+        try:
+            annotation = eval(annotation, dict(vars(module)) if module else {})  # noqa: S307
+        except Exception:
+            return None  # names we cannot see (e.g. TYPE_CHECKING imports): leave unchecked
+    return annotation
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Whether ``value`` (plain YAML data) fits ``tp``; types we don't model always fit."""
+    if tp is None or tp is Any:
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_type_ok(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp in (list, tuple) or origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, list):  # YAML has no tuples: a list stands for one
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_type_ok(v, a) for v, a in zip(value, args))
+        return not args or all(_type_ok(v, args[0]) for v in value)
+    if tp is dict or origin in (dict, collections.abc.Mapping):
+        if not isinstance(value, dict):
+            return False
+        return len(args) != 2 or all(_type_ok(v, args[1]) for v in value.values())
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Checker:
+    def __init__(self, recipe: Recipe, registry: _registry.Registry):
+        self.recipe = recipe
+        self.registry = registry
+        self.problems: list[str] = []
+
+    def report(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.recipe.source_of(key)}: {key}: {message}")
+
+    def run(self, allow_missing: bool) -> list[str]:
+        data, missing, errors = _resolve(self.recipe.cfg)
+        for key, message in errors:
+            self.report(key, f"cannot resolve interpolation: {message}")
+        if not allow_missing:
+            for key in missing:
+                self.report(key, "value is missing (???); set it in the recipe or with key=value")
+        for key in data:
+            if key not in TOP_LEVEL_KEYS:
+                self.report(str(key), f"unknown top-level key; allowed: {', '.join(TOP_LEVEL_KEYS)}")
+        for key in ("name", "description"):
+            if key in data and not isinstance(data[key], str):
+                self.report(key, f"expected str, got {type(data[key]).__name__} {_short(data[key])}")
+        for key in ("weights", "loss", "generation", "conversation"):
+            if data.get(key) not in (None, MISSING) and not isinstance(data[key], dict):
+                self.report(key, "must be a mapping")
+        if isinstance(data.get("loss"), dict):
+            for key, value in data["loss"].items():
+                if value not in (MISSING, _UNRESOLVED) and not _type_ok(value, float):
+                    self.report(f"loss.{key}", f"expected a number, got {_short(value)}")
+        model = data.get("model")
+        if model is None:
+            self.report("model", f"missing; a recipe names its components under model: ({', '.join(KINDS)})")
+        elif isinstance(model, dict):
+            self.check_model(model)
+        elif model not in (MISSING, _UNRESOLVED):
+            self.report("model", "must be a mapping of component kind -> {name: ..., <build arguments>}")
+        return self.problems
+
+    def check_model(self, model: dict) -> None:
+        for key in model:
+            if key not in MODEL_KEYS:
+                self.report(f"model.{key}", f"unknown key; model takes: {', '.join(MODEL_KEYS)}")
+        for kind in KINDS:
+            path = f"model.{kind}"
+            node = model.get(kind)
+            if node is None:
+                self.report(path, f"missing; every recipe names all components: {', '.join(KINDS)}")
+            elif isinstance(node, dict):
+                self.check_component(kind, node, path)
+            elif node not in (MISSING, _UNRESOLVED):
+                self.report(path, f"must be a mapping like {{name: <registered {kind}>, ...}}, got {_short(node)}")
+        seg_hidden = model.get("seg_hidden", MISSING)
+        if seg_hidden not in (MISSING, _UNRESOLVED) and seg_hidden not in SEG_HIDDEN:
+            self.report("model.seg_hidden", f"must be one of {', '.join(SEG_HIDDEN)}, got {_short(seg_hidden)}")
+        seg_token = model.get("seg_token", MISSING)
+        if seg_token not in (MISSING, _UNRESOLVED) and not (isinstance(seg_token, str) and seg_token):
+            self.report("model.seg_token", f"must be a non-empty string, got {_short(seg_token)}")
+
+    def check_component(self, kind: str, node: dict, path: str) -> None:
+        name = node.get("name")
+        available = ", ".join(self.registry.names(kind)) or "(none registered)"
+        if name is None:
+            self.report(f"{path}.name", f"missing; registered {kind} components: {available}")
+            return
+        if name is MISSING or name is _UNRESOLVED:
+            return
+        if not isinstance(name, str):
+            self.report(f"{path}.name", f"expected a component name (str), got {_short(name)}")
+            return
+        if (kind, name) not in self.registry:
+            if _looks_like_code(name):
+                self.report(f"{path}.name", f"{name!r} looks like an import path; recipes name registered "
+                            f"components only (registered {kind} components: {available}). New components "
+                            "are added by plugins through the 'lisa_kit' entry-point group")
+            else:
+                error = UnknownComponentError(kind, name, self.registry.names(kind), self.registry.failure_hint())
+                self.report(f"{path}.name", str(error))
+            return
+        spec = self.registry.get(kind, name)
+        found = _parameters(spec.build)
+        if found is None:
+            return
+        params, var_kw = found
+        for key, value in node.items():
+            key_path = f"{path}.{key}"
+            if key == "name":
+                continue
+            if key in _HYDRA_KEYS:
+                self.report(key_path, "recipes name registered components only; "
+                            "Hydra-style instantiation keys are not supported")
+                continue
+            param = params.get(key)
+            if param is None:
+                if not var_kw:
+                    accepted = ", ".join(params) or "(nothing)"
+                    self.report(key_path, f"not a parameter of {kind} {name!r} (it accepts: {accepted})")
+                continue
+            if value is MISSING or value is _UNRESOLVED:
+                continue
+            expected = _annotation(spec.build, param)
+            # A None default documents "optional" even where the annotation forgot it.
+            if not (value is None and param.default is None) and not _type_ok(value, expected):
+                self.report(key_path, f"expected {_type_name(expected)}, got {type(value).__name__} {_short(value)}")
+        for pname, param in params.items():
+            if param.default is inspect.Parameter.empty and pname not in node and pname not in spec.derived:
+                self.report(f"{path}.{pname}", f"required by {kind} {name!r} but not set")
+
+
+def validate_recipe(recipe: Recipe | DictConfig | Mapping | str | os.PathLike,
+                    registry: _registry.Registry | None = None, *, allow_missing: bool = False) -> list[str]:
+    """Problems of ``recipe``, each ``"<file>: <key>: <message>"``; empty means valid.
+
+    Builds nothing and reads no weights. ``allow_missing`` accepts ``???`` values
+    (shipped recipes leave e.g. ``weights.path`` to the user); list them with
+    :func:`missing_keys`. ``registry`` defaults to :func:`lisa_kit.registry.get_registry`.
+    """
+    recipe = _as_recipe(recipe)
+    if registry is None:
+        registry = _registry.get_registry()
+    return _Checker(recipe, registry).run(allow_missing)
+
+
+def check_recipe(recipe: Recipe | DictConfig | Mapping | str | os.PathLike,
+                 registry: _registry.Registry | None = None, *, allow_missing: bool = False) -> Recipe:
+    """:func:`validate_recipe`, raising :class:`RecipeError` with every problem; returns the recipe."""
+    recipe = _as_recipe(recipe)
+    problems = validate_recipe(recipe, registry, allow_missing=allow_missing)
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        plural = "s" if len(problems) > 1 else ""
+        raise RecipeError(f"invalid recipe ({len(problems)} problem{plural}):\n{listing}",
+                          file=str(recipe.path) if recipe.path else None, problems=problems)
+    return recipe
