@@ -22,7 +22,7 @@ import re
 import threading
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,9 +109,9 @@ class Registry:
         return cls()
 
     @classmethod
-    def discover(cls, group: str = hookspecs.ENTRY_POINT_GROUP, *,
-                 autoload: bool | None = None) -> Registry:
-        """Load every plugin of the entry-point ``group``.
+    def discover(cls, group: str = hookspecs.ENTRY_POINT_GROUP, *, autoload: bool | None = None,
+                 entry_points: Iterable[importlib.metadata.EntryPoint] | None = None) -> Registry:
+        """Load every plugin of the entry-point ``group`` (or the given ``entry_points``).
 
         ``autoload=False`` loads only lisa-kit's own entry points; ``None`` reads
         ``LISA_KIT_DISABLE_PLUGIN_AUTOLOAD``. Raises :class:`DuplicateComponentError`.
@@ -119,7 +119,7 @@ class Registry:
         if autoload is None:
             autoload = not _autoload_disabled()
         registry = cls()
-        eps = importlib.metadata.entry_points(group=group)
+        eps = importlib.metadata.entry_points(group=group) if entry_points is None else entry_points
 
         def order(ep):  # built-ins first, then a stable order independent of sys.path
             dist = _canonical(ep.dist.name) if ep.dist else ""

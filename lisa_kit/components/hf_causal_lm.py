@@ -38,15 +38,20 @@ class HFCausalLM(LanguageModel):
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False,
-                logits: bool = True, output_layers: bool = False) -> LMOutput:
+                logits: bool | str = True, output_layers: bool = False) -> LMOutput:
+        """``logits``: ``True`` (every position), ``"last"`` (only the last: ``(B, 1, V)``) or ``False``."""
         kwargs = {self._cache_kw: cache} if cache is not None else {}
         out = self._decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=use_cache, output_hidden_states=output_layers, **kwargs)
         hidden = out.last_hidden_state
         # Read `cache` first: touching `past_key_values` on >= 5.24 outputs warns.
-        new_cache = out.get("cache") if "cache" in out else out.get("past_key_values")
-        return LMOutput(hidden=hidden, logits=self.model.get_output_embeddings()(hidden) if logits else None,
-                        cache=new_cache if use_cache else None,
+        new_cache = None
+        if use_cache:
+            new_cache = out.get("cache") if "cache" in out else out.get("past_key_values")
+        head = self.model.get_output_embeddings()
+        out_logits = head(hidden[:, -1:]) if logits == "last" else (head(hidden) if logits else None)
+        return LMOutput(hidden=hidden, logits=out_logits,
+                        cache=new_cache,
                         layer_hidden=out.hidden_states if output_layers else None)
 
     def resize_vocab(self, n: int) -> None:
@@ -89,7 +94,7 @@ def build_hf_causal_lm(pretrained: str | None = None, config: dict | None = None
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
-              "vocab_size": 300, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+              "vocab_size": 384, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 
 @lisa_kit.hookimpl

@@ -1,0 +1,94 @@
+"""lisa_kit's own checkpoint format.
+
+A directory with ``recipe.yaml`` (the resolved recipe, every component node made
+self-contained by the component's ``export_config()``), one ``<kind>.safetensors`` per
+component and ``tokenizer/``. Loading builds the components from the recipe with
+random weights, then loads each file strictly: a mismatch names the component and key.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import yaml
+
+from lisa_kit.checkpoint.io import load_into, save_safetensors
+from lisa_kit.errors import CheckpointError
+from lisa_kit.interfaces import KINDS
+
+FORMAT_VERSION = 1
+
+
+def _components(model) -> dict:
+    return {"vision_encoder": model.vision_encoder, "projector": model.projector, "llm": model.llm,
+            "mask_decoder": model.mask_decoder, "fusion": model.fusion, "seg_head": model.seg_head}
+
+
+def _state(module) -> dict:
+    # The LLM's input and output embeddings may be tied: store each tensor once.
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in module.state_dict().items():
+        if v.data_ptr() in seen and v.numel():
+            continue
+        seen[v.data_ptr()] = k
+        out[k] = v
+    return out
+
+
+def save_model(model, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` (created). Each file is written atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    recipe = copy.deepcopy(model.recipe or {"model": {}})
+    recipe.pop("weights", None)
+    m = recipe.setdefault("model", {})
+    for kind, comp in _components(model).items():
+        name = (m.get(kind) or {}).get("name")
+        if name is None:
+            raise CheckpointError("the model's recipe does not name this component", component=kind)
+        node = {"name": name, **comp.export_config()}
+        if kind == "llm":
+            node["tokenizer"] = "tokenizer"  # relative to the checkpoint directory
+        m[kind] = node
+        save_safetensors(_state(comp), path / f"{kind}.safetensors")
+    m["seg_token"], m["seg_hidden"] = model.seg_token, model.seg_hidden
+    model.tokenizer.save(path / "tokenizer")
+    recipe["lisa_kit_format"] = FORMAT_VERSION
+    tmp = path / "recipe.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    os.replace(tmp, path / "recipe.yaml")
+    return path
+
+
+def load_model(path: str | os.PathLike, registry=None, strict: bool = True):
+    """Load a directory written by :func:`save_model`."""
+    from safetensors.torch import load_file
+
+    from lisa_kit.builder import build_model
+
+    path = Path(path)
+    if not (path / "recipe.yaml").exists():
+        raise CheckpointError(f"not a lisa_kit checkpoint (no recipe.yaml): {path}")
+    recipe = yaml.safe_load((path / "recipe.yaml").read_text())
+    recipe.pop("lisa_kit_format", None)
+    recipe["model"]["llm"]["tokenizer"] = str(path / recipe["model"]["llm"]["tokenizer"])
+    model = build_model(recipe, registry)
+    comps = _components(model)
+    for kind in KINDS:
+        f = path / f"{kind}.safetensors"
+        if not f.exists():
+            raise CheckpointError(f"missing weights file {f.name}", component=kind, file=f)
+        state = load_file(str(f))
+        module = comps[kind]
+        own = module.state_dict()
+        # restore tied tensors that were stored once
+        for k in own:
+            if k not in state:
+                for k2, v2 in own.items():
+                    if k2 in state and own[k2].data_ptr() == own[k].data_ptr():
+                        state[k] = state[k2]
+                        break
+        load_into(module, state, kind, strict)
+    return model

@@ -1,0 +1,146 @@
+"""Answer generation with the LLM's KV cache, and one mask per generated ``[SEG]``.
+
+The original re-runs the whole sequence (CLIP included) for every new token and then
+reads the hidden states of the final pass. Here the prompt is run once, each step feeds
+one token through the cache, and only the hidden states a ``[SEG]`` needs are kept:
+
+* ``seg_hidden: previous`` (released LISA checkpoints): the last hidden state of the step
+  whose logits chose ``[SEG]`` - available the moment ``[SEG]`` is picked;
+* ``seg_hidden: token``: the hidden state of ``[SEG]`` itself, i.e. the output of the
+  step that feeds it (one extra step when ``[SEG]`` is the very last token).
+
+Rows are left-padded so a batch of prompts of different lengths decodes together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lisa_kit.interfaces import ImageMeta
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    keep_step_logits: bool = False
+
+
+@dataclass
+class Generated:
+    """One row's result. ``token_ids``: the new tokens (eos included when produced);
+    ``seg_indices``: where ``[SEG]`` sits in ``token_ids``; ``masks (M,H,W)`` mask logits at
+    the original size and ``scores (M,)``, one per ``[SEG]`` in order (``M = 0`` when the
+    answer has none); ``step_logits (steps, V)`` when asked for."""
+
+    token_ids: list[int]
+    text: str
+    seg_indices: list[int]
+    masks: torch.Tensor
+    scores: torch.Tensor
+    seg_embeddings: torch.Tensor
+    low_res_masks: torch.Tensor
+    step_logits: torch.Tensor | None = None
+    finished: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if not cfg.do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / max(cfg.temperature, 1e-5), -1)
+    if cfg.top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > cfg.top_p
+        sp = sp.masked_fill(drop, 0)
+        probs = torch.zeros_like(probs).scatter(-1, si, sp)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[list[int]], row_images: list[list[int]], vision_pixels: torch.Tensor,
+             mask_pixels: torch.Tensor, metas: list[ImageMeta], config: GenerationConfig | None = None,
+             generator: torch.Generator | None = None) -> list[Generated]:
+    """``prompt_ids[b]``: token ids of row ``b`` (image slots included), ending with the
+    open assistant turn; ``row_images[b]``: image index of each slot; pixels/metas per image."""
+    cfg = config or GenerationConfig()
+    llm, tok = model.llm, model.tokenizer
+    device = vision_pixels.device
+    B = len(prompt_ids)
+    T = max(len(p) for p in prompt_ids)
+    ids = torch.full((B, T), tok.pad_id, dtype=torch.long, device=device)
+    am = torch.zeros(B, T, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompt_ids):  # left padding: every row ends at the same column
+        ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        am[b, T - len(p):] = True
+
+    feats = model.encode_vision(vision_pixels)
+    fused = model.fusion.fuse(ids, am, None, feats, row_images, llm.embed, padding_side="left")
+    out = llm(fused.inputs_embeds, attention_mask=fused.attention_mask.long(), position_ids=fused.position_ids,
+              use_cache=True, logits="last")
+    cache, attn = out.cache, fused.attention_mask.long()
+    pos = fused.position_ids[:, -1]
+    last_hidden, logits = out.hidden[:, -1], out.logits[:, -1]
+
+    seg_id, eos_id = model.seg_token_id, tok.eos_id
+    new_tokens: list[list[int]] = [[] for _ in range(B)]
+    seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    steps: list[torch.Tensor] = []
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+    for step in range(cfg.max_new_tokens):
+        nxt = _pick(logits, cfg, generator)
+        if cfg.keep_step_logits:
+            steps.append(logits.float().cpu())
+        for b in range(B):
+            if finished[b]:
+                continue
+            t = int(nxt[b])
+            new_tokens[b].append(t)
+            if t == seg_id and model.seg_hidden == "previous":
+                seg_hidden[b].append(last_hidden[b])
+        is_seg = (nxt == seg_id) & ~finished
+        finished = finished | (nxt == eos_id)
+        need_token_hidden = model.seg_hidden == "token" and bool(is_seg.any())
+        if (bool(finished.all()) or step == cfg.max_new_tokens - 1) and not need_token_hidden:
+            break
+        nxt = nxt.masked_fill(finished & ~is_seg, tok.pad_id)
+        attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], 1)
+        pos = pos + 1
+        out = llm(llm.embed(nxt[:, None]), attention_mask=attn, position_ids=pos[:, None], cache=cache,
+                  use_cache=True, logits="last")
+        cache, last_hidden, logits = out.cache, out.hidden[:, -1], out.logits[:, -1]
+        if model.seg_hidden == "token":
+            for b in is_seg.nonzero(as_tuple=True)[0].tolist():
+                seg_hidden[b].append(last_hidden[b])
+        if bool(finished.all()):
+            break
+
+    mask_features = model.encode_masks(mask_pixels)
+    results = []
+    for b in range(B):
+        toks = new_tokens[b]
+        seg_idx = [i for i, t in enumerate(toks) if t == seg_id]
+        img = row_images[b][-1] if row_images[b] else None
+        if seg_hidden[b] and img is not None:
+            prompts = model.seg_head(torch.stack(seg_hidden[b]))
+            feats_i = {k: v[img:img + 1] for k, v in mask_features.items()}
+            low, scores = model.mask_decoder.decode(feats_i, prompts)
+            masks = model.mask_decoder.postprocess(low, metas[img])
+            scores = scores[:, 0]
+        else:
+            h, w = metas[img].original_size if img is not None else (0, 0)
+            prompts = torch.zeros(0, model.mask_decoder.prompt_dim, device=device)
+            low = torch.zeros(0, 1, 1, 1, device=device)
+            masks = torch.zeros(0, h, w, device=device)
+            scores = torch.zeros(0, device=device)
+        answer = [t for t in toks if t != eos_id]
+        results.append(Generated(
+            token_ids=toks, text=tok.decode(answer), seg_indices=seg_idx, masks=masks, scores=scores,
+            seg_embeddings=prompts, low_res_masks=low,
+            step_logits=torch.stack([s[b] for s in steps]) if steps else None,
+            finished=bool(toks and toks[-1] == eos_id)))
+    return results

@@ -1,0 +1,90 @@
+"""Tiny, offline building blocks for tests and plugin authors.
+
+``tiny_tokenizer_dir()`` trains a LLaMA-style SentencePiece model on a few sentences
+(no download; cached per process); ``tiny_recipe()`` is a complete recipe of tiny
+built-in components; ``resolve_tiny()`` fills the ``@tiny_tokenizer`` placeholder used in
+``ComponentSpec.tiny``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+_SENTENCES = [
+    "A chat between a curious human and an artificial intelligence assistant.",
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    "USER: Can you segment the red circle in this image? ASSISTANT: Sure, it is the mask.",
+    "Please segment the blue square in this image. What is the green triangle in this image?",
+    "Please output segmentation mask. Please respond with segmentation mask.",
+    "It is here. Sure, the segmentation result is shown. What can make the woman stand higher?",
+    "the largest shape, the smallest shape, left of, right of, above, below, with the most corners",
+    "0 1 2 3 4 5 6 7 8 9 yellow purple black white orange rectangle ellipse star",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer_dir(vocab_size: int = 384) -> Path:
+    """A directory with ``tokenizer.model`` (+ config files) of a tiny LLaMA-style BPE
+    tokenizer (byte fallback, unk/bos/eos = 0/1/2)."""
+    import sentencepiece as spm
+
+    out = Path(tempfile.mkdtemp(prefix="lisa_kit_tiny_tok_"))
+    corpus = out / "corpus.txt"
+    corpus.write_text("\n".join(_SENTENCES * 4))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        hard_vocab_limit=False, minloglevel=2, num_threads=1)
+    corpus.unlink()
+    (out / "tokenizer.vocab").unlink(missing_ok=True)
+    (out / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "LlamaTokenizer", "legacy": true, "add_bos_token": true, "model_max_length": 512}')
+    return out
+
+
+def resolve_tiny(node: dict) -> dict:
+    """Replace ``@tiny_tokenizer`` placeholders in a component's tiny kwargs."""
+    return {k: (str(tiny_tokenizer_dir()) if v == "@tiny_tokenizer" else v) for k, v in node.items()}
+
+
+def tiny_recipe(**model_overrides) -> dict:
+    """A recipe dict of the tiny built-in components (CPU, random weights, ~1 s to build)."""
+    from lisa_kit.registry import get_registry
+
+    reg = get_registry()
+    model = {}
+    for kind, name in (("vision_encoder", "hf_clip"), ("projector", "linear"), ("llm", "hf_causal_lm"),
+                       ("mask_decoder", "sam"), ("fusion", "llava_splice"), ("seg_head", "mlp2")):
+        spec = reg.get(kind, name)
+        node = {"name": name, **resolve_tiny(spec.tiny)}
+        for d in spec.derived:
+            node.pop(d, None)
+        model[kind] = node
+    model.update({"seg_token": "[SEG]", "seg_hidden": "previous"})
+    model.update(model_overrides)
+    return {"name": "tiny", "model": model}
+
+
+def synthetic_image(h: int = 48, w: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB image with one filled rectangle and its 0/1 mask."""
+    rng = np.random.default_rng(seed)
+    img = (rng.random((h, w, 3)) * 60).astype(np.uint8)
+    y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    mask = np.zeros((h, w), np.uint8)
+    mask[y0:y0 + h // 3, x0:x0 + w // 3] = 1
+    img[mask.astype(bool)] = (220, 40, 40)
+    return img, mask
+
+
+def fixture_dir() -> Path | None:
+    """The LISA reference fixture (``$LISA_KIT_REFERENCE_FIXTURE``, default ``seed0`` under
+    ``../shared/fixtures/lisa_reference`` next to the repository), or ``None`` if absent."""
+    env = os.environ.get("LISA_KIT_REFERENCE_FIXTURE")
+    root = Path(__file__).resolve().parent.parent
+    p = Path(env) if env else root.parent / "shared" / "fixtures" / "lisa_reference" / "seed0"
+    return p if (p / "manifest.json").exists() else None

@@ -1,0 +1,21 @@
+import os
+
+# Tests never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The tiny recipe, built once (tests must not mutate its weights)."""
+    from lisa_kit.builder import build_model
+    from lisa_kit.testing import tiny_recipe
+
+    torch.manual_seed(0)
+    return build_model(tiny_recipe()).eval()
