@@ -152,12 +152,18 @@ def _run_plugins(args: argparse.Namespace) -> int:
         for row in [headers, *rows]:
             print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     else:
-        table = Table(*headers, title="lisa_kit plugins")
+        from rich.markup import escape
+
+        table = Table(title="lisa_kit plugins")
+        for header in headers:
+            table.add_column(header, overflow="fold")  # never hide part of an error
         for row in rows:
             status = row[3]
             style = "green" if status == "ok" else ("yellow" if status == "skipped" else "red")
-            table.add_row(*row[:3], f"[{style}]{status}[/{style}]", row[4])
-        Console(file=sys.stdout).print(table)
+            table.add_row(*(escape(c) for c in row[:3]), f"[{style}]{escape(status)}[/{style}]", escape(row[4]))
+        # Piped output would otherwise be squeezed to 80 columns.
+        console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)
+        console.print(table)
     if not plugins:
         print("no plugins found in the 'lisa_kit' entry-point group")
     if args.verbose:

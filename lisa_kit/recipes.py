@@ -27,6 +27,7 @@ import collections.abc
 import copy
 import datetime
 import inspect
+import io
 import os
 import re
 import sys
@@ -62,6 +63,12 @@ _HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 _DOTTED_MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 # PyYAML (YAML 1.1) reads 1e-4 as a string; recipe files (OmegaConf's loader) do not.
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+# `?` is a YAML flow indicator, so `{path: ???}` does not parse; quote such values.
+_FLOW_MISSING = re.compile(r"(?P<pre>[:\[,]\s*)\?\?\?(?P<post>\s*[,}\]])")
+
+
+def _quote_flow_missing(text: str) -> str:
+    return _FLOW_MISSING.sub(r"\g<pre>'???'\g<post>", text)
 
 
 @dataclass
@@ -137,7 +144,7 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
 
 def _find_base(base: str, child: Path | None, origin: str) -> Path:
     here = child.parent if child is not None else Path.cwd()
-    candidate = here / Path(base).expanduser()
+    candidate = Path(os.path.normpath(here / Path(base).expanduser()))  # no "sub/../" in messages
     if candidate.is_file():
         return candidate
     if _is_bare_name(base):
@@ -154,8 +161,8 @@ def _find_base(base: str, child: Path | None, origin: str) -> Path:
 # -- loading and merging ------------------------------------------------------------
 def _read(path: Path) -> dict:
     try:
-        raw = OmegaConf.load(path)
-    except (OSError, yaml.YAMLError, OmegaConfBaseException) as exc:
+        raw = OmegaConf.load(io.StringIO(_quote_flow_missing(path.read_text(encoding="utf-8"))))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException) as exc:
         raise RecipeError(f"cannot read recipe: {exc}", file=str(path)) from None
     if not isinstance(raw, DictConfig):
         raise RecipeError("a recipe must be a YAML mapping", file=str(path))
@@ -220,7 +227,7 @@ def _parse_value(raw: str, origin: str) -> Any:
     if not raw:
         return ""
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.safe_load(_quote_flow_missing(raw))
     except yaml.YAMLError as exc:
         raise RecipeError(f"cannot parse value {raw!r} as YAML: {exc}", file=origin) from None
     return _normalize(value)

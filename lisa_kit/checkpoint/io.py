@@ -79,10 +79,18 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], component: str,
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Atomic: written to a temporary name, then renamed."""
+    """Atomic: written to a temporary name, then renamed. Tensors that share memory (tied
+    embeddings) are stored as separate copies, which loads back into the tied module."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        v = v.detach().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
+        seen.add(ptr)
+    save_file(out, str(tmp))
     os.replace(tmp, path)

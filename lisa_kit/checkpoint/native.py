@@ -25,18 +25,6 @@ def _components(model) -> dict:
             "mask_decoder": model.mask_decoder, "fusion": model.fusion, "seg_head": model.seg_head}
 
 
-def _state(module) -> dict:
-    # The LLM's input and output embeddings may be tied: store each tensor once.
-    seen: dict[int, str] = {}
-    out = {}
-    for k, v in module.state_dict().items():
-        if v.data_ptr() in seen and v.numel():
-            continue
-        seen[v.data_ptr()] = k
-        out[k] = v
-    return out
-
-
 def save_model(model, path: str | os.PathLike) -> Path:
     """Write ``model`` to ``path`` (created). Each file is written atomically."""
     path = Path(path)
@@ -52,7 +40,7 @@ def save_model(model, path: str | os.PathLike) -> Path:
         if kind == "llm":
             node["tokenizer"] = "tokenizer"  # relative to the checkpoint directory
         m[kind] = node
-        save_safetensors(_state(comp), path / f"{kind}.safetensors")
+        save_safetensors(comp.state_dict(), path / f"{kind}.safetensors")
     m["seg_token"], m["seg_hidden"] = model.seg_token, model.seg_hidden
     model.tokenizer.save(path / "tokenizer")
     recipe["lisa_kit_format"] = FORMAT_VERSION
@@ -80,15 +68,5 @@ def load_model(path: str | os.PathLike, registry=None, strict: bool = True):
         f = path / f"{kind}.safetensors"
         if not f.exists():
             raise CheckpointError(f"missing weights file {f.name}", component=kind, file=f)
-        state = load_file(str(f))
-        module = comps[kind]
-        own = module.state_dict()
-        # restore tied tensors that were stored once
-        for k in own:
-            if k not in state:
-                for k2, v2 in own.items():
-                    if k2 in state and own[k2].data_ptr() == own[k].data_ptr():
-                        state[k] = state[k2]
-                        break
-        load_into(module, state, kind, strict)
+        load_into(comps[kind], load_file(str(f)), kind, strict)
     return model
