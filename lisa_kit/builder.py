@@ -26,13 +26,23 @@ def _plain(node) -> dict:
     return dict(node)
 
 
+def _asset(value: str, resolve: dict | None, key: str) -> str:
+    """``@name`` values are built-in assets (``@tiny_tokenizer``), not code or paths."""
+    if resolve and value in resolve:
+        return resolve[value]
+    if value == "@tiny_tokenizer":
+        from lisa_kit.testing import tiny_tokenizer_dir
+
+        return str(tiny_tokenizer_dir())
+    raise RecipeError(f"unknown built-in asset {value!r}; available: @tiny_tokenizer", key=key)
+
+
 def build_component(kind: str, node: dict, registry: Registry | None = None, derived: dict | None = None,
                     resolve: dict | None = None) -> Any:
     """Build one component from its recipe node (``{"name": ..., **kwargs}``).
 
     ``derived`` values fill arguments the recipe left out; when the recipe gives one too
-    they must be equal. ``resolve`` maps ``"@placeholder"`` string values to real ones
-    (the conformance tests use it for tiny tokenizer paths)."""
+    they must be equal. ``resolve`` maps extra ``"@asset"`` names to values."""
     registry = registry or get_registry()
     node = dict(node)
     name = node.pop("name", None)
@@ -45,8 +55,8 @@ def build_component(kind: str, node: dict, registry: Registry | None = None, der
                               key=f"model.{kind}.{k}")
         node[k] = v
     for k, v in list(node.items()):
-        if isinstance(v, str) and v.startswith("@") and resolve and v in resolve:
-            node[k] = resolve[v]
+        if isinstance(v, str) and v.startswith("@"):
+            node[k] = _asset(v, resolve, f"model.{kind}.{k}")
     try:
         comp = spec.build(**node)
     except TypeError as e:
@@ -82,3 +92,52 @@ def build_model(recipe, registry: Registry | None = None, resolve: dict | None =
     return LisaModel(vision, projector, llm, mask_decoder, fusion, seg_head, seg_token=seg_token,
                      seg_hidden=m.get("seg_hidden", "previous"), train_image_encoder=m.get("train_image_encoder", False),
                      recipe=cfg)
+
+
+def _overlay(derived: dict, given: dict) -> dict:
+    """Recipe nodes over a checkpoint's derived ones: same name -> the recipe's keys win;
+    another name -> the recipe's node replaces the derived one."""
+    out = dict(derived)
+    for key, node in given.items():
+        if isinstance(node, dict) and isinstance(out.get(key), dict) and node.get("name") == out[key].get("name"):
+            out[key] = {**out[key], **{k: v for k, v in node.items() if v is not None}}
+        else:
+            out[key] = node
+    return out
+
+
+def load(recipe, overrides=(), registry: Registry | None = None) -> LisaModel:
+    """Load the model a recipe names (a recipe name, path, loaded recipe or dict), applying
+    its ``weights:`` section: ``lisa_hf`` (a released LISA checkpoint: the LLM, projector,
+    seg head and SAM weights come from it, the CLIP tower from ``model.vision_encoder``),
+    ``lisa_kit`` (this library's own format) or none (components load what they name)."""
+    from lisa_kit.recipes import check_recipe, load_recipe
+
+    if not hasattr(recipe, "cfg") and not isinstance(recipe, dict):
+        recipe = load_recipe(recipe, overrides)
+    elif overrides:
+        recipe = load_recipe(_plain(getattr(recipe, "cfg", recipe)), overrides)
+    if hasattr(recipe, "cfg"):
+        check_recipe(recipe, registry=registry)
+    cfg = _plain(getattr(recipe, "cfg", recipe))
+    weights = cfg.get("weights") or {}
+    fmt = weights.get("format", "none")
+    if fmt == "lisa_kit":
+        from lisa_kit.checkpoint.native import load_model
+
+        return load_model(weights["path"], registry)
+    if fmt == "lisa_hf":
+        from lisa_kit.checkpoint.lisa_hf import lisa_recipe, load_lisa_weights
+
+        m = cfg["model"]
+        sam = m["mask_decoder"].get("config") or m["mask_decoder"].get("variant")
+        derived = lisa_recipe(weights["path"], vision_tower=m["vision_encoder"].get("pretrained"), sam=sam,
+                              seg_hidden=m.get("seg_hidden", "previous"))
+        given = {k: v for k, v in m.items() if k != "llm"}  # the LLM is the checkpoint's
+        cfg = {**cfg, "model": _overlay(derived["model"], given)}
+        model = build_model(cfg, registry)
+        load_lisa_weights(model, weights["path"], lora_alpha=weights.get("lora_alpha", 16))
+        return model
+    if fmt not in ("none", None):
+        raise RecipeError(f"unknown weights format {fmt!r}; use lisa_hf, lisa_kit or none", key="weights.format")
+    return build_model(cfg, registry)

@@ -21,6 +21,7 @@ import os
 import re
 import threading
 import traceback
+import types
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -122,7 +123,7 @@ class Registry:
         eps = importlib.metadata.entry_points(group=group) if entry_points is None else entry_points
 
         def order(ep):  # built-ins first, then a stable order independent of sys.path
-            dist = _canonical(ep.dist.name) if ep.dist else ""
+            dist = _canonical(ep.dist.name or "") if ep.dist else ""
             return (dist != OWN_DISTRIBUTION, dist, ep.name)
 
         for ep in sorted(eps, key=order):
@@ -130,7 +131,7 @@ class Registry:
         return registry
 
     def _load_entry_point(self, ep: importlib.metadata.EntryPoint, autoload: bool) -> None:
-        dist_name = ep.dist.name if ep.dist else "<unknown>"
+        dist_name = (ep.dist.name if ep.dist else None) or "<unknown>"
         info = PluginInfo(name=ep.name, module=ep.value, distribution=dist_name,
                           version=ep.dist.version if ep.dist else "")
         self._plugins.append(info)
@@ -158,7 +159,11 @@ class Registry:
         :class:`DuplicateComponentError` if it clashes with a registered component;
         in both cases the registry is left unchanged.
         """
-        module = getattr(obj, "__name__", None) or f"{type(obj).__module__}.{type(obj).__qualname__}"
+        if isinstance(obj, types.ModuleType):
+            module = obj.__name__
+        else:
+            cls = obj if isinstance(obj, type) else type(obj)
+            module = f"{cls.__module__}.{cls.__qualname__}"
         info = PluginInfo(name=name, module=module, distribution=distribution, version=version)
         self._plugins.append(info)
         self._add(obj, info, pm_name=f"{distribution}:{name}")

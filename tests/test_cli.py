@@ -32,12 +32,12 @@ class FakeComponents:
 
 @pytest.fixture
 def reg(monkeypatch) -> Registry:
-    registry = Registry.empty()
-    registry.register(FakeComponents(), "fakes", distribution="fake-dist", version="0.9")
+    # A plugin that fails to import, to show in the table, plus the fake components.
     ghost = importlib.metadata.EntryPoint(name="ghost", value="no_such_module_for_lisa_kit_tests", group="lisa_kit")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        registry._load_entry_point(ghost, autoload=True)  # a failed plugin to show in the table
+        registry = Registry.discover(entry_points=[ghost])
+    registry.register(FakeComponents(), "fakes", distribution="fake-dist", version="0.9")
     monkeypatch.setattr(registry_module, "get_registry", lambda refresh=False: registry)
     return registry
 

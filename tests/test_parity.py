@@ -208,3 +208,23 @@ def test_generation_matches(fx, model):
     torch.testing.assert_close(res.masks, t["infer.pred_masks.0"], atol=LOGIT_ATOL, rtol=0)
     # The original's chat.py text, less its prompt: the decoded answer.
     assert inf["text_output_chat"].endswith(tok.decode(res.token_ids))
+
+
+def test_reference_recipe_reproduces_the_original(fx, train):
+    """``recipes/lisa-7b.yaml`` pointed at the fixture checkpoint (only the paths and the
+    tiny SAM sizes overridden) gives the original's numbers."""
+    from lisa_kit.builder import load
+
+    m, t = fx["m"], fx["t"]
+    sam = json.dumps({"name": "sam", "variant": "custom", "config": m["sam_config"]})
+    model = load("lisa-7b", [f"weights.path={FX / m['checkpoint_dir']}",
+                             f"model.vision_encoder.pretrained={FX / m['vision_tower_dir']}",
+                             f"model.mask_decoder={sam}"]).eval()
+    batch = train[0]
+    with torch.no_grad():
+        out = model(batch)
+    pos = t["train.label_positions"]
+    torch.testing.assert_close(out.logits[pos[:, 0], pos[:, 1]], t["train.logits_at_label_positions"],
+                               atol=LOGIT_ATOL, rtol=0)
+    for i in range(len(batch.metas)):
+        torch.testing.assert_close(out.pred_masks[i], t[f"train.pred_masks.{i}"], atol=LOGIT_ATOL, rtol=0)

@@ -1,6 +1,7 @@
 """Recipes: base chains, the merge rule, overrides, validation against fake components."""
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 from typing import Literal
@@ -125,7 +126,7 @@ def only(problems: list[str], needle: str) -> str:
 
 # -- finding --------------------------------------------------------------------
 def test_recipe_dirs_env_first_then_repository(monkeypatch, tmp_path):
-    monkeypatch.setenv(recipes.RECIPE_PATH_ENV, f"{tmp_path / 'a'}{__import__('os').pathsep}{tmp_path / 'b'}")
+    monkeypatch.setenv(recipes.RECIPE_PATH_ENV, f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}")
     dirs = recipe_dirs()
     assert dirs[:2] == [tmp_path / "a", tmp_path / "b"]
     assert dirs[-1] == Path(lisa_kit.__file__).resolve().parent.parent / "recipes"
@@ -143,7 +144,7 @@ def test_find_recipe_by_path_and_name(monkeypatch, tmp_path, tiny):
 def test_earlier_recipe_dir_wins(monkeypatch, tmp_path):
     first = write(tmp_path / "one", "r.yaml", "name: one\n")
     write(tmp_path / "two", "r.yaml", "name: two\n")
-    monkeypatch.setenv(recipes.RECIPE_PATH_ENV, f"{tmp_path / 'one'}:{tmp_path / 'two'}")
+    monkeypatch.setenv(recipes.RECIPE_PATH_ENV, f"{tmp_path / 'one'}{os.pathsep}{tmp_path / 'two'}")
     assert find_recipe("r") == first
     assert recipes.list_recipes()["r"] == first
 
@@ -326,6 +327,9 @@ def test_missing_values_reported_by_key(tmp_path, tiny, reg):
     only(problems, "eval.out")  # an interpolation to a missing value counts as missing
     assert missing_keys(recipe) == ["eval.out", "model.llm.pretrained", "weights.path"]
     assert validate_recipe(recipe, reg, allow_missing=True) == []
+    listed = load_recipe(child, ["data.datasets=[a, ???]"])
+    assert "data.datasets[1]" in missing_keys(listed)
+    assert listed.source_of("data.datasets[1]") == "override 'data.datasets=[a, ???]'"
 
 
 def test_type_errors_name_key_and_file(tmp_path, tiny, reg):
@@ -417,22 +421,20 @@ def test_check_recipe_raises_with_all_problems(tiny, reg):
     assert "2 problems" in str(err) and all(p in str(err) for p in err.problems)
 
 
-def test_annotation_objects_are_checked_too(reg):
-    def build(size: int = 1):
+def test_annotation_objects_are_checked_too(tiny, reg):
+    def build(in_dim: int = 1, size: int = 1):
         return None
 
     build.__annotations__ = {"size": int}  # as if written without `from __future__ import annotations`
-    registry = Registry.empty()
 
     class Plugin:
         @lisa_kit.hookimpl
         def lisa_kit_components(self):
-            return [ComponentSpec("projector", "p", build)]
+            return [ComponentSpec("projector", "plain", build)]
 
-    registry.register(Plugin(), "p")
-    problems = recipes._Checker(load_recipe({"model": {"projector": {"name": "p", "size": "big"}}}), registry)
-    problems.check_component("projector", {"name": "p", "size": "big"}, "model.projector")
-    assert "expected int, got str 'big'" in problems.problems[0]
+    reg.register(Plugin(), "plain")
+    problems = validate_recipe(load_recipe(tiny, ["model.projector={name: plain, size: big}"]), reg)
+    assert "model.projector.size: expected int, got str 'big'" in only(problems, "size")
 
 
 # -- output ---------------------------------------------------------------------
