@@ -56,7 +56,7 @@ RECIPE_PATH_ENV = "LISA_KIT_RECIPE_PATH"
 MISSING = "???"
 TOP_LEVEL_KEYS = ("base", "name", "description", "model", "weights", "loss", "generation",
                   "conversation", "data", "train", "eval", "precision", "bench")
-MODEL_KEYS = KINDS + ("seg_token", "seg_hidden")
+MODEL_KEYS = KINDS + ("seg_token", "seg_hidden", "extra_tokens", "train_image_encoder")
 SEG_HIDDEN = ("previous", "token")
 _COMPONENT_PATHS = frozenset(f"model.{kind}" for kind in KINDS)
 _HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
