@@ -31,8 +31,8 @@ class Tok:
 class Template:
     """``system``, then per round ``user_prefix + message + assistant_prefix + answer + eos``.
 
-    Only ``llava_v1`` is needed by the reference; the fields cover Vicuna-style and
-    ``[INST]``-style templates too.
+    Only ``llava_v1`` (LISA's) is defined so far; the fields are meant to cover other
+    Vicuna-style templates as they are added.
     """
 
     name: str
@@ -50,11 +50,6 @@ LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence a
 TEMPLATES: dict[str, Template] = {
     # LLaVA v1 / Vicuna v1.1: "SYSTEM USER: q ASSISTANT: a</s>USER: ..."
     "llava_v1": Template("llava_v1", LLAVA_SYSTEM, "USER: ", " ASSISTANT:"),
-    # Llama-2 chat: "[INST] <<SYS>>\nsys\n<</SYS>>\n\nq [/INST] a</s><s>[INST] ..."
-    "llava_llama_2": Template("llava_llama_2", "<<SYS>>\nYou are a helpful language and vision assistant. "
-                              "You are able to understand the visual content that the user provides, and assist "
-                              "the user with a variety of tasks using natural language.\n<</SYS>>\n\n",
-                              "[INST] ", " [/INST]", system_sep=""),
 }
 
 
