@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 KINDS = ("vision_encoder", "projector", "llm", "mask_decoder", "fusion", "seg_head")
+# Which hidden state feeds the seg head: the one before [SEG] (released LISA) or [SEG] itself.
+SEG_HIDDEN_CHOICES = ("previous", "token")
 
 
 @dataclass

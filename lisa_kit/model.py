@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lisa_kit.interfaces import FusedBatch, ImageMeta
-
-SEG_HIDDEN_CHOICES = ("previous", "token")
+from lisa_kit.interfaces import SEG_HIDDEN_CHOICES, FusedBatch, ImageMeta
 
 
 @dataclass

@@ -45,7 +45,7 @@ from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseExce
 import lisa_kit
 from lisa_kit import registry as _registry
 from lisa_kit.errors import RecipeError, UnknownComponentError
-from lisa_kit.interfaces import KINDS
+from lisa_kit.interfaces import KINDS, SEG_HIDDEN_CHOICES
 
 __all__ = [
     "Recipe", "recipe_dirs", "list_recipes", "find_recipe", "load_recipe", "validate_recipe",
@@ -57,7 +57,6 @@ MISSING = "???"
 TOP_LEVEL_KEYS = ("base", "name", "description", "model", "weights", "loss", "generation",
                   "conversation", "data", "train", "eval", "precision", "bench")
 MODEL_KEYS = KINDS + ("seg_token", "seg_hidden", "extra_tokens", "train_image_encoder")
-SEG_HIDDEN = ("previous", "token")
 _COMPONENT_PATHS = frozenset(f"model.{kind}" for kind in KINDS)
 _HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 _DOTTED_MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
@@ -495,8 +494,8 @@ class _Checker:
             elif node not in (MISSING, _UNRESOLVED):
                 self.report(path, f"must be a mapping like {{name: <registered {kind}>, ...}}, got {_short(node)}")
         seg_hidden = model.get("seg_hidden", MISSING)
-        if seg_hidden not in (MISSING, _UNRESOLVED) and seg_hidden not in SEG_HIDDEN:
-            self.report("model.seg_hidden", f"must be one of {', '.join(SEG_HIDDEN)}, got {_short(seg_hidden)}")
+        if seg_hidden not in (MISSING, _UNRESOLVED) and seg_hidden not in SEG_HIDDEN_CHOICES:
+            self.report("model.seg_hidden", f"must be one of {', '.join(SEG_HIDDEN_CHOICES)}, got {_short(seg_hidden)}")
         seg_token = model.get("seg_token", MISSING)
         if seg_token not in (MISSING, _UNRESOLVED) and not (isinstance(seg_token, str) and seg_token):
             self.report("model.seg_token", f"must be a non-empty string, got {_short(seg_token)}")
