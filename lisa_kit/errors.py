@@ -110,3 +110,25 @@ class CheckpointError(LisaKitError):
         details = [f"{label}: {value}" for label, value in
                    (("component", component), ("key", key), ("file", self.file)) if value]
         super().__init__(message + (f" ({'; '.join(details)})" if details else ""))
+
+
+class DataError(LisaKitError):
+    """A dataset file is missing, unreadable or malformed.
+
+    ``path`` is the file and ``field`` the annotation field at fault, when known; both
+    are part of the message, so a user can open the file and fix it.
+    """
+
+    def __init__(self, message: str, *, path=None, field: str | None = None):
+        self.path = str(path) if path is not None else None
+        self.field = field
+        details = [f"{label}: {value}" for label, value in (("file", self.path), ("field", field)) if value]
+        super().__init__(message + (f" ({'; '.join(details)})" if details else ""))
+
+
+class ImageError(DataError):
+    """An image cannot be decoded (corrupt, truncated, not an image, unsupported mode)."""
+
+
+class InputError(LisaKitError, ValueError):
+    """A request cannot be served as given (empty prompt, prompt too long, bad argument)."""

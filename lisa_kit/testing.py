@@ -88,3 +88,12 @@ def fixture_dir() -> Path | None:
     root = Path(__file__).resolve().parent.parent
     p = Path(env) if env else root.parent / "shared" / "fixtures" / "lisa_reference" / "seed0"
     return p if (p / "manifest.json").exists() else None
+
+
+def eval_fixture_dir() -> Path | None:
+    """The evaluation/reader fixture (``eval_seed0`` next to the reference fixture, or
+    ``$LISA_KIT_EVAL_FIXTURE``), or ``None`` if absent."""
+    env = os.environ.get("LISA_KIT_EVAL_FIXTURE")
+    root = Path(__file__).resolve().parent.parent
+    p = Path(env) if env else root.parent / "shared" / "fixtures" / "lisa_reference" / "eval_seed0"
+    return p if (p / "eval_reference.json").exists() else None
