@@ -138,6 +138,17 @@ def load(recipe, overrides=(), registry: Registry | None = None) -> LisaModel:
         model = build_model(cfg, registry)
         load_lisa_weights(model, weights["path"], lora_alpha=weights.get("lora_alpha", 16))
         return model
+    if fmt == "llava_hf":
+        from lisa_kit.checkpoint.llava_hf import base_vocab_size, llava_recipe, load_llava_weights
+
+        derived = llava_recipe(weights["path"])
+        m = cfg["model"]
+        given = {k: v for k, v in m.items() if k not in derived}  # the tower, projector and LLM are the checkpoint's
+        cfg = {**cfg, "model": {**derived, **given}}
+        model = build_model(cfg, registry)
+        load_llava_weights(model, weights["path"], n_base_tokens=base_vocab_size(weights["path"]))
+        return model
     if fmt not in ("none", None):
-        raise RecipeError(f"unknown weights format {fmt!r}; use lisa_hf, lisa_kit or none", key="weights.format")
+        raise RecipeError(f"unknown weights format {fmt!r}; use lisa_hf, llava_hf, lisa_kit or none",
+                          key="weights.format")
     return build_model(cfg, registry)

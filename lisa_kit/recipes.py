@@ -54,6 +54,9 @@ __all__ = [
 
 RECIPE_PATH_ENV = "LISA_KIT_RECIPE_PATH"
 MISSING = "???"
+# How ``weights:`` is read by :func:`lisa_kit.builder.load`.
+WEIGHT_FORMATS = ("none", "lisa_hf", "llava_hf", "lisa_kit")
+
 TOP_LEVEL_KEYS = ("base", "name", "description", "model", "weights", "loss", "generation",
                   "conversation", "data", "train", "eval", "precision", "bench")
 MODEL_KEYS = KINDS + ("seg_token", "seg_hidden", "extra_tokens", "train_image_encoder")
@@ -467,6 +470,10 @@ class _Checker:
         for key in ("weights", "loss", "generation", "conversation"):
             if data.get(key) not in (None, MISSING) and not isinstance(data[key], dict):
                 self.report(key, "must be a mapping")
+        weights = data.get("weights")
+        if isinstance(weights, dict) and weights.get("format", "none") not in (*WEIGHT_FORMATS, MISSING, _UNRESOLVED):
+            self.report("weights.format", f"unknown weights format {_short(weights['format'])}; "
+                        f"formats: {', '.join(WEIGHT_FORMATS)}")
         if isinstance(data.get("loss"), dict):
             for key, value in data["loss"].items():
                 if value not in (MISSING, _UNRESOLVED) and not _type_ok(value, float):

@@ -147,7 +147,9 @@ def load_lisa_weights(model, path: str | Path, lora_alpha: float = 16, lora_r: i
         load_into(model.seg_head, parts["seg_head"], "seg_head", strict),
     ]
     if parts["vision_encoder"]:
-        reports.append(load_into(model.vision_encoder, parts["vision_encoder"], "vision_encoder", strict))
+        ve = parts["vision_encoder"]
+        ve = model.vision_encoder.normalize_keys(ve) if hasattr(model.vision_encoder, "normalize_keys") else ve
+        reports.append(load_into(model.vision_encoder, ve, "vision_encoder", strict))
     return reports
 
 

@@ -66,6 +66,19 @@ class HFClipVisionEncoder(VisionEncoder):
             feats = feats[:, 1:]
         return feats.to(pixels.dtype)
 
+    def normalize_keys(self, state: dict) -> dict:
+        """Checkpoint keys ``model.vision_model.X`` (transformers 4.x ``CLIPVisionModel``)
+        or ``model.X`` (5.x, which dropped the ``vision_model`` level) -> this model's."""
+        nested = any(k.startswith("model.vision_model.") for k in self.state_dict())
+        out = {}
+        for k, v in state.items():
+            if nested and k.startswith("model.") and not k.startswith("model.vision_model."):
+                k = "model.vision_model." + k[len("model."):]
+            elif not nested and k.startswith("model.vision_model."):
+                k = "model." + k[len("model.vision_model."):]
+            out[k] = v
+        return out
+
     def export_config(self) -> dict:
         return {"config": hf_config_dict(self.model.config), "select_layer": self.select_layer,
                 "select_feature": self.select_feature, "image_size": self.image_size, "crop_size": self.crop_size,
