@@ -12,8 +12,10 @@ re-tokenising prefixes and counting.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
+from lisa_kit.errors import UnknownComponentError
 from lisa_kit.tokenizer import Tokenizer
 
 IGNORE = -100
@@ -27,13 +29,26 @@ class Tok:
     text: str
 
 
-@dataclass(frozen=True)
-class Template:
-    """``system``, then per round ``user_prefix + message + assistant_prefix + answer + eos``.
+EOS = Tok("\x00eos")  # resolved to the tokenizer's eos id
+BOS = Tok("\x00bos")  # resolved to the tokenizer's bos id
 
-    Only ``llava_v1`` (LISA's) is defined so far; the fields are meant to cover other
-    Vicuna-style templates as they are added.
-    """
+
+class Template:
+    """How rounds become text: :meth:`pieces` flattens a conversation into
+    ``(part, supervised)`` pairs; parts are ``str``, :data:`IMAGE`, :class:`Tok` or
+    :data:`EOS`. ``adds_bos``: the template writes the BOS itself (chat templates)."""
+
+    adds_bos = False  # (``name`` is set by each template)
+    answer_lead = " "  # what separates the assistant prefix from the answer text
+
+    def pieces(self, rounds: list[tuple[list, list | None]]) -> list[tuple[object, bool]]:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class SeparatorTemplate(Template):
+    """``system + system_sep``, then per round ``user_prefix + message + assistant_prefix +
+    answer + eos`` (rounds joined by ``round_sep``): Vicuna v1.1 / LLaVA v1."""
 
     name: str
     system: str
@@ -43,30 +58,163 @@ class Template:
     round_sep: str = ""
     eos: bool = True
 
+    def pieces(self, rounds):
+        out: list[tuple[object, bool]] = [(self.system + self.system_sep, False)]
+        for r, (user, answer) in enumerate(rounds):
+            if r and self.round_sep:
+                out.append((self.round_sep, False))
+            out.append((self.user_prefix, False))
+            out.extend((p, False) for p in user)
+            out.append((self.assistant_prefix, False))
+            if answer is None:
+                break
+            out.extend((p, True) for p in answer)
+            if self.eos:
+                out.append((EOS, True))
+        return out
+
+
+@dataclass(frozen=True)
+class Llama2Template(Template):
+    """LLaVA's ``llava_llama_2``: ``[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{q1} [/INST] {a1} </s>``
+    then ``<s>[INST] {q2} [/INST] {a2} </s>``… (LLaVA's ``SeparatorStyle.LLAMA_2``). As in
+    LLaVA's label masking, everything after ``[/INST]`` up to and including ``</s>`` is
+    supervised."""
+
+    name: str
+    system: str
+
+    def pieces(self, rounds):
+        out: list[tuple[object, bool]] = []
+        for r, (user, answer) in enumerate(rounds):
+            if r:
+                out.append((BOS, False))
+            head = "[INST] " + (f"<<SYS>>\n{self.system}\n<</SYS>>\n\n" if r == 0 and self.system else "")
+            out.append((head, False))
+            out.extend((p, False) for p in user)
+            out.append((" [/INST]", False))
+            if answer is None:
+                break
+            out.extend((p, True) for p in answer)
+            out.extend(((" ", True), (EOS, True)))
+        return out
+
+
+class ChatTemplate(Template):
+    """The tokenizer's own chat template (Llama-3, Qwen2, Mistral, Phi-3 …).
+
+    The Jinja template is rendered with a marker in place of every message part, so it
+    never sees (and cannot reinterpret) user text, image slots or ``[SEG]``; the rendered
+    text is split back at the markers. Template text is encoded with its special tokens
+    (``<|im_start|>``…) as whole tokens. Supervised: the assistant's content and the
+    template's end of turn after it, up to and including its first special token
+    (``<|im_end|>``, ``<|eot_id|>``, ``</s>``).
+    """
+
+    _MARK = re.compile("\x00(\\d+)\x00|(\x01)|(\x02)")
+
+    def __init__(self, tokenizer, system: str | None = None):
+        hf = getattr(tokenizer, "tok", None)
+        if hf is None or not getattr(hf, "chat_template", None):
+            raise UnknownComponentError("conversation template", "chat", TEMPLATES,
+                                        hint="the tokenizer has no chat template; choose a named template")
+        self.name = "chat"
+        self.answer_lead = ""  # the template's own assistant header ends the line
+        self.hf = hf
+        self.system = system
+        specials = set(getattr(hf, "all_special_tokens", []))
+        specials |= {t.content for t in getattr(hf, "added_tokens_decoder", {}).values() if t.special}
+        self.specials = sorted((t for t in specials if t), key=len, reverse=True)
+        bos = hf.bos_token
+        probe = hf.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+        self.adds_bos = bool(bos) and probe.startswith(bos)
+
+    def _split_specials(self, text: str, supervised: bool, out: list) -> None:
+        i = 0
+        while i < len(text):
+            hit = next(((i, t) for t in self.specials if text.startswith(t, i)), None)
+            if hit:
+                out.append((Tok(hit[1]), supervised))
+                i += len(hit[1])
+                continue
+            j = min([k for k in (text.find(t, i) for t in self.specials) if k >= 0] + [len(text)])
+            out.append((text[i:j], supervised))
+            i = j
+
+    def pieces(self, rounds):
+        parts: list = []
+
+        def mark(msg):
+            s = ""
+            for p in msg:
+                s += f"\x00{len(parts)}\x00"
+                parts.append(p)
+            return s
+
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for user, answer in rounds:
+            messages.append({"role": "user", "content": mark(user)})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": "\x01" + mark(answer) + "\x02"})
+        open_turn = rounds[-1][1] is None
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn)
+        out: list[tuple[object, bool]] = []
+        pos, inside, tail = 0, False, False
+        for m in self._MARK.finditer(text):
+            between = text[pos:m.start()]
+            if tail and between:
+                # end of the assistant's turn: supervise through its first special token
+                first = min([k + len(t) for t in self.specials if (k := between.find(t)) >= 0] or [0])
+                self._split_specials(between[:first], True, out)
+                between = between[first:]
+                tail = False
+            self._split_specials(between, inside, out)
+            if m.group(1) is not None:
+                out.append((parts[int(m.group(1))], inside))
+            elif m.group(2):
+                inside = True
+            else:
+                inside, tail = False, True
+            pos = m.end()
+        rest = text[pos:]
+        if tail and rest:
+            first = min([k + len(t) for t in self.specials if (k := rest.find(t)) >= 0] or [0])
+            self._split_specials(rest[:first], True, out)
+            rest = rest[first:]
+        self._split_specials(rest, False, out)
+        return [(p, s) for p, s in out if p != ""]
+
 
 LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+LLAMA2_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
+                 "that the user provides, and assist the user with a variety of tasks using natural language.")
 
 TEMPLATES: dict[str, Template] = {
     # LLaVA v1 / Vicuna v1.1: "SYSTEM USER: q ASSISTANT: a</s>USER: ..."
-    "llava_v1": Template("llava_v1", LLAVA_SYSTEM, "USER: ", " ASSISTANT:"),
+    "llava_v1": SeparatorTemplate("llava_v1", LLAVA_SYSTEM, "USER: ", " ASSISTANT:"),
+    "llava_llama_2": Llama2Template("llava_llama_2", LLAMA2_SYSTEM),
 }
+TEMPLATE_NAMES = (*TEMPLATES, "chat")
 
 
-def get_template(name: str) -> Template:
-    from lisa_kit.errors import UnknownComponentError
-
+def get_template(name: str, tokenizer=None) -> Template:
+    """A named template, or ``"chat"``: the tokenizer's own chat template."""
+    if name == "chat":
+        if tokenizer is None:
+            raise ValueError("the 'chat' template needs the tokenizer")
+        return ChatTemplate(tokenizer)
     if name not in TEMPLATES:
-        raise UnknownComponentError("conversation template", name, TEMPLATES)
+        raise UnknownComponentError("conversation template", name, TEMPLATE_NAMES)
     return TEMPLATES[name]
 
 
-def parse_answer(text: str, markers: tuple[str, ...] = ("[SEG]",)) -> list:
+def parse_answer(text: str, markers: tuple[str, ...] = ("[SEG]",), lead: str = " ") -> list:
     """Split a library-made answer at its markers: ``"Sure, [SEG]."`` ->
-    ``[" Sure,", Tok("[SEG]"), "."]``. The leading space makes the answer continue the
-    prompt the way the joined conversation string did."""
+    ``[" Sure,", Tok("[SEG]"), "."]``. ``lead`` (the template's ``answer_lead``) makes the
+    answer continue the prompt the way the joined conversation string did."""
     parts: list = []
-    rest = " " + text
+    rest = lead + text
     while rest:
         hits = [(rest.find(m), m) for m in markers if m in rest]
         if not hits:
@@ -88,35 +236,21 @@ class Conversation:
     template: Template
     rounds: list[tuple[list, list | None]] = field(default_factory=list)
 
-    def add(self, user: list | str, answer: list | str | None = None) -> "Conversation":
+    def add(self, user: list | str, answer: list | str | None = None,
+            markers: tuple[str, ...] = ("[SEG]",)) -> "Conversation":
+        """``answer`` as a string is library-made text: its ``markers`` become tokens."""
         if isinstance(user, str):
             user = [user]
         if isinstance(answer, str):
-            answer = parse_answer(answer)
+            answer = parse_answer(answer, markers, lead=self.template.answer_lead)
         self.rounds.append((list(user), answer))
         return self
 
     def pieces(self) -> list[tuple[object, bool]]:
         """Flatten to ``(part, supervised)`` pairs."""
-        t = self.template
-        out: list[tuple[object, bool]] = [(t.system + t.system_sep, False)]
-        for r, (user, answer) in enumerate(self.rounds):
-            if r and t.round_sep:
-                out.append((t.round_sep, False))
-            out.append((t.user_prefix, False))
-            out.extend((p, False) for p in user)
-            out.append((t.assistant_prefix, False))
-            if answer is None:
-                if r != len(self.rounds) - 1:
-                    raise ValueError("only the last round may leave its answer open")
-                break
-            out.extend((p, True) for p in answer)
-            if t.eos:
-                out.append((EOS, True))
-        return out
-
-
-EOS = Tok("\x00eos")  # resolved to the tokenizer's eos id
+        if any(a is None for _, a in self.rounds[:-1]):
+            raise ValueError("only the last round may leave its answer open")
+        return self.template.pieces(self.rounds)
 
 
 def _merge_text(pieces: list[tuple[object, bool]]) -> list[tuple[object, bool]]:
@@ -143,6 +277,9 @@ def encode(conv: Conversation, tokenizer: Tokenizer, image_ids: list[int]) -> tu
             flat.extend((i, False) for i in image_ids)
         elif p is EOS:
             flat.append((tokenizer.eos_id, s))
+        elif p is BOS:
+            if tokenizer.bos_id is not None:
+                flat.append((tokenizer.bos_id, s))
         elif isinstance(p, Tok):
             flat.append((tokenizer.token_id(p.text), s))
         elif isinstance(p, str):
@@ -151,7 +288,7 @@ def encode(conv: Conversation, tokenizer: Tokenizer, image_ids: list[int]) -> tu
             raise TypeError(f"unsupported conversation part {p!r}")
     ids: list[int] = []
     labels: list[int] = []
-    if tokenizer.bos_id is not None:
+    if tokenizer.bos_id is not None and not conv.template.adds_bos:
         ids.append(tokenizer.bos_id)
         labels.append(IGNORE)
     for i, (p, s) in enumerate(flat):

@@ -97,3 +97,30 @@ def eval_fixture_dir() -> Path | None:
     root = Path(__file__).resolve().parent.parent
     p = Path(env) if env else root.parent / "shared" / "fixtures" / "lisa_reference" / "eval_seed0"
     return p if (p / "eval_reference.json").exists() else None
+
+
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_hf_tokenizer_dir(vocab_size: int = 400) -> Path:
+    """A directory with a tiny byte-level BPE ``tokenizer.json`` (Qwen-style specials
+    ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` and a ChatML chat template),
+    trained offline with ``tokenizers`` and saved with ``save_pretrained``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_SENTENCES * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"], chat_template=CHATML_TEMPLATE,
+                                   model_max_length=1024)
+    out = Path(tempfile.mkdtemp(prefix="lisa_kit_tiny_hf_tok_"))
+    fast.save_pretrained(str(out))
+    return out
