@@ -51,17 +51,32 @@ def truncate(ids: list[int], labels: list[int], max_len: int) -> tuple[list[int]
 
 
 def collate(samples: list[Sample], model, max_length: int | None = None, padding_side: str = "right") -> Batch:
-    """Samples -> a padded :class:`Batch` (``max_length``: text tokens per row; longer rows
-    are truncated with a warning that counts them)."""
+    """Samples -> a padded :class:`Batch`.
+
+    ``max_length`` caps the text tokens of each row (image slots count as one). Longer
+    rows keep their first ``max_length`` tokens; a ``[SEG]`` cut off takes its target
+    mask with it, so masks and ``[SEG]`` tokens stay paired; one warning counts the rows
+    and masks affected.
+    """
     tok = model.tokenizer
+    seg_id = model.seg_token_id
     ids, labels, owner = encode_rows(samples, model)
-    if max_length is not None:
-        cut = 0
-        for k in range(len(ids)):
+    keep_masks: list[list[int]] = [[] for _ in samples]  # surviving [SEG] indices per sample
+    seen = [0] * len(samples)
+    cut = dropped = 0
+    for k in range(len(ids)):
+        n_before = ids[k].count(seg_id)
+        if max_length is not None:
             ids[k], labels[k], was = truncate(ids[k], labels[k], max_length)
             cut += was
-        if cut:
-            warnings.warn(f"{cut} of {len(ids)} conversations truncated to {max_length} tokens", stacklevel=2)
+        n_after = ids[k].count(seg_id)
+        s = owner[k]
+        keep_masks[s].extend(range(seen[s], seen[s] + n_after))
+        seen[s] += n_before
+        dropped += n_before - n_after
+    if cut:
+        warnings.warn(f"{cut} of {len(ids)} conversations truncated to {max_length} tokens"
+                      + (f"; {dropped} [SEG] target(s) cut off with them" if dropped else ""), stacklevel=2)
     T = max(len(x) for x in ids)
     B = len(ids)
     input_ids = torch.full((B, T), tok.pad_id, dtype=torch.long)
@@ -78,7 +93,12 @@ def collate(samples: list[Sample], model, max_length: int | None = None, padding
     mask_in = [model.mask_decoder.preprocess(s.image) for s in samples]
     gt = None
     if all(s.masks is not None for s in samples):
-        gt = [torch.as_tensor(np.asarray(s.masks)).float() for s in samples]
+        gt = []
+        for s, n, keep in zip(samples, seen, keep_masks):
+            m = torch.as_tensor(np.asarray(s.masks)).float()
+            if m.shape[0] != n:
+                raise ValueError(f"a sample has {m.shape[0]} masks for {n} [SEG] tokens in its conversations")
+            gt.append(m[keep] if len(keep) != n else m)
     return Batch(input_ids=input_ids, attention_mask=am, row_images=row_images, vision_pixels=vision,
                  mask_pixels=torch.stack([m[0] for m in mask_in]), metas=[m[1] for m in mask_in], labels=lab,
                  gt_masks=gt, padding_side=padding_side)
