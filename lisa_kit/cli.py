@@ -257,3 +257,5 @@ add_subcommand(
     "recipe list", "list recipes found in the recipe directories", None, _run_recipe_list,
     description="List recipe names found in $LISA_KIT_RECIPE_PATH and the repository's recipes/ directory.",
 )
+
+from lisa_kit import cli_data as _cli_data  # noqa: E402,F401  (registers the data commands)

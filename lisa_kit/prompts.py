@@ -88,13 +88,14 @@ def seg_turns(record: Record, rng: np.random.Generator, classes_per_sample: int 
         text = tgt.text
         if tgt.meta.get("phrasings"):  # part names: LISA picks "obj part" or "the part of the obj"
             text = tgt.meta["phrasings"][int(rng.integers(len(tgt.meta["phrasings"])))]
+        why = tgt.meta.get("explanation") or record.explanation  # per target where several differ
         if mode == "seg":
             turns.append(Turn(seg_question(text, tgt.kind, rng), ANSWERS[rng.integers(len(ANSWERS))], int(t)))
         elif mode == "seg+explanation":
             q = f"{tgt.text} {EXPLANATORY_QUESTIONS[rng.integers(len(EXPLANATORY_QUESTIONS))]}"
-            turns.append(Turn(q, f"{ANSWERS[rng.integers(len(ANSWERS))]} {record.explanation}", int(t)))
+            turns.append(Turn(q, f"{ANSWERS[rng.integers(len(ANSWERS))]} {why}", int(t)))
         else:
-            turns.append(Turn(tgt.text, record.explanation, None))
+            turns.append(Turn(text, why, None))
     return turns
 
 
@@ -106,12 +107,17 @@ def train_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def vqa_conversation(record: Record, template: Template) -> Conversation:
-    """All rounds in one conversation; the image goes first (LLaVA moves ``<image>`` to
-    the front of the first question and strips it)."""
+    """All rounds in one conversation. A turn holding ``<image>`` gets the image slot in
+    front, the marker removed (LLaVA's ``preprocess_multimodal``); a record without the
+    marker gets its image before the first question."""
     conv = Conversation(template)
+    marked = any("<image>" in q for q, _ in record.rounds)
     for r, (q, a) in enumerate(record.rounds):
-        q = q.replace("<image>", "").strip() if r == 0 else q
-        conv.add([IMAGE, "\n" + q] if r == 0 else [q], [a] if template.answer_lead == "" else [" " + a])
+        if "<image>" in q or (r == 0 and not marked):
+            user = [IMAGE, "\n" + q.replace("<image>", "").strip()]
+        else:
+            user = [q]
+        conv.add(user, [template.answer_lead + a])
     return conv
 
 
