@@ -152,3 +152,32 @@ def load(recipe, overrides=(), registry: Registry | None = None) -> LisaModel:
         raise RecipeError(f"unknown weights format {fmt!r}; use lisa_hf, llava_hf, lisa_kit or none",
                           key="weights.format")
     return build_model(cfg, registry)
+
+
+def load_checkpoint(path, vision_tower: str | None = None, sam=None, registry: Registry | None = None) -> LisaModel:
+    """A model from a directory: lisa_kit's own format (``recipe.yaml``) or a released
+    LISA HF checkpoint (``config.json`` with LISA's fields; the CLIP tower from
+    ``vision_tower`` or the config, SAM sizes from ``sam`` or a ``sam_config.json`` next to
+    the weights, default ViT-H)."""
+    import json
+    from pathlib import Path
+
+    from lisa_kit.errors import CheckpointError
+
+    p = Path(path)
+    if (p / "recipe.yaml").exists():
+        from lisa_kit.checkpoint.native import load_model
+
+        return load_model(p, registry)
+    if (p / "config.json").exists():
+        cfg = json.loads((p / "config.json").read_text())
+        if cfg.get("model_type") == "llava" and "text_config" in cfg:
+            raise CheckpointError(f"{p} is a transformers LLaVA checkpoint: it has no seg head or mask decoder "
+                                  "yet. Train from it (recipe lisa-llava15-7b) before segmenting")
+        if cfg.get("model_type") == "llava":
+            from lisa_kit.checkpoint.lisa_hf import import_lisa_hf
+
+            if sam is None and (p / "sam_config.json").exists():
+                sam = str(p / "sam_config.json")
+            return import_lisa_hf(p, vision_tower=vision_tower, sam=sam, registry=registry)
+    raise CheckpointError(f"not a checkpoint directory: {p} (expected lisa_kit's recipe.yaml or a LISA config.json)")

@@ -259,3 +259,5 @@ add_subcommand(
 )
 
 from lisa_kit import cli_data as _cli_data  # noqa: E402,F401  (registers the data commands)
+
+from lisa_kit import cli_eval as _cli_eval  # noqa: E402,F401

@@ -65,7 +65,7 @@ def _export(reader, out: Path, limit: int | None) -> int:
                      "size": list(image.shape[:2]), "targets": [], "rounds": [list(r) for r in rec.rounds]}
             masks = []
             for k, t in enumerate(rec.targets):
-                item = {"text": t.text, "kind": t.kind, "question": eval_question(t.text, t.kind),
+                item = {"text": t.text, "kind": t.kind, "question": eval_question(t.text, t.kind).strip(),
                         "empty": t.empty}
                 if t.mask is not None:
                     Image.fromarray(t.mask.astype(np.uint8)).save(out / f"{stem}_mask_{k}.png")

@@ -62,10 +62,15 @@ def seg_question(text: str, kind: str, rng: np.random.Generator) -> str:
     return SHORT_QUESTIONS[rng.integers(len(SHORT_QUESTIONS))].format(class_name=text.lower())
 
 
-def eval_question(text: str, kind: str) -> str:
-    """LISA's validation prompt: the first phrasing of the matching list."""
-    return LONG_QUESTIONS[1].format(sent=text) if kind == "sentence" else SHORT_QUESTIONS[0].format(
-        class_name=text.lower())
+def eval_question(text: str, kind: str, lower: bool = False) -> str:
+    """LISA's validation question (``ValDataset``): the last short form for names and
+    phrases, the last long form for sentences, after a space (LISA writes
+    ``"<image>\n " + question``). ``lower``: refCOCO texts are lower-cased there, ReasonSeg's
+    are not."""
+    text = text.lower() if lower else text
+    if kind == "sentence":
+        return " " + LONG_QUESTIONS[1].format(sent=text)
+    return " " + SHORT_QUESTIONS[3].format(class_name=text)
 
 
 def seg_turns(record: Record, rng: np.random.Generator, classes_per_sample: int = 3,

@@ -1,0 +1,106 @@
+"""``lisa-kit eval``: score a recipe or checkpoint with LISA's protocol."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lisa_kit.cli import add_subcommand
+
+
+def _setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="recipe name or path (or use --checkpoint)")
+    p.add_argument("overrides", nargs="*", help="recipe overrides key=value")
+    p.add_argument("--checkpoint", help="a lisa_kit checkpoint dir or a released LISA HF dir")
+    p.add_argument("--vision-tower", help="CLIP dir for a released LISA checkpoint (default: its config)")
+    p.add_argument("--sam-config", help="JSON of SAM sizes for a released checkpoint that is not ViT-H")
+    p.add_argument("--dataset", required=True, action="append",
+                   help="NAME:SPLIT, e.g. reason_seg:val, refcoco:testA, refcocog:test (repeatable)")
+    p.add_argument("--root", help="the dataset/ directory of LISA's README")
+    p.add_argument("--mode", choices=("teacher", "generate", "both"), default="both",
+                   help="teacher: LISA's protocol ([SEG] given); generate: the model must emit [SEG] (default: both)")
+    p.add_argument("--all-texts", action="store_true", help="ReasonSeg: ask every text of an image (LISA: text[0])")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generate mode answer budget")
+    p.add_argument("--limit", type=int, help="score the first N images only")
+    p.add_argument("--out", default="lisa_kit_eval", help="output directory (metrics.json, metrics.md)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+
+
+def _versions() -> dict:
+    import subprocess
+
+    import torch
+    import transformers
+
+    import lisa_kit
+
+    out = {"lisa_kit": lisa_kit.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                           cwd=Path(lisa_kit.__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from lisa_kit.builder import load, load_checkpoint
+    from lisa_kit.datasets import open_dataset
+    from lisa_kit.errors import InputError
+    from lisa_kit.evaluate import Evaluator, markdown_table, parse_dataset
+
+    if bool(args.recipe) == bool(args.checkpoint):
+        raise InputError("name a recipe or --checkpoint DIR (one of them)")
+    specs = [parse_dataset(d) for d in args.dataset]
+    distributed = "RANK" in __import__("os").environ and "WORLD_SIZE" in __import__("os").environ
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and dist.is_initialized():
+        device = f"cuda:{rank % torch.cuda.device_count()}"
+    model = (load_checkpoint(args.checkpoint, vision_tower=args.vision_tower, sam=args.sam_config)
+             if args.checkpoint else load(args.recipe, args.overrides)).to(device).eval()
+    modes = ("teacher", "generate") if args.mode == "both" else (args.mode,)
+    out = Path(args.out)
+    report = {"recipe": args.recipe, "overrides": args.overrides, "checkpoint": args.checkpoint,
+              "versions": _versions(), "device": str(device),
+              "world_size": dist.get_world_size() if dist.is_initialized() else 1, "evals": []}
+    md = []
+    for name, split in specs:
+        reader = open_dataset(name, args.root, split)
+        results = Evaluator(model, reader, modes, all_texts=args.all_texts, max_new_tokens=args.max_new_tokens,
+                            limit=args.limit).run()
+        report["evals"].append({"dataset": name, "split": split, "modes": results})
+        md.append(markdown_table(results, f"{name}:{split}"))
+        if rank == 0:
+            for mode, subsets in results.items():
+                a = subsets["all"]
+                print(f"{name}:{split} [{mode}] gIoU {a['giou']:.4f}  cIoU {a['ciou']:.4f}  "
+                      f"({a['n_queries']} queries, {a['n_samples']} images)")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(report, indent=1))
+        (out / "metrics.md").write_text("\n".join(md))
+        print(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}", file=sys.stderr)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+add_subcommand(
+    "eval", "score a recipe or checkpoint on ReasonSeg / refCOCO with LISA's protocol", _setup, _run,
+    description="Score a model exactly as LISA's validate() does (teacher mode: the answer is given as '[SEG].'; "
+                "gIoU = mean per-query IoU, cIoU = sum I / sum U, ignored pixels excluded) and as users see it "
+                "(generate mode: the model must produce [SEG]; none scores an empty mask). Runs under torchrun "
+                "with every query counted once. Writes metrics.json (per-query IoU, counts, versions) and metrics.md.",
+    epilog="examples:\n"
+           "  lisa-kit eval --checkpoint /ckpt/LISA-7B-v1 --vision-tower /ckpt/clip-vit-large-patch14 \\\n"
+           "      --dataset reason_seg:val --root /data/dataset --mode teacher\n"
+           "  lisa-kit eval lisa-tiny --dataset synthetic:val --limit 20\n"
+           "  torchrun --nproc_per_node 8 -m lisa_kit eval --checkpoint run/best --dataset refcoco:testA --root /data/dataset",
+)
