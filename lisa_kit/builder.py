@@ -27,14 +27,15 @@ def _plain(node) -> dict:
 
 
 def _asset(value: str, resolve: dict | None, key: str) -> str:
-    """``@name`` values are built-in assets (``@tiny_tokenizer``), not code or paths."""
+    """``@name`` values are built-in assets (tiny offline tokenizers), not code or paths."""
+    from lisa_kit import testing
+
+    assets = {"@tiny_tokenizer": testing.tiny_tokenizer_dir, "@tiny_hf_tokenizer": testing.tiny_hf_tokenizer_dir}
     if resolve and value in resolve:
         return resolve[value]
-    if value == "@tiny_tokenizer":
-        from lisa_kit.testing import tiny_tokenizer_dir
-
-        return str(tiny_tokenizer_dir())
-    raise RecipeError(f"unknown built-in asset {value!r}; available: @tiny_tokenizer", key=key)
+    if value in assets:
+        return str(assets[value]())
+    raise RecipeError(f"unknown built-in asset {value!r}; available: {', '.join(assets)}", key=key)
 
 
 def build_component(kind: str, node: dict, registry: Registry | None = None, derived: dict | None = None,

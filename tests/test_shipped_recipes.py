@@ -34,7 +34,7 @@ def test_self_contained_recipe_builds_and_runs(path):
     torch.manual_seed(0)
     model = load(path).eval()
     img, mask = synthetic_image()
-    conv = Conversation(get_template(load_recipe(path).cfg.conversation.template)).add(
+    conv = Conversation(get_template(load_recipe(path).cfg.conversation.template, model.tokenizer)).add(
         [IMAGE, "\nSegment the red square."], "Sure, [SEG].")
     with torch.no_grad():
         out = model(collate([Sample(img, [conv], mask[None])], model))
