@@ -261,3 +261,4 @@ add_subcommand(
 from lisa_kit import cli_data as _cli_data  # noqa: E402,F401  (registers the data commands)
 
 from lisa_kit import cli_eval as _cli_eval  # noqa: E402,F401
+from lisa_kit import cli_bench as _cli_bench  # noqa: E402,F401

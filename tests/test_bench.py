@@ -1,0 +1,122 @@
+"""lisa-kit bench: the harness on a tiny matrix, the CLI, matrix validation."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lisa_kit import bench
+from lisa_kit.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "variants": {"lisa-tiny": {"recipe": "lisa-tiny"}, "lisa-tiny-seg-token": {"recipe": "lisa-tiny-seg-token"}},
+    "scenarios": [{"name": "q", "questions_per_image": [1, 2], "batch_size": 1, "answer_tokens": 3,
+                   "image_size": 64}],
+    "repeats": 2, "warmup": 1, "device": "cpu", "dtype": "fp32",
+    "quality": {"dataset": "synthetic:val", "root": None, "limit": 1, "mode": "teacher"},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    results = bench.run_matrix(bench.parse_matrix(TINY), out, log=lambda s: None)
+    return out, results
+
+
+def test_results_have_every_stage(tiny_run):
+    out, _ = tiny_run
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["points"]) == 4  # 2 variants x 2 axis values
+    for r in data["points"]:
+        st = r["stages"]
+        for key in (*bench.STAGES, "total", "decode_per_token"):
+            assert st[key]["median"] > 0, (r["variant"], key)
+            assert st[key]["p10"] <= st[key]["median"] <= st[key]["p90"]
+            assert st[key]["n"] == 2
+        # stage timers never overlap, so each run's stages fit in its total; medians
+        # of separate runs get a small tolerance
+        measured = sum(st[k]["median"] for k in bench.STAGES)
+        assert st["total"]["median"] >= measured - 0.05 * st["total"]["median"]
+        assert st["other"]["median"] >= 0
+        assert r["rows"] == r["questions_per_image"] * r["batch_size"]
+        assert r["masks"] == r["rows"]  # one [SEG] per forced answer -> one mask per query
+        extra = 1 if r["variant"] == "lisa-tiny-seg-token" else 0  # seg_hidden: token feeds [SEG] once more
+        assert r["decode_steps"] == r["answer_tokens"] - 1 + extra
+        assert r["calls"]["llm_prefill"] == 1 and r["calls"]["mask_encoder"] == 1
+        assert r["throughput"]["queries_per_s"] == pytest.approx(r["rows"] / st["total"]["median"])
+        assert r["memory"]["method"]
+    env = data["environment"]
+    assert env["device"] == "cpu" and env["versions"]["torch"] == torch.__version__ and "git_commit" in env
+    for name, v in data["variants"].items():
+        assert 0.0 <= v["quality"]["giou"] <= 1.0 and v["quality"]["n_queries"] >= 1
+
+
+def test_param_counts_match_modules(tiny_run):
+    _, results = tiny_run
+    from lisa_kit.builder import load
+
+    model = load("lisa-tiny")
+    p = results["variants"]["lisa-tiny"]["params"]
+    for name in ("vision_encoder", "projector", "llm", "mask_decoder", "seg_head"):
+        assert p[name] == sum(t.numel() for t in getattr(model, name).parameters()), name
+    assert p["total"] == sum(t.numel() for t in model.parameters())
+    assert p["mask_decoder.image_encoder"] == sum(t.numel() for t in model.mask_decoder.image_encoder.parameters())
+
+
+def test_markdown_and_plots(tiny_run):
+    out, _ = tiny_run
+    md = (out / "results.md").read_text()
+    assert "| lisa-tiny | q | 1 | 2 |" in md and "## Parameters" in md and "## Quality" in md
+    for png in ("latency_breakdown.png", "scaling_questions_per_image.png"):
+        assert (out / png).stat().st_size > 1000, png
+    assert not (out / "scaling_batch_size.png").exists()  # not swept
+
+
+def test_generation_restored_after_bench(tiny_run):
+    import lisa_kit.generation as gen
+    from lisa_kit.builder import load
+
+    assert gen._pick.__module__ == "lisa_kit.generation"
+    model = load("lisa-tiny")
+    assert "forward" not in model.llm.__dict__ and "encode_vision" not in model.__dict__
+
+
+def test_cli_tiny_matrix(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["bench", str(REPO / "benchmarks" / "tiny.yaml"), "--out", str(out), "--repeats", "1",
+                 "--warmup", "0", "--no-quality", "--variant", "lisa-tiny"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["matrix"]["repeats"] == 1 and {r["variant"] for r in data["points"]} == {"lisa-tiny"}
+    assert (out / "results.md").exists() and (out / "latency_breakdown.png").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "gpu.yaml"])
+def test_shipped_matrices_validate(name, capsys):
+    assert main(["bench", str(REPO / "benchmarks" / name), "--validate"]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("patch, key", [
+    ({"repeat": 3}, "repeat"),
+    ({"scenarios": [{"name": "a", "batchsize": 2}]}, "scenarios[0].batchsize"),
+    ({"variants": {"v": {"recipe": "lisa-tiny", "override": []}}}, "variants.v.override"),
+    ({"scenarios": [{"name": "a", "answer_tokens": [0]}]}, "scenarios[0].answer_tokens"),
+    ({"quality": {"datasets": "synthetic:val"}}, "quality.datasets"),
+    ({"dtype": "int3"}, "dtype"),
+    ({"variants": {"v": {"recipe": "lisa-tiny", "overrides": ["model.projector.name=nope"]}}}, "variants.v"),
+])
+def test_bad_matrix_names_the_key(tmp_path, capsys, patch, key):
+    import yaml
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **patch}))
+    with pytest.raises(bench.BenchMatrixError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        bench.parse_matrix(path)
+    assert main(["bench", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and key in err and str(path) in err
