@@ -155,30 +155,66 @@ def load(recipe, overrides=(), registry: Registry | None = None) -> LisaModel:
     return build_model(cfg, registry)
 
 
-def load_checkpoint(path, vision_tower: str | None = None, sam=None, registry: Registry | None = None) -> LisaModel:
-    """A model from a directory: lisa_kit's own format (``recipe.yaml``) or a released
-    LISA HF checkpoint (``config.json`` with LISA's fields; the CLIP tower from
-    ``vision_tower`` or the config, SAM sizes from ``sam`` or a ``sam_config.json`` next to
-    the weights, default ViT-H)."""
+def checkpoint_kind(path) -> str | None:
+    """What a directory holds: ``lisa_kit`` (``recipe.yaml``), ``lisa_hf`` (a released LISA
+    model: ``model_type: llava`` with LISA's fields), ``llava_hf`` (transformers LLaVA),
+    ``llava`` (original LLaVA without LISA's fields) or ``None``."""
     import json
     from pathlib import Path
 
     from lisa_kit.errors import CheckpointError
 
-    p = Path(path)
-    if (p / "recipe.yaml").exists():
+    path = Path(path)
+    if (path / "recipe.yaml").exists():
+        return "lisa_kit"
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        return None
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read config.json: {e}", file=cfg_file) from e
+    if cfg.get("model_type") != "llava":
+        return None
+    if "text_config" in cfg:
+        return "llava_hf"
+    lisa_fields = ("out_dim", "train_mask_decoder", "seg_token_idx", "vision_pretrained")
+    if any(k in cfg for k in lisa_fields) or any("LISA" in a for a in cfg.get("architectures") or []):
+        return "lisa_hf"
+    return "llava"
+
+
+def load_checkpoint(path, vision_tower: str | None = None, sam=None, registry: Registry | None = None) -> LisaModel:
+    """A model from a directory, detected by :func:`checkpoint_kind`: lisa_kit's own
+    format, or a released LISA checkpoint (the CLIP tower from ``vision_tower`` or its
+    config; SAM sizes from ``sam`` or a ``sam_config.json`` next to the weights, default
+    ViT-H). LLaVA directories have no trained seg head and are refused with a pointer
+    to training."""
+    from pathlib import Path
+
+    from lisa_kit.errors import CheckpointError
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {p}")
+    kind = checkpoint_kind(p)
+    if kind == "lisa_kit":
         from lisa_kit.checkpoint.native import load_model
 
         return load_model(p, registry)
-    if (p / "config.json").exists():
-        cfg = json.loads((p / "config.json").read_text())
-        if cfg.get("model_type") == "llava" and "text_config" in cfg:
-            raise CheckpointError(f"{p} is a transformers LLaVA checkpoint: it has no seg head or mask decoder "
-                                  "yet. Train from it (recipe lisa-llava15-7b) before segmenting")
-        if cfg.get("model_type") == "llava":
-            from lisa_kit.checkpoint.lisa_hf import import_lisa_hf
+    if kind == "lisa_hf":
+        from lisa_kit.checkpoint.lisa_hf import import_lisa_hf
 
-            if sam is None and (p / "sam_config.json").exists():
-                sam = str(p / "sam_config.json")
-            return import_lisa_hf(p, vision_tower=vision_tower, sam=sam, registry=registry)
-    raise CheckpointError(f"not a checkpoint directory: {p} (expected lisa_kit's recipe.yaml or a LISA config.json)")
+        if sam is None and (p / "sam_config.json").exists():
+            sam = str(p / "sam_config.json")
+        return import_lisa_hf(p, vision_tower=vision_tower, sam=sam, registry=registry)
+    if kind == "llava_hf":
+        raise CheckpointError(
+            f"{p} is a transformers LLaVA checkpoint: it has no trained [SEG] head or mask decoder, so it cannot "
+            "segment. It is a starting point for training (recipe lisa-llava15-7b, weights.format: llava_hf)",
+            file=p / "config.json")
+    if kind == "llava":
+        raise CheckpointError(f"{p} is a LLaVA checkpoint without LISA's fields (out_dim, train_mask_decoder): "
+                              "no seg head to segment with", file=p / "config.json")
+    raise CheckpointError(f"{p} is not a checkpoint lisa_kit can run: expected recipe.yaml (lisa_kit's format) or "
+                          "the config.json of a released LISA model (model_type llava)")
