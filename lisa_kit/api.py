@@ -24,7 +24,6 @@ res.seg_spans     # [(6, 11)]: res.text[6:11] == "[SEG]"
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
