@@ -205,8 +205,6 @@ def load_checkpoint(path, vision_tower: str | None = None, sam=None, registry: R
     if kind == "lisa_hf":
         from lisa_kit.checkpoint.lisa_hf import import_lisa_hf
 
-        if sam is None and (p / "sam_config.json").exists():
-            sam = str(p / "sam_config.json")
         return import_lisa_hf(p, vision_tower=vision_tower, sam=sam, registry=registry)
     if kind == "llava_hf":
         raise CheckpointError(

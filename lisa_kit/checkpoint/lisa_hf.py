@@ -158,6 +158,8 @@ def import_lisa_hf(path: str | Path, vision_tower: str | None = None, sam: str |
     """Build the reference recipe for a released LISA checkpoint and load its weights."""
     from lisa_kit.builder import build_model
 
+    if sam is None and (Path(path) / "sam_config.json").exists():  # written by lisa_kit's export
+        sam = str(Path(path) / "sam_config.json")
     recipe = lisa_recipe(path, vision_tower=vision_tower, sam=sam, seg_hidden=seg_hidden)
     model = build_model(recipe, registry)
     load_lisa_weights(model, path)

@@ -24,10 +24,15 @@ class HFCausalLM(LanguageModel):
         self.model = model
         self.tokenizer = tokenizer
         self.hidden_size = model.config.hidden_size
-        self._decoder = model.get_decoder()
-        params = inspect.signature(self._decoder.forward).parameters
+        params = inspect.signature(model.get_decoder().forward).parameters
         # transformers >= 5.24 calls the cache argument `cache`; earlier 5.x `past_key_values`.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def _decoder(self):
+        # Looked up on each use, not stored: a stored submodule would list the decoder's
+        # weights twice in state_dict, and LoRA wrapping replaces what get_decoder() returns.
+        return self.model.get_decoder()
 
     @property
     def vocab_size(self) -> int:

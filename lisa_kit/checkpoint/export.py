@@ -1,0 +1,523 @@
+"""Export a model as a released-LISA Hugging Face directory (and lisa_kit's own format).
+
+:func:`export_lisa_hf` is the inverse of :mod:`lisa_kit.checkpoint.lisa_hf`: it writes
+what ``merge_lora_weights_and_save_hf_model.py`` of the original code writes, so LISA's
+``LISAForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained(use_fast=False)``
+(transformers 4.31) and lisa_kit's :func:`~lisa_kit.checkpoint.lisa_hf.import_lisa_hf`
+both read it. The model must be built of the reference components: ``hf_clip``,
+``linear`` or ``mlp2x_gelu``, ``hf_causal_lm`` (LLaMA), ``sam``, ``llava_splice``, ``mlp2``.
+
+Directory written::
+
+    config.json               model_type "llava", architectures ["LISAForCausalLM"], the LLaMA
+                              fields, LISA's (train_mask_decoder, out_dim, vision_tower, mm_*)
+    model.safetensors         (or pytorch_model.bin; sharded with an index above max_shard_size)
+                              model.embed_tokens / model.layers.* / model.norm / lm_head   <- llm
+                              model.layers.*.self_attn.rotary_emb.inv_freq  (4.31's persistent
+                                                                             buffer, recomputed)
+                              model.mm_projector.*                                         <- projector
+                              model.visual_model.{image_encoder,prompt_encoder,mask_decoder}.* <- SAM
+                              model.text_hidden_fcs.0.{0,2}.*                              <- seg head
+    generation_config.json    _from_model_config, use_cache false (LISA's evaluate needs it)
+    tokenizer.model, tokenizer_config.json, special_tokens_map.json, added_tokens.json
+                              slow-LLaMA layout: [SEG], <im_start>, <im_end> with their ids
+    sam_config.json           the SAM sizes (``import_lisa_hf(dir, sam=dir/"sam_config.json")``;
+                              LISA's code itself always builds ViT-H)
+    clip_vision_tower/        only when no tower path is known: CLIPVisionModel (transformers-4
+                              key layout) + preprocessor_config.json; config.json names it
+                              relatively (LLaVA's builder wants "clip" in the name)
+
+The CLIP tower is not inside the weights (as in the released checkpoints). ``vision_tower``
+is written as given, else the recipe's ``hf_clip`` ``pretrained`` (made absolute when it is a
+local directory), else the tower is written to ``clip_vision_tower/``.
+
+A peft-wrapped LLM (``model.llm.model = peft.get_peft_model(...)``) is merged first:
+``merge_lora="copy"`` (default) merges a deep copy and leaves the model as it was (costs a
+second copy of the LLM in memory); ``"inplace"`` replaces ``model.llm.model`` by the merged
+model (the adapters are gone afterwards; what the CLI does).
+
+Writing is atomic: everything goes to a temporary sibling ``<out>.tmp-XXXX`` that is
+renamed to ``<out>`` at the end; a failure leaves nothing at ``<out>``. An existing
+non-empty ``<out>`` is refused unless ``overwrite=True``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from lisa_kit.errors import CheckpointError
+
+TOWER_DIR = "clip_vision_tower"
+SAM_CONFIG = "sam_config.json"
+DEFAULT_MAX_SHARD = 10 * 2**30  # transformers 4.31's save_pretrained default (10GB)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# transformers 4.31 computed this buffer itself and saved it (persistent); released LISA
+# checkpoints therefore carry one per layer.
+INV_FREQ = "model.layers.{}.self_attn.rotary_emb.inv_freq"
+
+
+class ExportWarning(UserWarning):
+    """The exported directory loads in lisa_kit, but LISA's original code would not run
+    this model as it is (the message says why)."""
+
+
+# -- atomic directories ------------------------------------------------------------
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an existing file, or an existing non-empty directory unless ``overwrite``
+    (call it before loading a big model, to fail fast)."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise CheckpointError(f"output path exists and is not a directory: {out}")
+        if any(out.iterdir()) and not overwrite:
+            raise CheckpointError(f"output directory exists and is not empty: {out}; "
+                                  "pass overwrite=True (--overwrite) to replace it")
+        if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+            raise CheckpointError(f"refusing to replace {out}: it is the working directory or one of its parents")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``out``; on success it replaces ``out``,
+    on any exception it is removed and ``out`` is untouched."""
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:  # put the previous directory back
+                os.replace(old / out.name, out)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -- LoRA ----------------------------------------------------------------------------
+def has_lora(model) -> bool:
+    return hasattr(model.llm.model, "merge_and_unload")
+
+
+@contextlib.contextmanager
+def lora_merged(model, mode: str = "copy") -> Iterator[object]:
+    """Within the block ``model.llm.model`` is a plain transformers model with any peft
+    LoRA adapters folded into its weights. ``mode``: ``copy`` (a merged deep copy is
+    swapped in for the block; the model is restored afterwards) or ``inplace`` (merged for
+    good). Yields the LLM's transformers model."""
+    if mode not in ("copy", "inplace"):
+        raise ValueError(f"merge_lora must be 'copy' or 'inplace', got {mode!r}")
+    llm = model.llm
+    if not has_lora(model):
+        yield llm.model
+        return
+    if mode == "inplace":
+        llm.model = llm.model.merge_and_unload()
+        yield llm.model
+        return
+    original = llm.model
+    merged = copy.deepcopy(original).merge_and_unload()
+    llm.model = merged
+    try:
+        yield merged
+    finally:
+        llm.model = original
+
+
+# -- checks ----------------------------------------------------------------------------
+def _check_reference(model) -> None:
+    from lisa_kit.components.hf_causal_lm import HFCausalLM
+    from lisa_kit.components.hf_clip import HFClipVisionEncoder
+    from lisa_kit.components.llava_splice import LlavaSplice
+    from lisa_kit.components.projectors import LinearProjector, MLPProjector
+    from lisa_kit.components.sam import SamMaskDecoder
+    from lisa_kit.components.seg_head import MLP2SegHead
+
+    need = {"vision_encoder": (HFClipVisionEncoder, "hf_clip"), "projector": ((LinearProjector, MLPProjector),
+            "linear or mlp2x_gelu"), "llm": (HFCausalLM, "hf_causal_lm"), "mask_decoder": (SamMaskDecoder, "sam"),
+            "fusion": (LlavaSplice, "llava_splice"), "seg_head": (MLP2SegHead, "mlp2")}
+    for kind, (cls, name) in need.items():
+        comp = getattr(model, kind)
+        if not isinstance(comp, cls):
+            raise CheckpointError(f"the LISA format holds the reference components only; this {kind} is a "
+                                  f"{type(comp).__name__}, expected {name} (save it with --format lisa_kit)",
+                                  component=kind)
+    if isinstance(model.projector, MLPProjector) and model.projector.depth != 2:
+        raise CheckpointError(f"projector depth {model.projector.depth}: the LISA/LLaVA format knows linear and "
+                              "mlp2x_gelu only", component="projector")
+    model_type = getattr(_base_config(model), "model_type", None)
+    if model_type != "llama":
+        raise CheckpointError(f"LISA's format is a LLaMA model (model_type llava); this LLM is {model_type!r} "
+                              "(save it with --format lisa_kit)", component="llm")
+    if model.seg_token != "[SEG]":
+        raise CheckpointError(f"LISA's code and importer look for the token [SEG]; this model's seg token is "
+                              f"{model.seg_token!r}", component="seg_head")
+
+
+def _base_config(model):
+    m = model.llm.model
+    return m.get_base_model().config if hasattr(m, "get_base_model") else m.config
+
+
+def compatibility_notes(model) -> list[str]:
+    """What LISA's original code (github dvlab-research/LISA @ 3cb2d43) would not do the way
+    this model does; lisa_kit's importer reads the export either way."""
+    from lisa_kit.components.projectors import MLPProjector
+    from lisa_kit.components.sam import DEFAULTS, VARIANTS
+    from lisa_kit.tokenizer import SentencePieceTokenizer
+
+    notes = []
+    ve = model.vision_encoder
+    if ve.num_tokens != 256:
+        notes.append(f"the vision tower gives {ve.num_tokens} image tokens; LISA's code hard-codes 256 (CLIP 224/14: "
+                     "the 255 shift of its [SEG] mask), so [SEG] positions would be wrong there")
+    if ve.select_feature != "patch":
+        notes.append(f"mm_vision_select_feature {ve.select_feature!r}: LISA's LisaModel forces 'patch'")
+    if isinstance(model.projector, MLPProjector):
+        notes.append("mlp2x_gelu projector: LISA's llava_arch.py builds nn.Linear only (LLaVA-1.5's code reads "
+                     "mm_projector_type)")
+    vit_h = {**DEFAULTS, **VARIANTS["vit_h"]}
+    cfg = model.mask_decoder.cfg
+    if any(cfg.get(k) != v for k, v in vit_h.items() if k not in ("pixel_mean", "pixel_std")):
+        notes.append(f"SAM is not ViT-H; LISA's code always builds ViT-H: import with sam={SAM_CONFIG}")
+    if model.seg_hidden != "previous":
+        notes.append(f"seg_hidden {model.seg_hidden!r}: LISA's code feeds the state before [SEG]; import with "
+                     f"seg_hidden={model.seg_hidden!r}")
+    if not isinstance(model.tokenizer, SentencePieceTokenizer):
+        notes.append("the tokenizer is not a LLaMA SentencePiece one; LISA loads tokenizers with use_fast=False")
+    return notes
+
+
+# -- state dict and config ----------------------------------------------------------------
+def _inv_freq(cfg) -> torch.Tensor:
+    """transformers 4.31's ``LlamaRotaryEmbedding.inv_freq`` (rope scaling does not change it)."""
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    rp = getattr(cfg, "rope_parameters", None) or {}
+    base = rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+
+def lisa_state_dict(model, hf_llm=None, rotary_inv_freq: bool = True) -> dict[str, torch.Tensor]:
+    """The model's weights in the released-LISA key layout (the inverse of
+    :func:`~lisa_kit.checkpoint.lisa_hf.split_lisa_state`), without the CLIP tower.
+    ``hf_llm``: the (LoRA-merged) transformers LLM to read; default ``model.llm.model``."""
+    hf_llm = hf_llm if hf_llm is not None else model.llm.model
+    out: dict[str, torch.Tensor] = {}
+    for k, v in hf_llm.state_dict().items():
+        if not k.startswith(("model.", "lm_head.")) or "lora_" in k or ".base_layer." in k:
+            raise CheckpointError("unexpected LLM key for LISA's layout (an unmerged adapter?)",
+                                  component="llm", key=k)
+        out[k] = v
+    if rotary_inv_freq:
+        inv = _inv_freq(hf_llm.config)
+        for i in range(hf_llm.config.num_hidden_layers):
+            out[INV_FREQ.format(i)] = inv.clone()
+    for k, v in model.projector.state_dict().items():
+        out["model.mm_projector." + k.removeprefix("proj.")] = v
+    for k, v in model.mask_decoder.state_dict().items():
+        out["model.visual_model." + k] = v
+    for k, v in model.seg_head.state_dict().items():
+        out["model.text_hidden_fcs.0." + k.removeprefix("layers.")] = v
+    return out
+
+
+def _llama_fields(model, cfg) -> dict:
+    tok = model.tokenizer
+    d = {k: getattr(cfg, k, None) for k in (
+        "hidden_act", "hidden_size", "initializer_range", "intermediate_size", "max_position_embeddings",
+        "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "pretraining_tp", "rms_norm_eps",
+        "tie_word_embeddings")}
+    d["vocab_size"] = model.llm.vocab_size
+    d["bos_token_id"] = cfg.bos_token_id if cfg.bos_token_id is not None else tok.bos_id
+    d["eos_token_id"] = cfg.eos_token_id if cfg.eos_token_id is not None else tok.eos_id
+    d["pad_token_id"] = cfg.pad_token_id  # the LLM's own (its embedding's padding_idx), as released
+    if d["num_key_value_heads"] is None:
+        d["num_key_value_heads"] = d["num_attention_heads"]
+    if d["pretraining_tp"] is None:
+        d["pretraining_tp"] = 1
+    rp = dict(getattr(cfg, "rope_parameters", None) or {})
+    d["rope_theta"] = rp.pop("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    rope_type = rp.pop("rope_type", None) or rp.pop("type", None) or "default"
+    legacy = getattr(cfg, "rope_scaling", None) if not rp else None
+    d["rope_scaling"] = None if rope_type == "default" else (legacy or {"type": rope_type, **rp})
+    if getattr(cfg, "attention_bias", False):
+        d["attention_bias"] = True
+    if getattr(cfg, "mlp_bias", False):
+        d["mlp_bias"] = True
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim and head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        d["head_dim"] = head_dim
+    return d
+
+
+def lisa_config(model, vision_tower: str, torch_dtype: str, hf_llm=None) -> dict:
+    """``config.json`` of a released LISA checkpoint for this model."""
+    import transformers
+
+    from lisa_kit.components.projectors import MLPProjector
+
+    hf_llm = hf_llm if hf_llm is not None else model.llm.model
+    ve = model.vision_encoder
+    cfg = {
+        "architectures": ["LISAForCausalLM"],
+        "model_type": "llava",
+        **_llama_fields(model, hf_llm.config),
+        # LISA's own (LISA.py: LISAForCausalLM reads train_mask_decoder/out_dim/vision_tower;
+        # LisaModel.__init__ sets the others and save_pretrained writes them back).
+        "train_mask_decoder": True,
+        "out_dim": model.seg_head.out_dim,
+        "vision_tower": vision_tower,
+        "mm_vision_tower": vision_tower,
+        "mm_hidden_size": ve.feature_dim,
+        "mm_vision_select_layer": ve.select_layer,
+        "mm_vision_select_feature": ve.select_feature,
+        "mm_use_im_start_end": bool(model.fusion.use_im_start_end),
+        "mm_use_im_patch_token": False,
+        "use_mm_proj": True,
+        "tune_mm_mlp_adapter": False,
+        "freeze_mm_mlp_adapter": True,
+        "pretrain_mm_mlp_adapter": None,
+        "image_aspect_ratio": "square",
+        "image_grid_pinpoints": None,
+        "use_cache": False,
+        "torch_dtype": torch_dtype,
+        "transformers_version": transformers.__version__,
+    }
+    if isinstance(model.projector, MLPProjector):
+        cfg["mm_projector_type"] = "mlp2x_gelu"
+    return cfg
+
+
+# -- writing --------------------------------------------------------------------------
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _prepare(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, cast floating tensors, and no two tensors sharing memory (tied
+    embeddings are stored twice, as in lisa_kit's own files)."""
+    out = {}
+    seen: set[int] = set()
+    for k, v in state.items():
+        v = v.detach()
+        if dtype is not None and v.is_floating_point() and not k.endswith("inv_freq"):
+            v = v.to(dtype)
+        v = v.cpu().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen or v.untyped_storage().nbytes() != v.numel() * v.element_size():
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    return out
+
+
+def write_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, safetensors: bool = True,
+                  max_shard_size: int = DEFAULT_MAX_SHARD, prefix: str | None = None) -> list[str]:
+    """Write ``state`` into directory ``path`` the way transformers' ``save_pretrained``
+    does: ``model.safetensors`` (metadata ``format: pt``, which transformers requires) or
+    ``pytorch_model.bin``; above ``max_shard_size`` bytes ``*-0000i-of-0000n.*`` shards and
+    the ``*.index.json``. Returns the file names."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    stem = prefix or ("model" if safetensors else "pytorch_model")
+    ext = ".safetensors" if safetensors else ".bin"
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    names = ([stem + ext] if len(shards) == 1 else
+             [f"{stem}-{i + 1:05d}-of-{len(shards):05d}{ext}" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        if safetensors:
+            save_file(shard, str(path / name), metadata={"format": "pt"})
+        else:
+            torch.save(shard, str(path / name))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        (path / f"{stem}{ext}.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        names.append(f"{stem}{ext}.index.json")
+    return names
+
+
+def _json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_vision_tower(encoder, path: str | os.PathLike, safetensors: bool = True, dtype: torch.dtype | None = None
+                       ) -> Path:
+    """A ``CLIPVisionModel`` directory for an ``hf_clip`` encoder: ``config.json``, weights
+    in transformers 4's key layout (``vision_model.*``, which 4.x and 5.x both load) and a
+    ``CLIPImageProcessor`` ``preprocessor_config.json`` matching :meth:`preprocess`."""
+    import transformers
+
+    from lisa_kit.components._util import hf_config_dict
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {(k if k.startswith("vision_model.") else "vision_model." + k): v
+             for k, v in encoder.model.state_dict().items()}
+    state = _prepare(state, dtype)
+    cfg = hf_config_dict(encoder.model.config)
+    cfg.update({"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model",
+                "torch_dtype": _dtype_name(next(iter(state.values())).dtype),
+                "transformers_version": transformers.__version__})
+    _json(path / "config.json", cfg)
+    write_weights(state, path, safetensors)
+    _json(path / "preprocessor_config.json", {
+        "crop_size": {"height": encoder.crop_size, "width": encoder.crop_size},
+        "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
+        "do_resize": True, "image_mean": [float(x) for x in encoder.mean], "image_std": [float(x) for x in encoder.std],
+        "image_processor_type": "CLIPImageProcessor", "resample": int(encoder.resample),
+        "rescale_factor": float(encoder.rescale_factor), "size": {"shortest_edge": encoder.image_size}})
+    return path
+
+
+def _write_tokenizer(tokenizer, path: Path) -> None:
+    from lisa_kit.tokenizer import SentencePieceTokenizer
+
+    tokenizer.save(path)
+    if not isinstance(tokenizer, SentencePieceTokenizer):
+        return
+    # As transformers 4.31's LlamaTokenizer.save_pretrained writes them (the released
+    # checkpoints): bos/eos/unk are AddedTokens that keep the spaces around them. Written
+    # as plain strings, 4.31's slow tokenizer would strip the spaces next to "</s>" in text
+    # (its default for string special tokens) and tokenise differently from LISA's.
+    def added(content: str, typed: bool) -> dict:
+        d = {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+        return {"__type": "AddedToken", **d} if typed else d
+
+    f = path / "tokenizer_config.json"
+    cfg = json.loads(f.read_text())
+    smap = json.loads((path / "special_tokens_map.json").read_text())
+    for name in ("bos_token", "eos_token", "unk_token"):
+        content = cfg.get(name) if isinstance(cfg.get(name), str) else None
+        if content:
+            cfg[name] = added(content, True)
+            smap[name] = added(content, False)
+    cfg.setdefault("clean_up_tokenization_spaces", False)
+    cfg.setdefault("sp_model_kwargs", {})
+    _json(f, cfg)
+    _json(path / "special_tokens_map.json", smap)
+
+
+def _tower_reference(model, vision_tower: str | os.PathLike | None, out: Path | None) -> str | None:
+    """The ``vision_tower`` string to write, or ``None`` when the tower must be written."""
+    if vision_tower is not None:
+        return str(vision_tower)
+    node = ((model.recipe or {}).get("model") or {}).get("vision_encoder") or {}
+    pre = node.get("pretrained") if node.get("name", "hf_clip") == "hf_clip" else None
+    if not pre:
+        return None
+    p = Path(pre)
+    if p.is_dir():
+        p = p.resolve()
+        if out is not None and p.is_relative_to(out.resolve()):
+            return None  # inside the directory being replaced: write a copy instead
+        return str(p)
+    return str(pre)  # a hub name such as openai/clip-vit-large-patch14
+
+
+def write_lisa_hf(model, path: str | os.PathLike, *, vision_tower: str | os.PathLike | None = None,
+                  safetensors: bool = True, dtype: str | torch.dtype | None = None, merge_lora: str = "copy",
+                  max_shard_size: int = DEFAULT_MAX_SHARD, rotary_inv_freq: bool = True,
+                  final_path: str | os.PathLike | None = None) -> list[str]:
+    """Write the LISA directory into ``path`` (created; not atomic, see :func:`export_lisa_hf`).
+    ``final_path``: where the directory will end up (to keep a tower reference out of a
+    directory being replaced). Returns the compatibility notes (also warned as
+    :class:`ExportWarning`)."""
+    _check_reference(model)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise CheckpointError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    notes = compatibility_notes(model)
+    tower = _tower_reference(model, vision_tower, Path(final_path) if final_path else None)
+    if tower is None:
+        write_vision_tower(model.vision_encoder, path / TOWER_DIR, safetensors)
+        tower = TOWER_DIR
+        notes.append(f"the CLIP tower was written to {TOWER_DIR}/ and config.json names it relatively: LISA's "
+                     f"code resolves it from the working directory, so pass vision_tower=<this dir>/{TOWER_DIR}")
+    with lora_merged(model, merge_lora) as hf_llm:
+        state = _prepare(lisa_state_dict(model, hf_llm, rotary_inv_freq), dtype)
+        cfg = lisa_config(model, tower, _dtype_name(state["model.embed_tokens.weight"].dtype), hf_llm)
+    write_weights(state, path, safetensors, max_shard_size)
+    del state
+    _write_tokenizer(model.tokenizer, path)
+    _json(path / SAM_CONFIG, dict(model.mask_decoder.cfg))
+    gen = {"_from_model_config": True, "bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
+           "pad_token_id": cfg["pad_token_id"], "transformers_version": cfg["transformers_version"], "use_cache": False}
+    _json(path / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+    _json(path / "config.json", cfg)
+    for note in notes:
+        warnings.warn(note, ExportWarning, stacklevel=3)
+    return notes
+
+
+def export_lisa_hf(model, out_dir: str | os.PathLike, *, vision_tower: str | os.PathLike | None = None,
+                   safetensors: bool = True, overwrite: bool = False, dtype: str | torch.dtype | None = None,
+                   merge_lora: str = "copy", max_shard_size: int = DEFAULT_MAX_SHARD,
+                   rotary_inv_freq: bool = True) -> Path:
+    """Write ``model`` to ``out_dir`` as a released-LISA HF directory, atomically.
+
+    ``vision_tower``: the path or hub name to write in ``config.json`` (default: the recipe's
+    ``hf_clip`` ``pretrained``, else the tower is written to ``out_dir/clip_vision_tower``);
+    ``safetensors``: ``model.safetensors`` (default) or ``pytorch_model.bin``; ``dtype``:
+    cast the weights (``bfloat16``/``float16``/``float32``; default: as they are);
+    ``merge_lora``: ``copy`` or ``inplace`` (see the module docstring); ``rotary_inv_freq``:
+    also write transformers 4.31's per-layer ``rotary_emb.inv_freq`` buffers, as the released
+    checkpoints have them. Load it back with
+    ``import_lisa_hf(out_dir, sam=out_dir / "sam_config.json")``."""
+    out = Path(out_dir)
+    with atomic_dir(out, overwrite) as tmp:
+        write_lisa_hf(model, tmp, vision_tower=vision_tower, safetensors=safetensors, dtype=dtype,
+                      merge_lora=merge_lora, max_shard_size=max_shard_size, rotary_inv_freq=rotary_inv_freq,
+                      final_path=out)
+    return out
+
+
+def write_lisa_kit(model, path: str | os.PathLike, merge_lora: str = "copy") -> Path:
+    """lisa_kit's own format (:func:`~lisa_kit.checkpoint.native.save_model`), LoRA merged."""
+    from lisa_kit.checkpoint.native import save_model
+
+    with lora_merged(model, merge_lora):
+        return save_model(model, path)
+
+
+def export_lisa_kit(model, out_dir: str | os.PathLike, *, overwrite: bool = False, merge_lora: str = "copy") -> Path:
+    """:func:`write_lisa_kit`, atomically (same rules as :func:`export_lisa_hf`)."""
+    out = Path(out_dir)
+    with atomic_dir(out, overwrite) as tmp:
+        write_lisa_kit(model, tmp, merge_lora)
+    return out
