@@ -264,3 +264,4 @@ from lisa_kit import cli_eval as _cli_eval  # noqa: E402,F401
 from lisa_kit import cli_bench as _cli_bench  # noqa: E402,F401
 from lisa_kit import cli_segment as _cli_segment  # noqa: E402,F401
 from lisa_kit import cli_export as _cli_export  # noqa: E402,F401
+from lisa_kit import cli_train as _cli_train  # noqa: E402,F401

@@ -19,7 +19,18 @@ from lisa_kit.errors import UnknownComponentError
 from lisa_kit.tokenizer import Tokenizer
 
 IGNORE = -100
-IMAGE = object()  # sentinel part: "an image goes here"
+class _ImageSlot:
+    """The part meaning "an image goes here". Pickles as a reference to :data:`IMAGE`, so
+    ``part is IMAGE`` still holds in DataLoader workers."""
+
+    def __reduce__(self):
+        return "IMAGE"
+
+    def __repr__(self) -> str:
+        return "IMAGE"
+
+
+IMAGE = _ImageSlot()
 
 
 @dataclass(frozen=True)

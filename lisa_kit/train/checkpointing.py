@@ -1,0 +1,294 @@
+"""Atomic training checkpoints.
+
+A run directory keeps its checkpoints under ``checkpoints/``::
+
+    checkpoints/step_000500/     one per save (the newest ``keep_last`` are kept)
+        trainable.safetensors    the trained parameters, by name (fp32)
+        state.pt                 optimizer, LR scheduler and GradScaler state (torch.save;
+                                 read back with torch.load(weights_only=True))
+        rng.pt                   every rank's RNG states: python, numpy, torch CPU, CUDA
+        recipe.yaml              the resolved recipe (model, data and train sections)
+        trainer.json             step, data position (epoch, samples consumed per rank),
+                                 world size, strategy, best gIoU, a fingerprint of the
+                                 frozen weights; written last
+    checkpoints/best/            the same, for the best validation gIoU so far
+
+A checkpoint is written into ``<name>.tmp/`` and renamed into place in one
+``os.replace``: a process killed while saving leaves at most a ``.tmp`` directory, which
+:func:`latest_checkpoint` ignores (the previous checkpoint stays the latest), and the next
+save of that name removes it. Only the trained parameters are stored: the frozen ones
+come from the recipe (pretrained files, or the seeded random initialisation of the tiny
+recipes), and the fingerprint catches a recipe that no longer gives the same weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lisa_kit.checkpoint.io import save_safetensors
+from lisa_kit.errors import CheckpointError
+
+FORMAT = 1
+STEP_RE = re.compile(r"^step_(\d+)$")
+BEST = "best"
+WEIGHTS_FILE = "trainable.safetensors"
+STATE_FILE = "state.pt"
+RNG_FILE = "rng.pt"
+RECIPE_FILE = "recipe.yaml"
+META_FILE = "trainer.json"  # written last: its presence marks a complete checkpoint
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+# -- RNG ---------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """This process's RNG states in a form ``torch.load(weights_only=True)`` reads."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, np.int64).copy()), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuplify(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# -- frozen-weight fingerprint ----------------------------------------------------------------
+
+def frozen_fingerprint(model) -> dict[str, list[float]]:
+    """``name -> [sum, sum of squares]`` (float64) of every frozen parameter."""
+    out = {}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                t = p.detach().double()
+                out[n] = [float(t.sum()), float((t * t).sum())]
+    return out
+
+
+def check_fingerprint(saved: dict | None, current: dict, rel: float = 1e-7) -> None:
+    if not saved:
+        return
+    for name, (s, q) in saved.items():
+        if name not in current:
+            raise CheckpointError("a frozen parameter of the checkpoint is missing from the model built from the "
+                                  "recipe", key=name)
+        cs, cq = current[name]
+        if abs(cs - s) > rel * max(1.0, abs(q)) or abs(cq - q) > rel * max(1.0, abs(q)):
+            raise CheckpointError("the recipe builds different frozen weights than the run was trained with "
+                                  "(changed pretrained files, seed or model settings?)", key=name)
+
+
+# -- writing --------------------------------------------------------------------------------
+
+@dataclass
+class CheckpointData:
+    """What one checkpoint holds (see the module docstring)."""
+
+    weights: dict[str, torch.Tensor]
+    state: dict
+    rng: list[dict]
+    meta: dict
+    recipe_yaml: str
+
+
+def _write_torch(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text(text: str, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(root: str | os.PathLike, name: str, data: CheckpointData) -> Path:
+    """Write ``data`` as ``root/name`` atomically (see the module docstring)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_safetensors(data.weights, tmp / WEIGHTS_FILE)
+    _write_torch(data.state, tmp / STATE_FILE)
+    _write_torch({"ranks": data.rng}, tmp / RNG_FILE)
+    _write_text(data.recipe_yaml, tmp / RECIPE_FILE)
+    _write_text(json.dumps({"format": FORMAT, **data.meta}, indent=1), tmp / META_FILE)
+    _fsync_dir(tmp)
+    final = root / name
+    old = root / f"{name}.old"
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# -- finding ---------------------------------------------------------------------------------
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / META_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the complete ``step_*`` checkpoints under ``root``, oldest
+    first; ``.tmp``/``.old`` leftovers and incomplete directories are ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = STEP_RE.match(p.name)
+        if m and is_complete(p):
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def checkpoints_dir(path: str | os.PathLike) -> Path:
+    """``path/checkpoints`` for a run directory, else ``path``."""
+    path = Path(path)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def latest_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from: ``path`` itself when it is one, else the newest
+    complete ``step_*`` under ``path`` (a run directory or its ``checkpoints/``)."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    found = list_checkpoints(checkpoints_dir(path))
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` ``step_*`` checkpoints (0 keeps all);
+    ``best/`` is never touched. A directory is renamed before it is deleted, so a kill
+    mid-way never leaves a half-deleted ``step_*``."""
+    if keep_last <= 0:
+        return []
+    removed = []
+    for _, p in list_checkpoints(root)[:-keep_last]:
+        doomed = p.with_name(p.name + ".deleting")
+        os.replace(p, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+def read_checkpoint(path: str | os.PathLike) -> CheckpointData:
+    """Everything in a checkpoint directory (tensors on CPU); pickles are read with
+    ``weights_only=True``."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not is_complete(path):
+        raise CheckpointError(f"not a complete training checkpoint (no {META_FILE} or {WEIGHTS_FILE})", file=path)
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        rng = torch.load(path / RNG_FILE, map_location="cpu", weights_only=True)["ranks"]
+    except Exception as e:
+        raise CheckpointError(f"cannot read the training state: {e}", file=path) from e
+    meta = json.loads((path / META_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"unsupported checkpoint format {meta.get('format')!r}", file=path / META_FILE)
+    return CheckpointData(load_file(str(path / WEIGHTS_FILE)), state, rng, meta,
+                          (path / RECIPE_FILE).read_text() if (path / RECIPE_FILE).is_file() else "")
+
+
+def load_trainable(model, weights: dict[str, torch.Tensor], names: list[str], file=None) -> None:
+    """Copy ``weights`` into the trainable parameters ``names`` of ``model``; every name
+    must be there with its shape."""
+    missing = [n for n in names if n not in weights]
+    unexpected = [k for k in weights if k not in set(names)]
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        raise CheckpointError(f"the checkpoint's trained parameters do not fit the model: {len(missing)} missing, "
+                              f"{len(unexpected)} unexpected (LoRA or trainable settings changed?)", key=key, file=file)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            p, w = params[n], weights[n]
+            if tuple(p.shape) != tuple(w.shape):
+                raise CheckpointError(f"shape {tuple(w.shape)} in the checkpoint, {tuple(p.shape)} in the model",
+                                      key=n, file=file)
+            p.copy_(w.to(p.dtype))
+
+
+def load_trained_model(path: str | os.PathLike, merge: bool = False, registry=None):
+    """The model a training checkpoint describes: built from its recipe (``weights:``
+    applied, the run's seed for random initialisations), LoRA applied, the trained
+    parameters loaded; ``merge=True`` folds LoRA into the LLM. ``path``: a checkpoint or
+    a run directory (its newest checkpoint). Returned in eval mode, fp32, on CPU."""
+    import yaml
+
+    from lisa_kit.builder import load
+    from lisa_kit.train.config import TrainConfig
+    from lisa_kit.train.lora import apply_lora, merge_lora
+    from lisa_kit.train.trainable import set_trainable
+
+    ck = latest_checkpoint(path)
+    if ck is None:
+        raise CheckpointError("no training checkpoint found", file=path)
+    data = read_checkpoint(ck)
+    recipe = yaml.safe_load(data.recipe_yaml)
+    cfg = TrainConfig.from_recipe(recipe)
+    torch.manual_seed(cfg.seed)
+    model = load(recipe, registry=registry)
+    if cfg.lora.r > 0:
+        apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+    names = set_trainable(model, cfg)
+    check_fingerprint(data.meta.get("frozen_fingerprint"), frozen_fingerprint(model))
+    load_trainable(model, data.weights, names, file=ck / WEIGHTS_FILE)
+    if merge:
+        merge_lora(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

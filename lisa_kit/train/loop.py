@@ -1,0 +1,596 @@
+"""The trainer: LISA's training loop on lisa_kit's components.
+
+One optimizer step = ``grad_accumulation`` micro-batches of ``batch_size`` samples per
+rank, drawn from :class:`~lisa_kit.datasets.hybrid.HybridDataset` (sample ``i`` of epoch
+``e`` is a pure function of ``(seed, e, i)``) through :class:`ResumableSampler`
+(``DistributedSampler``'s order, started at any position). Each micro-batch is collated
+into a :class:`~lisa_kit.model.Batch`, run under autocast, scored by
+:func:`~lisa_kit.loss.lisa_loss` with the recipe's ``loss:`` weights, and backpropagated;
+then the gradients are clipped, AdamW steps and the warmup/decay schedule advances.
+
+Loss normalisation (``train.loss_norm``):
+
+* ``micro_batch`` (LISA/DeepSpeed): every micro-batch's loss is its own mean (CE over its
+  supervised tokens, BCE/Dice over its masks) divided by ``grad_accumulation``; ranks
+  average. The step's loss is the mean of the per-(rank, micro-batch) means.
+* ``global``: CE is the mean over every supervised token of the step and the mask terms
+  the mean over every mask of the step, across micro-batches and ranks (counts are
+  all-reduced before the backward passes). How the global batch is split -- ranks,
+  micro-batches -- then does not change the loss or the gradient.
+
+The run directory gets ``recipe.yaml`` (resolved) and ``env.json`` (library versions, git
+commit) at start, ``train.jsonl`` (one line per optimizer step: step, loss, ce, bce, dice,
+lr, grad_norm, samples_per_s, time), ``val.jsonl``, ``tb/`` (TensorBoard, when
+installed) and ``checkpoints/`` (:mod:`lisa_kit.train.checkpointing`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from lisa_kit.errors import CheckpointError, DataError, InputError, RecipeError
+from lisa_kit.train import checkpointing as ckpt
+from lisa_kit.train.config import TrainConfig
+from lisa_kit.train.distributed import (DistEnv, all_gather_object, all_reduce_sum, barrier, full_state,
+                                        init_distributed, load_optimizer_state, optimizer_state, wrap_model)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class ResumableSampler(Sampler[int]):
+    """``DistributedSampler``'s indices (same permutation for ``(seed, epoch)``, same
+    padding, rank ``r`` takes every ``world``-th) starting at position ``start`` of this
+    rank's list, so a resumed run skips exactly the samples already consumed."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0):
+        self.n, self.rank, self.world_size, self.shuffle, self.seed = n, rank, world_size, shuffle, seed
+        self.epoch = 0
+        self.start = 0
+        self.num_samples = math.ceil(n / world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def rank_indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            idx = torch.randperm(self.n, generator=g).tolist()
+        else:
+            idx = list(range(self.n))
+        total = self.num_samples * self.world_size
+        pad = total - len(idx)
+        if pad > 0:
+            idx += (idx * math.ceil(pad / len(idx)))[:pad]
+        return idx[self.rank:total:self.world_size]
+
+    def __iter__(self):
+        return iter(self.rank_indices()[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
+
+
+def _as_list(samples):
+    return samples
+
+
+class _ImageMark:
+    """Stands for :data:`lisa_kit.conversation.IMAGE` (an ``object()`` sentinel, whose
+    identity does not survive pickling) while a sample travels from a DataLoader worker."""
+
+
+def _swap_image_parts(sample, old, new_of):
+    for conv in sample.conversations:
+        conv.rounds = [([new_of(p) if old(p) else p for p in user],
+                        None if ans is None else [new_of(p) if old(p) else p for p in ans])
+                       for user, ans in conv.rounds]
+    return sample
+
+
+class _WorkerDataset(torch.utils.data.Dataset):
+    """The training dataset as seen through DataLoader workers: image parts marked."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        from lisa_kit.conversation import IMAGE
+
+        return _swap_image_parts(self.dataset[i], lambda p: p is IMAGE, lambda p: _ImageMark())
+
+
+def _from_worker(samples):
+    from lisa_kit.conversation import IMAGE
+
+    return [_swap_image_parts(s, lambda p: isinstance(p, _ImageMark), lambda p: IMAGE) for s in samples]
+
+
+class LossModule(torch.nn.Module):
+    """``model`` plus :func:`~lisa_kit.loss.lisa_loss`: ``forward(batch)`` returns the
+    loss parts and ``n_tokens`` (supervised next-token targets after fusion). What DDP
+    wraps, so only the loss is its output."""
+
+    def __init__(self, model, weights):
+        super().__init__()
+        self.model = model
+        self.weights = weights
+
+    def forward(self, batch):
+        from lisa_kit.conversation import IGNORE
+        from lisa_kit.loss import lisa_loss
+
+        out = self.model(batch)
+        parts = lisa_loss(out.logits, out.fused.labels, out.pred_masks, batch.gt_masks, self.weights)
+        parts["n_tokens"] = (out.fused.labels[:, 1:] != IGNORE).sum()
+        return parts
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "peft", "lisa-kit", "numpy", "safetensors"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _git_state() -> dict:
+    import lisa_kit
+
+    repo = Path(lisa_kit.__file__).resolve().parent.parent
+
+    def git(*args):
+        try:
+            r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+class Trainer:
+    """Train the model a recipe describes.
+
+    ``recipe``: a name, path, mapping or :class:`~lisa_kit.recipes.Recipe` (``None`` with
+    ``resume``: the checkpoint's own); ``overrides``: ``key=value`` strings; ``out_dir``:
+    the run directory; ``resume``: a run or checkpoint directory to continue from (its
+    newest complete checkpoint); ``stop_after``: stop (with a checkpoint) once this global
+    step is reached, the schedule still spanning ``train.steps``.
+    """
+
+    def __init__(self, recipe=None, out_dir: str | os.PathLike | None = None, *, overrides=(), resume=None,
+                 stop_after: int | None = None, progress: bool = True, device: str | None = None, registry=None):
+        from omegaconf import OmegaConf
+
+        from lisa_kit.builder import load
+        from lisa_kit.conversation import get_template
+        from lisa_kit.datasets.hybrid import hybrid_from_config
+        from lisa_kit.loss import LossWeights
+        from lisa_kit.recipes import check_recipe, load_recipe, resolved_yaml
+        from lisa_kit.train.lora import apply_lora
+        from lisa_kit.train.trainable import cast_frozen, set_trainable, trainable_parameters
+
+        self.progress = progress
+        self.stop_after = stop_after
+        resume_from = None
+        if resume is not None:
+            resume_from = ckpt.latest_checkpoint(resume)
+            if resume_from is None:
+                raise CheckpointError("nothing to resume: no complete checkpoint", file=resume)
+        if recipe is None:
+            if resume_from is None:
+                raise InputError("a recipe is needed (or resume= a run to take it from)")
+            import yaml
+
+            recipe = yaml.safe_load((resume_from / ckpt.RECIPE_FILE).read_text())
+        self.recipe = load_recipe(recipe if not hasattr(recipe, "cfg") else OmegaConf.to_container(recipe.cfg),
+                                  overrides)
+        check_recipe(self.recipe, registry=registry)
+        self.recipe_yaml = resolved_yaml(self.recipe)
+        self.plain = OmegaConf.to_container(self.recipe.cfg, resolve=True)
+        self.cfg = cfg = TrainConfig.from_recipe(self.plain)
+        name = self.plain.get("name") or (self.recipe.path.stem if self.recipe.path else "run")
+        self.out = Path(out_dir) if out_dir is not None else (
+            resume_from.parent.parent if resume_from is not None and resume_from.parent.name == "checkpoints"
+            else Path("runs") / str(name))
+        self.ckpt_root = self.out / "checkpoints"
+        self.env: DistEnv = init_distributed(cfg.strategy, device)
+        env = self.env
+
+        resumed = ckpt.read_checkpoint(resume_from) if resume_from is not None else None
+        if resumed is not None and resumed.recipe_yaml:
+            import yaml
+
+            old = _flatten((yaml.safe_load(resumed.recipe_yaml) or {}).get("model", {}))
+            new = _flatten(self.plain.get("model", {}))
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if diff:
+                raise CheckpointError("the recipe's model differs from the one the checkpoint was trained with",
+                                      key=f"model.{diff[0]}", file=resume_from / ckpt.RECIPE_FILE)
+
+        # -- model: build (seeded), LoRA, trainable set -------------------------------------
+        torch.manual_seed(cfg.seed)
+        model = load(self.recipe, registry=registry)
+        if cfg.lora.r > 0:
+            apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+        if cfg.activation_checkpointing:
+            try:
+                model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            except (ValueError, AttributeError) as e:
+                raise RecipeError(f"the LLM does not support activation checkpointing: {e}",
+                                  key="train.activation_checkpointing") from e
+        self.trainable_names = set_trainable(model, cfg)
+        model.to(env.device)
+        self.fingerprint = ckpt.frozen_fingerprint(model)
+        if resumed is not None:
+            ckpt.check_fingerprint(resumed.meta.get("frozen_fingerprint"), self.fingerprint)
+            ckpt.load_trainable(model, resumed.weights, self.trainable_names, file=resume_from / ckpt.WEIGHTS_FILE)
+        self.dtype = DTYPES[cfg.precision]
+        fsdp = env.distributed and env.strategy == "fsdp2"
+        if cfg.precision != "fp32" and cfg.cast_frozen and not fsdp:  # FSDP2 casts through its policy
+            cast_frozen(model, self.dtype)
+        self.model = model
+        self.weights = LossWeights(**{k: float(v) for k, v in (self.plain.get("loss") or {}).items()})
+        self.module = wrap_model(model, env, LossModule(model, self.weights),
+                                 param_dtype=self.dtype if cfg.precision != "fp32" else None)
+        params = [p for _, p in trainable_parameters(model)]  # after FSDP2: the sharded parameters
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cfg.lr_factor)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+
+        # -- data ---------------------------------------------------------------------------
+        tpl_name = (self.plain.get("conversation") or {}).get("template", "llava_v1")
+        self.template = get_template(tpl_name, model.tokenizer)
+        data_cfg = self.plain.get("data") or {}
+        self.dataset = hybrid_from_config(data_cfg, self.template, seed=cfg.seed)
+        self.sampler = ResumableSampler(len(self.dataset), env.rank, env.world_size, cfg.shuffle, cfg.seed)
+        if self.sampler.num_samples < cfg.batch_size:
+            raise DataError(f"data.samples_per_epoch={len(self.dataset)} gives {self.sampler.num_samples} samples per "
+                            f"rank and epoch, fewer than train.batch_size={cfg.batch_size}")
+        self._val_reader = None
+
+        # -- state ----------------------------------------------------------------------------
+        self.step = 0
+        self.epoch = 0
+        self.position = 0  # samples of this epoch consumed by this rank
+        self.best_giou: float | None = None
+        self.last_val: dict | None = None
+        self.resumed_from = resume_from
+        if resumed is not None:
+            self._restore(resumed)
+        else:
+            import random
+
+            torch.manual_seed(cfg.seed + env.rank)
+            np.random.seed(cfg.seed + env.rank)
+            random.seed(cfg.seed + env.rank)
+
+    # -- resume ------------------------------------------------------------------------------
+    def _restore(self, data: ckpt.CheckpointData) -> None:
+        meta, env = data.meta, self.env
+        fmt = "fqn" if (env.strategy == "fsdp2" and env.distributed) else "index"
+        if meta.get("optimizer_format", "index") != fmt:
+            raise CheckpointError(f"the checkpoint's optimizer state was saved under strategy {meta.get('strategy')!r} "
+                                  f"and cannot be loaded under {env.strategy!r} with {env.world_size} process(es)")
+        load_optimizer_state(self.model, self.optimizer, data.state["optimizer"], env)
+        self.scheduler.load_state_dict(data.state["scheduler"])
+        if data.state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(data.state["scaler"])
+        self.step = int(meta["step"])
+        self.epoch = int(meta["epoch"])
+        old_world = int(meta.get("world_size", 1))
+        consumed = int(meta["position"]) * old_world
+        if old_world != env.world_size:
+            warnings.warn(f"resuming a {old_world}-process run with {env.world_size} processes: the samples of the "
+                          "current epoch are redistributed, so the run does not replay exactly", stacklevel=2)
+        self.position = consumed // env.world_size
+        self.best_giou = meta.get("best_giou")
+        self.last_val = meta.get("val")
+        rngs = data.rng
+        ckpt.set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
+
+    # -- data --------------------------------------------------------------------------------
+    def _micro_batches(self):
+        cfg = self.cfg
+        while True:
+            self.dataset.set_epoch(self.epoch)
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.start = self.position
+            g = torch.Generator()
+            g.manual_seed(cfg.seed)  # DataLoader seeds its workers from this, not the global RNG
+            ds = _WorkerDataset(self.dataset) if cfg.workers > 0 else self.dataset
+            loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
+                                collate_fn=_as_list, drop_last=True, generator=g)
+            for samples in loader:
+                self.position += len(samples)
+                yield _from_worker(samples) if cfg.workers > 0 else samples
+            self.epoch += 1
+            self.position = 0
+
+    def _collate(self, samples):
+        from lisa_kit.data import collate
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*truncated to.*")
+            return collate(samples, self.model, max_length=self.cfg.max_length)
+
+    def _autocast(self):
+        if self.cfg.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(device_type=self.env.device.type, dtype=self.dtype)
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def train_step(self, micro: list[list]) -> dict:
+        from lisa_kit.conversation import IGNORE
+
+        cfg, env = self.cfg, self.env
+        module = self.module
+        module.train()
+        batches = [self._collate(s) for s in micro]
+        n_tok = [int((b.labels[:, 1:] != IGNORE).sum()) for b in batches]
+        n_mask = [sum(int(g.shape[0]) for g in (b.gt_masks or [])) for b in batches]
+        if cfg.loss_norm == "global":
+            tot_tok, tot_mask = all_reduce_sum([float(sum(n_tok)), float(sum(n_mask))], env)
+        acc = len(batches)
+        logged = np.zeros(4)  # loss, ce, bce, dice
+        ddp = hasattr(module, "no_sync")
+        for i, batch in enumerate(batches):
+            batch = batch.to(env.device)
+            sync = module.no_sync() if ddp and i < acc - 1 else nullcontext()
+            with sync:
+                with self._autocast():
+                    parts = module(batch)
+                if int(parts["n_tokens"]) != n_tok[i]:
+                    raise RuntimeError(f"{int(parts['n_tokens'])} supervised tokens after fusion, {n_tok[i]} before")
+                if cfg.loss_norm == "global":
+                    zero = parts["loss"].new_zeros(())
+                    ce = parts["ce_loss"] * (n_tok[i] / tot_tok) if n_tok[i] else zero
+                    wm = n_mask[i] / tot_mask if tot_mask else 0.0
+                    bce, dice = parts["mask_bce_loss"] * wm, parts["mask_dice_loss"] * wm
+                    total = ce + bce + dice
+                    objective = total * env.world_size
+                else:
+                    ce, bce, dice = (parts[k] / acc for k in ("ce_loss", "mask_bce_loss", "mask_dice_loss"))
+                    total = parts["loss"] / acc
+                    objective = total
+                self.scaler.scale(objective).backward()
+            logged += [float(total.detach()), float(ce.detach()), float(bce.detach()), float(dice.detach())]
+        logged = np.asarray(all_reduce_sum(logged.tolist(), env))
+        if cfg.loss_norm != "global":
+            logged /= env.world_size
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        logged = [float(v) for v in logged]
+        return {"step": self.step, "loss": logged[0], "ce": logged[1], "bce": logged[2], "dice": logged[3],
+                "lr": lr, "grad_norm": float(grad_norm),
+                "samples": sum(len(s) for s in micro) * env.world_size}
+
+    # -- validation --------------------------------------------------------------------------
+    def val_reader(self):
+        if self._val_reader is None and self.cfg.val is not None:
+            from lisa_kit.datasets import open_dataset
+
+            v = self.cfg.val
+            root = v.root if v.root is not None else (self.plain.get("data") or {}).get("root")
+            self._val_reader = open_dataset(v.dataset, root, v.split, **(v.options or {}))
+        return self._val_reader
+
+    def validate(self) -> dict | None:
+        """Teacher-forced validation (LISA's ``validate()``): every query asked with the
+        answer ``"[SEG]."``, masks at the original size, gIoU/cIoU by
+        :class:`~lisa_kit.metrics.SegMetrics`; ranks split the images and their statistics
+        are gathered. ``None`` without ``train.val``."""
+        from lisa_kit.evaluate import Evaluator, Query, queries_of
+        from lisa_kit.metrics import SegMetrics, all_gather_metrics
+
+        reader = self.val_reader()
+        if reader is None:
+            return None
+        env = self.env
+        model = self.model
+        was_training = model.training
+        model.eval()
+        ev = Evaluator(model, reader, modes=("teacher",), progress=False)
+        n = len(reader) if self.cfg.val.limit is None else min(self.cfg.val.limit, len(reader))
+        per_rank = math.ceil(n / env.world_size)
+        order = list(range(n)) * env.world_size
+        mine = order[:per_rank * env.world_size][env.rank::env.world_size]
+        metrics = SegMetrics()
+        lockstep = env.distributed and env.strategy == "fsdp2"
+        t0 = time.perf_counter()
+        for i in mine:
+            record = reader[i]
+            qs = queries_of(record)
+            image = record.image()
+            if not qs:
+                if lockstep:  # every rank must run the same number of sharded forwards
+                    h, w = image.shape[:2]
+                    with self._autocast():
+                        ev.teacher(record, image, [Query("object", "phrase", np.zeros((h, w), np.uint8), "-", "-")])
+                continue
+            with self._autocast():
+                logits = ev.teacher(record, image, qs)
+            preds = [(lg > 0).cpu().numpy() for lg in logits]
+            metrics.add_sample(preds, [q.gt for q in qs], keys=[q.key for q in qs], sample_key=i)
+        res = all_gather_metrics(metrics).result()
+        model.train(was_training)
+        return {"step": self.step, "giou": res["giou"], "ciou": res["ciou"], "n_queries": res["n_queries"],
+                "n_images": res["n_samples"], "seconds": time.perf_counter() - t0,
+                "dataset": f"{self.cfg.val.dataset}:{self.cfg.val.split}"}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(self, name: str | None = None) -> Path | None:
+        """Write a checkpoint (collective; rank 0 writes). ``name``: ``step_XXXXXX`` by
+        default (then older ones are pruned to ``keep_last``), or e.g. ``best``."""
+        env = self.env
+        weights = full_state(self.model, self.trainable_names, env)
+        optim = optimizer_state(self.model, self.optimizer, env)
+        rngs = all_gather_object(ckpt.rng_state(), env)
+        path = None
+        if env.is_main:
+            meta = {"step": self.step, "epoch": self.epoch, "position": self.position,
+                    "world_size": env.world_size, "batch_size": self.cfg.batch_size, "strategy": env.strategy,
+                    "optimizer_format": "fqn" if (env.strategy == "fsdp2" and env.distributed) else "index",
+                    "best_giou": self.best_giou, "val": self.last_val, "trainable": self.trainable_names,
+                    "frozen_fingerprint": self.fingerprint}
+            state = {"optimizer": optim, "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+            data = ckpt.CheckpointData(weights, state, rngs, meta, self.recipe_yaml)
+            path = ckpt.write_checkpoint(self.ckpt_root, name or ckpt.step_name(self.step), data)
+            if name is None:
+                ckpt.prune_checkpoints(self.ckpt_root, self.cfg.keep_last)
+        barrier(env)
+        return path
+
+    # -- run files -------------------------------------------------------------------------------
+    def _start_run_files(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "recipe.yaml").write_text(self.recipe_yaml)
+        env = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv, "versions": _versions(),
+               "git": _git_state(), "world_size": self.env.world_size, "strategy": self.env.strategy,
+               "device": str(self.env.device),
+               "cuda": torch.cuda.get_device_name(self.env.device) if self.env.device.type == "cuda" else None,
+               "resumed_from": str(self.resumed_from) if self.resumed_from else None, "start_step": self.step}
+        name = "env.json" if self.resumed_from is None else f"env.resume_{ckpt.step_name(self.step)}.json"
+        (self.out / name).write_text(json.dumps(env, indent=1))
+        for log in ("train.jsonl", "val.jsonl"):  # drop lines of steps after the checkpoint we resume from
+            path = self.out / log
+            if path.exists():
+                keep = [ln for ln in path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln)["step"] <= self.step]
+                path.write_text("".join(ln + "\n" for ln in keep))
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed
+            return None
+        return SummaryWriter(str(self.out / "tb"))
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train until ``train.steps`` (or ``stop_after``); returns a summary."""
+        from tqdm import tqdm
+
+        cfg, env = self.cfg, self.env
+        if self.ckpt_root.is_dir() and ckpt.list_checkpoints(self.ckpt_root) and self.resumed_from is None:
+            raise CheckpointError("the run directory already has checkpoints; resume it or choose another output "
+                                  "directory", file=self.out)
+        end = cfg.steps if self.stop_after is None else min(cfg.steps, self.stop_after)
+        main = env.is_main
+        if main:
+            self._start_run_files()
+        barrier(env)
+        writer = self._tensorboard() if main else None
+        log = open(self.out / "train.jsonl", "a") if main else None
+        bar = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
+                   disable=not (self.progress and main))
+        batches = self._micro_batches()
+        record, saved = None, None
+        try:
+            while self.step < end:
+                t0 = time.perf_counter()
+                micro = [next(batches) for _ in range(cfg.grad_accumulation)]
+                stats = self.train_step(micro)
+                dt = time.perf_counter() - t0
+                record = {"step": stats["step"], "loss": stats["loss"], "ce": stats["ce"], "bce": stats["bce"],
+                          "dice": stats["dice"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+                          "samples_per_s": stats["samples"] / dt, "time": time.time(), "epoch": self.epoch}
+                saved = None
+                if main:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == end:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['ce']:.3f}",
+                                        bce=f"{record['bce']:.3f}", dice=f"{record['dice']:.3f}",
+                                        lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
+                        if writer is not None:
+                            for k in ("loss", "ce", "bce", "dice", "lr", "grad_norm", "samples_per_s"):
+                                writer.add_scalar(f"train/{k}", record[k], self.step)
+                val_due = cfg.val is not None and cfg.val_every > 0 and (
+                    self.step % cfg.val_every == 0 or self.step == cfg.steps)
+                if val_due:
+                    self._run_validation(writer, bar)
+                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == end:
+                    saved = self.save()
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+            if writer is not None:
+                writer.close()
+        return {"step": self.step, "last": record, "val": self.last_val, "best_giou": self.best_giou,
+                "checkpoint": str(saved) if saved else None, "out": str(self.out)}
+
+    def _run_validation(self, writer=None, bar=None) -> dict | None:
+        res = self.validate()
+        if res is None:
+            return None
+        self.last_val = res
+        if self.env.is_main:
+            with open(self.out / "val.jsonl", "a") as f:
+                f.write(json.dumps(res) + "\n")
+            if writer is not None:
+                writer.add_scalar("val/giou", res["giou"], self.step)
+                writer.add_scalar("val/ciou", res["ciou"], self.step)
+            if bar is not None:
+                bar.write(f"step {self.step}: val gIoU {res['giou']:.4f} cIoU {res['ciou']:.4f} "
+                          f"({res['n_queries']} queries)")
+        if self.best_giou is None or res["giou"] > self.best_giou:
+            self.best_giou = res["giou"]
+            self.save(ckpt.BEST)
+        return res
+
+
+def train(recipe=None, out_dir=None, **kwargs) -> dict:
+    """Build a :class:`Trainer` and run it; tears the process group down afterwards."""
+    from lisa_kit.train.distributed import cleanup
+
+    try:
+        return Trainer(recipe, out_dir, **kwargs).fit()
+    finally:
+        cleanup()

@@ -1,0 +1,100 @@
+"""Which parameters train: LISA's set.
+
+LISA's ``train_ds.py`` freezes the CLIP tower and ``mm_projector``; SAM is frozen except
+its ``mask_decoder`` (``initialize_lisa_modules``, ``--train_mask_decoder``); peft freezes
+the LLM except the LoRA adapters; then every parameter whose name contains ``lm_head``,
+``embed_tokens``, ``mask_decoder`` or ``text_hidden_fcs`` is made trainable again: the
+whole input-embedding matrix and the output head, SAM's mask decoder and the seg head.
+Without LoRA (``lora.r: 0``) LISA leaves the whole LLM trainable, and so does this.
+
+Here, by component (names never matter):
+
+=====================  =========================================================
+vision encoder         frozen
+projector              frozen (``train_projector: true`` trains it)
+LLM                    LoRA adapters (or everything when LoRA is off), plus the input
+                       embeddings (``train_embeddings``) and output head (``train_lm_head``)
+mask decoder           SAM: the ``mask_decoder`` submodule (``train_mask_decoder``); the
+                       image encoder only with the model's ``train_image_encoder``; the
+                       prompt encoder frozen. Other decoders: everything but ``image_encoder``
+seg head               trainable
+=====================  =========================================================
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _decoder_part(mask_decoder: nn.Module) -> list[nn.Parameter]:
+    inner = getattr(mask_decoder, "mask_decoder", None)
+    if isinstance(inner, nn.Module):
+        return list(inner.parameters())
+    return [p for n, p in mask_decoder.named_parameters() if not n.startswith("image_encoder.")]
+
+
+def set_trainable(model, cfg) -> list[str]:
+    """Set ``requires_grad`` on ``model`` (a :class:`~lisa_kit.model.LisaModel`, LoRA
+    already applied when ``cfg.lora.r > 0``) by LISA's rule; ``cfg`` is a
+    :class:`~lisa_kit.train.config.TrainConfig`. Returns the trainable parameter names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lm = model.llm.model
+    if cfg.lora.r > 0:
+        for n, p in lm.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+    else:
+        for p in lm.parameters():
+            p.requires_grad_(True)
+    if cfg.train_embeddings:
+        lm.get_input_embeddings().weight.requires_grad_(True)
+    if cfg.train_lm_head:
+        head = lm.get_output_embeddings()
+        if head is not None:
+            head.weight.requires_grad_(True)
+    if cfg.train_projector:
+        for p in model.projector.parameters():
+            p.requires_grad_(True)
+    if cfg.train_mask_decoder:
+        for p in _decoder_part(model.mask_decoder):
+            p.requires_grad_(True)
+    if getattr(model, "train_image_encoder", False):
+        enc = getattr(model.mask_decoder, "image_encoder", None)
+        for p in (enc.parameters() if isinstance(enc, nn.Module) else ()):
+            p.requires_grad_(True)
+    for p in model.seg_head.parameters():
+        p.requires_grad_(True)
+    return trainable_names(model)
+
+
+def trainable_parameters(model) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every trainable parameter, in ``named_parameters`` order
+    (each tensor once, under its first name)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_names(model) -> list[str]:
+    return [n for n, _ in trainable_parameters(model)]
+
+
+def summary(model) -> dict[str, dict[str, int]]:
+    """Trainable and total parameter counts per component."""
+    out = {}
+    for kind in ("vision_encoder", "projector", "llm", "mask_decoder", "fusion", "seg_head"):
+        comp = getattr(model, kind)
+        params = list(comp.parameters())
+        out[kind] = {"trainable": sum(p.numel() for p in params if p.requires_grad),
+                     "total": sum(p.numel() for p in params)}
+    return out
+
+
+def cast_frozen(model, dtype: torch.dtype) -> int:
+    """Store frozen floating-point parameters in ``dtype`` (trainable ones stay fp32
+    master weights). Returns how many tensors were cast."""
+    n = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
