@@ -171,17 +171,10 @@ def _cast(model, dtype: torch.dtype) -> None:
     * Non-persistent float buffers (RoPE frequencies) keep their precision, as
       transformers' ``from_pretrained(dtype=...)`` leaves them.
     """
+    from lisa_kit.components._util import cast_keep_buffers
+
     for name in ("vision_encoder", "projector", "llm", "fusion", "seg_head"):
-        comp = getattr(model, name)
-        keep = []
-        for mod in comp.modules():
-            for buf_name in getattr(mod, "_non_persistent_buffers_set", ()):
-                buf = mod._buffers.get(buf_name)
-                if buf is not None and buf.is_floating_point():
-                    keep.append((mod, buf_name, buf))
-        comp.to(dtype)
-        for mod, buf_name, buf in keep:
-            mod._buffers[buf_name] = buf
+        cast_keep_buffers(getattr(model, name), dtype)
 
 
 # -- the segmenter ------------------------------------------------------------------

@@ -384,17 +384,9 @@ def make_inputs(model, n_images: int, questions: int, image_size, seed: int = 0)
 
 
 def _cast(model, dtype):
-    """Cast parameters/persistent buffers, keeping non-persistent float buffers (pixel
-    mean/std, RoPE tables) in their precision, like ``from_pretrained(dtype=...)``."""
-    keep = []
-    for mod in model.modules():
-        for name in getattr(mod, "_non_persistent_buffers_set", ()):
-            buf = mod._buffers.get(name)
-            if buf is not None and buf.is_floating_point():
-                keep.append((mod, name, buf))
-    model.to(dtype)
-    for mod, name, buf in keep:
-        mod._buffers[name] = buf
+    from lisa_kit.components._util import cast_keep_buffers
+
+    cast_keep_buffers(model, dtype)
 
 
 def resolve_device(name: str) -> torch.device:
