@@ -481,9 +481,9 @@ def measure_quality(model, quality: dict, device) -> dict:
 
 
 def environment(device: torch.device) -> dict:
-    from lisa_kit.cli_eval import _versions
+    from lisa_kit.provenance import versions
 
-    env = {"versions": _versions(), "python": platform.python_version(), "platform": platform.platform(),
+    env = {"versions": versions(), "python": platform.python_version(), "platform": platform.platform(),
            "device": str(device), "torch_threads": torch.get_num_threads()}
     env["git_commit"] = env["versions"].get("git_commit")
     if device.type == "cuda":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,23 +28,6 @@ def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
 
 
-def _versions() -> dict:
-    import subprocess
-
-    import torch
-    import transformers
-
-    import lisa_kit
-
-    out = {"lisa_kit": lisa_kit.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                           cwd=Path(lisa_kit.__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = None
-    return out
-
-
 def _run(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
@@ -52,11 +36,12 @@ def _run(args: argparse.Namespace) -> int:
     from lisa_kit.datasets import open_dataset
     from lisa_kit.errors import InputError
     from lisa_kit.evaluate import Evaluator, markdown_table, parse_dataset
+    from lisa_kit.provenance import versions
 
     if bool(args.recipe) == bool(args.checkpoint):
         raise InputError("name a recipe or --checkpoint DIR (one of them)")
     specs = [parse_dataset(d) for d in args.dataset]
-    distributed = "RANK" in __import__("os").environ and "WORLD_SIZE" in __import__("os").environ
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # started by torchrun
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -68,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
     modes = ("teacher", "generate") if args.mode == "both" else (args.mode,)
     out = Path(args.out)
     report = {"recipe": args.recipe, "overrides": args.overrides, "checkpoint": args.checkpoint,
-              "versions": _versions(), "device": str(device),
+              "versions": versions(), "device": str(device),
               "world_size": dist.get_world_size() if dist.is_initialized() else 1, "evals": []}
     md = []
     for name, split in specs:

@@ -124,3 +124,45 @@ def tiny_hf_tokenizer_dir(vocab_size: int = 400) -> Path:
     out = Path(tempfile.mkdtemp(prefix="lisa_kit_tiny_hf_tok_"))
     fast.save_pretrained(str(out))
     return out
+
+
+def uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE of a 0/1 ``(H, W)`` mask, computed without pycocotools
+    (run lengths of the column-major pixels, starting with a run of 0s), for tests that
+    write annotation files."""
+    flat = np.asarray(mask).flatten(order="F")
+    counts, cur, run = [], 0, 0
+    for v in flat:
+        if v != cur:
+            counts.append(run)
+            cur, run = v, 0
+        run += 1
+    counts.append(run)
+    return {"size": list(np.asarray(mask).shape), "counts": [int(c) for c in counts]}
+
+
+def force_generation(monkeypatch, plan) -> None:
+    """Make :func:`lisa_kit.generation.generate` pick token ``plan[step]`` at the given
+    steps (every row; steps count from 0 in each call) and the argmax elsewhere, so a
+    random tiny model answers with ``[SEG]`` when a test needs it. ``plan``: a dict, or a
+    function of the model returning one (token ids come from the model's tokenizer)."""
+    import torch
+
+    import lisa_kit.generation as g
+
+    state = {"step": 0, "plan": {}}
+    real_generate = g.generate
+
+    def pick(logits, cfg, gen):
+        k = state["step"]
+        state["step"] += 1
+        out = logits.argmax(-1)
+        return torch.full_like(out, state["plan"][k]) if k in state["plan"] else out
+
+    def generate(model, *a, **kw):
+        state["step"] = 0
+        state["plan"] = plan(model) if callable(plan) else plan
+        return real_generate(model, *a, **kw)
+
+    monkeypatch.setattr(g, "_pick", pick)
+    monkeypatch.setattr(g, "generate", generate)

@@ -13,7 +13,7 @@ from PIL import Image
 from lisa_kit import api
 from lisa_kit.api import Segmenter, SegResult
 from lisa_kit.errors import CheckpointError, ImageError, InputError
-from lisa_kit.testing import synthetic_image
+from lisa_kit.testing import force_generation, synthetic_image
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lisa_reference" / "seed0"
 
@@ -24,25 +24,7 @@ def seg():
 
 
 def _force(monkeypatch, plan: dict[int, int]):
-    """Generation picks ``plan[step]`` at the given steps (every row), argmax elsewhere;
-    steps count from 0 in each ``generate`` call."""
-    import lisa_kit.generation as g
-
-    state = {"step": 0}
-    real_generate = g.generate
-
-    def pick(logits, cfg, gen):
-        k = state["step"]
-        state["step"] += 1
-        out = logits.argmax(-1)
-        return torch.full_like(out, plan[k]) if k in plan else out
-
-    def generate(*a, **kw):
-        state["step"] = 0
-        return real_generate(*a, **kw)
-
-    monkeypatch.setattr(g, "_pick", pick)
-    monkeypatch.setattr(g, "generate", generate)
+    force_generation(monkeypatch, plan)
 
 
 def _ids(seg):

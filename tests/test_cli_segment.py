@@ -7,12 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from lisa_kit import api
 from lisa_kit.cli import main
-from lisa_kit.testing import synthetic_image
+from lisa_kit.testing import force_generation, synthetic_image
 
 TINY = ["--recipe", "lisa-tiny", "--device", "cpu"]
 
@@ -20,25 +19,7 @@ TINY = ["--recipe", "lisa-tiny", "--device", "cpu"]
 @pytest.fixture
 def forced_seg(monkeypatch):
     """Every answer: one argmax token, [SEG], end of sequence (the tiny model is random)."""
-    import lisa_kit.generation as g
-
-    state = {"step": 0}
-    real_generate = g.generate
-
-    def pick(logits, cfg, gen):
-        k = state["step"]
-        state["step"] += 1
-        out = logits.argmax(-1)
-        seg_id, eos = state["ids"]
-        return torch.full_like(out, seg_id if k == 1 else eos) if k >= 1 else out
-
-    def generate(model, *a, **kw):
-        state["step"] = 0
-        state["ids"] = (model.seg_token_id, model.tokenizer.eos_id)
-        return real_generate(model, *a, **kw)
-
-    monkeypatch.setattr(g, "_pick", pick)
-    monkeypatch.setattr(g, "generate", generate)
+    force_generation(monkeypatch, lambda m: {1: m.seg_token_id, 2: m.tokenizer.eos_id})
 
 
 def _png(path, h, w, seed):

@@ -17,7 +17,7 @@ from PIL import Image
 
 from lisa_kit.datasets import dataset_names, open_dataset
 from lisa_kit.errors import DataError
-from lisa_kit.testing import eval_fixture_dir
+from lisa_kit.testing import eval_fixture_dir, uncompressed_rle
 
 # pycocotools' decode trips numpy 2's copy-keyword deprecation; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -34,19 +34,6 @@ def rect(h, w, x0, y0, x1, y1, value=1):
 
 def poly(x0, y0, x1, y1):
     return [float(v) for v in (x0, y0, x1, y0, x1, y1, x0, y1)]
-
-
-def uncompressed_rle(m):
-    """COCO's uncompressed RLE of a 0/1 mask, computed by hand (column-major runs, zeros first)."""
-    flat = m.T.ravel()
-    counts, cur, run = [], 0, 0
-    for v in flat:
-        if v != cur:
-            counts.append(run)
-            cur, run = v, 0
-        run += 1
-    counts.append(run)
-    return {"size": list(m.shape), "counts": [int(c) for c in counts]}
 
 
 def compressed_rle(m):

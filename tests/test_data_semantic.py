@@ -12,7 +12,7 @@ from PIL import Image
 from lisa_kit.datasets import open_dataset
 from lisa_kit.datasets.semantic import ade20k_classes, cocostuff_classes
 from lisa_kit.errors import DataError
-from lisa_kit.testing import eval_fixture_dir
+from lisa_kit.testing import eval_fixture_dir, uncompressed_rle
 
 
 def _png(path: Path, arr: np.ndarray, mode: str = "L", palette: bool = False) -> Path:
@@ -191,19 +191,6 @@ def test_mapillary_missing_config(tmp_path):
 # ---------------------------------------------------------------- PACO-LVIS / PASCAL-Part
 
 
-def _rle_counts(mask: np.ndarray) -> list[int]:
-    """Uncompressed COCO RLE counts: run lengths of the column-major pixels, starting with 0s."""
-    flat = mask.flatten(order="F")
-    counts, cur, run = [], 0, 0
-    for v in flat:
-        if v != cur:
-            counts.append(run)
-            cur, run = v, 0
-        run += 1
-    counts.append(run)
-    return counts
-
-
 def _coco_json(path: Path, images, anns, cats) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
@@ -231,7 +218,7 @@ def test_paco_lvis_names_masks_and_layout(tmp_path):
         anns=[{"id": 11, "image_id": 139, "category_id": 1, "segmentation": [polygon], "iscrowd": 0},
               {"id": 12, "image_id": 139, "category_id": 2, "segmentation": compressed, "iscrowd": 1},
               {"id": 13, "image_id": 139, "category_id": 3,
-               "segmentation": {"size": [h, w], "counts": _rle_counts(raw_mask)}, "iscrowd": 1}],
+               "segmentation": uncompressed_rle(raw_mask), "iscrowd": 1}],
         cats=[{"id": 1, "name": "car_(automobile):wheel"}, {"id": 2, "name": " dog "},
               {"id": 3, "name": "trash_can:lid_(cover)"}])
     _jpg(tmp_path / "coco/train2017/000000000139.jpg", h, w)

@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -41,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from lisa_kit.errors import CheckpointError, DataError, InputError, RecipeError
+from lisa_kit.provenance import git_state, versions
 from lisa_kit.train import checkpointing as ckpt
 from lisa_kit.train.config import TrainConfig
 from lisa_kit.train.distributed import (DistEnv, all_gather_object, all_reduce_sum, barrier, full_state,
@@ -87,40 +86,6 @@ def _as_list(samples):
     return samples
 
 
-class _ImageMark:
-    """Stands for :data:`lisa_kit.conversation.IMAGE` (an ``object()`` sentinel, whose
-    identity does not survive pickling) while a sample travels from a DataLoader worker."""
-
-
-def _swap_image_parts(sample, old, new_of):
-    for conv in sample.conversations:
-        conv.rounds = [([new_of(p) if old(p) else p for p in user],
-                        None if ans is None else [new_of(p) if old(p) else p for p in ans])
-                       for user, ans in conv.rounds]
-    return sample
-
-
-class _WorkerDataset(torch.utils.data.Dataset):
-    """The training dataset as seen through DataLoader workers: image parts marked."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        from lisa_kit.conversation import IMAGE
-
-        return _swap_image_parts(self.dataset[i], lambda p: p is IMAGE, lambda p: _ImageMark())
-
-
-def _from_worker(samples):
-    from lisa_kit.conversation import IMAGE
-
-    return [_swap_image_parts(s, lambda p: isinstance(p, _ImageMark), lambda p: IMAGE) for s in samples]
-
-
 class LossModule(torch.nn.Module):
     """``model`` plus :func:`~lisa_kit.loss.lisa_loss`: ``forward(batch)`` returns the
     loss parts and ``n_tokens`` (supervised next-token targets after fusion). What DDP
@@ -139,35 +104,6 @@ class LossModule(torch.nn.Module):
         parts = lisa_loss(out.logits, out.fused.labels, out.pred_masks, batch.gt_masks, self.weights)
         parts["n_tokens"] = (out.fused.labels[:, 1:] != IGNORE).sum()
         return parts
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "peft", "lisa-kit", "numpy", "safetensors"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def _git_state() -> dict:
-    import lisa_kit
-
-    repo = Path(lisa_kit.__file__).resolve().parent.parent
-
-    def git(*args):
-        try:
-            r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return r.stdout.strip() if r.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
 def _flatten(d, prefix=""):
@@ -332,12 +268,12 @@ class Trainer:
             self.sampler.start = self.position
             g = torch.Generator()
             g.manual_seed(cfg.seed)  # DataLoader seeds its workers from this, not the global RNG
-            ds = _WorkerDataset(self.dataset) if cfg.workers > 0 else self.dataset
-            loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
+            # Samples cross to the main process as they are (conversation.IMAGE pickles as itself).
+            loader = DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
                                 collate_fn=_as_list, drop_last=True, generator=g)
             for samples in loader:
                 self.position += len(samples)
-                yield _from_worker(samples) if cfg.workers > 0 else samples
+                yield samples
             self.epoch += 1
             self.position = 0
 
@@ -489,8 +425,8 @@ class Trainer:
     def _start_run_files(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "recipe.yaml").write_text(self.recipe_yaml)
-        env = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv, "versions": _versions(),
-               "git": _git_state(), "world_size": self.env.world_size, "strategy": self.env.strategy,
+        env = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv, "versions": versions(),
+               "git": git_state(), "world_size": self.env.world_size, "strategy": self.env.strategy,
                "device": str(self.env.device),
                "cuda": torch.cuda.get_device_name(self.env.device) if self.env.device.type == "cuda" else None,
                "resumed_from": str(self.resumed_from) if self.resumed_from else None, "start_step": self.step}
