@@ -94,11 +94,21 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _default_showwarning = warnings.showwarning
 
 
+def _is_override(arg: str) -> bool:
+    return not arg.startswith("-") and ("=" in arg or arg.startswith("~"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lisa-kit`` and ``python -m lisa_kit``; returns the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # argparse stops filling a positional KEY=VALUE list at the first option, so
+        # `train RECIPE --out DIR k=v` would reject k=v: overrides may come anywhere.
+        if extra and isinstance(getattr(args, "overrides", None), list) and all(_is_override(e) for e in extra):
+            args.overrides.extend(extra)
+        elif extra:
+            getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     run = getattr(args, "_run", None)
@@ -240,7 +250,9 @@ add_subcommand(
     "validate", "check recipes against the registered components", _setup_validate, _run_validate,
     description="Load each recipe (following base: and applying --set overrides) and check it "
                 "without building anything: all components named and registered, build arguments "
-                "known and of the right type, no ??? values left. Exit code 1 if any recipe fails.",
+                "known and of the right type, no ??? values left, and written sizes (e.g. "
+                "model.projector.in_dim) equal to what the connected components give, read from their "
+                "configs. Exit code 1 if any recipe fails.",
     epilog="examples:\n  lisa-kit validate lisa-7b\n"
            "  lisa-kit validate recipes/*.yaml --allow-missing\n"
            "  lisa-kit validate lisa-7b --set model.llm.pretrained=/ckpt/llm --set weights.path=/ckpt",
@@ -265,3 +277,4 @@ from lisa_kit import cli_bench as _cli_bench  # noqa: E402,F401
 from lisa_kit import cli_segment as _cli_segment  # noqa: E402,F401
 from lisa_kit import cli_export as _cli_export  # noqa: E402,F401
 from lisa_kit import cli_train as _cli_train  # noqa: E402,F401
+from lisa_kit import cli_compare as _cli_compare  # noqa: E402,F401

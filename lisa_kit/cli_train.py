@@ -84,7 +84,7 @@ add_subcommand(
                 "accumulation, clip 1.0, bf16, LoRA r=8 on q_proj/v_proj). The run directory gets recipe.yaml, "
                 "env.json, train.jsonl (one line per step), val.jsonl, tb/ (with tensorboard) and "
                 "checkpoints/step_*/ (atomic; the newest train.keep_last kept) plus checkpoints/best/ (best "
-                "validation gIoU). Several processes: launch with torchrun (train.strategy: ddp or fsdp2).",
+                "validation gIoU). Several processes: launch with torchrun (train.strategy: ddp, fsdp2 or zero2 = FSDP2 keeping gathered parameters, LISA's ZeRO-2).",
     epilog="examples:\n"
            "  lisa-kit train lisa-tiny-synthetic --out runs/tiny\n"
            "  lisa-kit train lisa-tiny-synthetic train.lr=3e-3 train.batch_size=8 --steps 500\n"

@@ -132,3 +132,7 @@ class ImageError(DataError):
 
 class InputError(LisaKitError, ValueError):
     """A request cannot be served as given (empty prompt, prompt too long, bad argument)."""
+
+
+class TrainingError(LisaKitError):
+    """Training cannot go on as configured (e.g. a non-finite loss under ``train.nonfinite: stop``)."""

@@ -104,7 +104,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, one_
     tr.fit()
     before = _weights(run / "checkpoints/step_000002")
     batches = tr._micro_batches()
-    tr.train_step([next(batches) for _ in range(2)])  # step 3, then a crash while saving it
+    tr.train_step([next(batches)[0] for _ in range(2)])  # step 3, then a crash while saving it
 
     real = ckpt._write_torch
     calls = []
@@ -146,10 +146,12 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, one_
 
 # -- 3. two processes ------------------------------------------------------------------------
 
-def test_two_process_ddp_matches_one_process(tmp_path, one_thread):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero2"])
+def test_two_process_run_matches_one_process(tmp_path, one_thread, strategy):
     """2 ranks x 2 samples vs 1 process x 4 samples, ``loss_norm: global`` (CE over all
     supervised tokens, mask terms over all masks of the step): same loss trajectory and
-    weights up to float reduction order. LoRA dropout off so both draw no random masks."""
+    weights up to float reduction order, under DDP, FSDP2 and ZeRO-2 (FSDP2 keeping the
+    gathered parameters). LoRA dropout off so both draw no random masks."""
     from lisa_kit.train.loop import Trainer
 
     common = ["train.steps=3", "train.warmup_steps=1", "train.grad_accumulation=1", "train.val=null",
@@ -158,7 +160,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, one_thread):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lisa_kit",
-           "train", RECIPE, *common, "train.batch_size=2", "train.strategy=ddp", "--out", str(tmp_path / "ddp"),
+           "train", RECIPE, *common, "train.batch_size=2", f"train.strategy={strategy}", "--out", str(tmp_path / "ddp"),
            "--no-progress", "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -266,10 +268,74 @@ def test_defaults_are_lisas_and_errors_name_the_key():
     for node, key in [({"lr_rate": 1e-4}, "train.lr_rate"), ({"lora": {"rank": 4}}, "train.lora.rank"),
                       ({"precision": "fp8"}, "train.precision"), ({"batch_size": "2"}, "train.batch_size"),
                       ({"betas": [0.9]}, "train.betas"), ({"val": {"datset": "x"}}, "train.val.datset"),
-                      ({"strategy": "zero2"}, "train.strategy"), ({"activation_checkpointing": 1},
+                      ({"strategy": "zero3"}, "train.strategy"), ({"activation_checkpointing": 1},
                                                                    "train.activation_checkpointing")]:
         with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
             TrainConfig.from_recipe({"train": node})
     from lisa_kit.cli import main
 
     assert main(["train", RECIPE, "train.lora.rank=4", "--out", "/nonexistent/x"]) == 2  # printed, not raised
+
+
+# -- 7. bad input before any step; non-finite losses; TensorBoard -------------------------------
+
+def test_nothing_to_train_is_an_error_before_any_step(tmp_path):
+    from lisa_kit.train.loop import Trainer
+
+    frozen = ["train.train_llm=false", "train.train_embeddings=false", "train.train_lm_head=false",
+              "train.train_mask_decoder=false", "train.train_seg_head=false", "model.train_image_encoder=false"]
+    with pytest.raises(RecipeError, match="nothing would train"):
+        Trainer(RECIPE, tmp_path / "run", overrides=QUICK + frozen, progress=False)
+    assert not (tmp_path / "run").exists()
+    # one switch back on is enough; LoRA is not applied to a frozen LLM
+    tr = Trainer(RECIPE, tmp_path / "run2", overrides=QUICK + [f for f in frozen if "seg_head" not in f],
+                 progress=False)
+    assert tr.trainable_names and all(n.startswith("seg_head.") for n in tr.trainable_names)
+    assert not any("lora_" in n for n, _ in tr.model.named_parameters())
+
+
+def test_nonfinite_loss_stops_naming_step_and_samples_or_is_skipped(tmp_path, monkeypatch, one_thread):
+    import lisa_kit.loss
+    from lisa_kit.errors import TrainingError
+    from lisa_kit.train.loop import Trainer
+
+    real = lisa_kit.loss.lisa_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):  # the 3rd micro-batch (step 2, micro-batch 0) gives NaN
+        parts = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(lisa_kit.loss, "lisa_loss", poisoned)
+    with pytest.raises(TrainingError, match=r"step 2 .*micro-batch 0 \(epoch 0, samples \[\d+, \d+\]\)"):
+        Trainer(RECIPE, tmp_path / "stop", overrides=QUICK + ["train.steps=4"], progress=False).fit()
+
+    calls["n"] = 0
+    tr = Trainer(RECIPE, tmp_path / "skip", overrides=QUICK + ["train.steps=3", "train.nonfinite=skip"],
+                 progress=False)
+    with pytest.warns(UserWarning, match="step skipped"):
+        out = tr.fit()
+    log = _log(tmp_path / "skip")
+    assert out["step"] == 3 and tr.skipped == 1 and [r["step"] for r in log] == [1, 2, 3]
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
+    with pytest.raises(RecipeError, match=r"train\.nonfinite"):
+        TrainConfig.from_recipe({"train": {"nonfinite": "ignore"}})
+
+
+def test_tensorboard_scalars_are_written(tmp_path, one_thread):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lisa_kit.train.loop import Trainer
+
+    ov = QUICK + ["train.steps=2", "train.val_every=2", "train.val={dataset: synthetic, split: val, options: {size: 2}}"]
+    Trainer(RECIPE, tmp_path / "run", overrides=ov, progress=False).fit()
+    acc = EventAccumulator(str(tmp_path / "run/tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/ce", "train/lr", "val/giou"} <= set(tags)
+    log = _log(tmp_path / "run")
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["loss"] for r in log], rel=1e-6)

@@ -282,7 +282,7 @@ def load_trained_model(path: str | os.PathLike, merge: bool = False, registry=No
     cfg = TrainConfig.from_recipe(recipe)
     torch.manual_seed(cfg.seed)
     model = load(recipe, registry=registry)
-    if cfg.lora.r > 0:
+    if cfg.uses_lora:
         apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
     names = set_trainable(model, cfg)
     check_fingerprint(data.meta.get("frozen_fingerprint"), frozen_fingerprint(model))

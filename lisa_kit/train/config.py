@@ -23,8 +23,13 @@ and its DeepSpeed config::
       train_embeddings: true       # LISA trains embed_tokens (the whole matrix) ...
       train_lm_head: true          # ... and lm_head
       train_projector: false       # LISA freezes mm_projector
+      train_vision_encoder: false  # ... and the CLIP tower (true: for towers trained from scratch)
+      train_llm: true              # false: no LoRA and the LLM's own weights frozen (embeddings/head
+                                   # still follow train_embeddings / train_lm_head)
+      train_seg_head: true         # LISA trains text_hidden_fcs
+      nonfinite: stop              # a NaN/inf loss: stop (naming the step and samples) | skip the step
       loss_norm: micro_batch       # micro_batch (LISA: mean of per-micro-batch means) | global
-      strategy: ddp                # ddp | fsdp2 | single (used when launched by torchrun)
+      strategy: ddp                # ddp | fsdp2 | zero2 | single (used when launched by torchrun)
       log_every: 1
       save_every: 500              # LISA saves once per epoch (500 steps)
       keep_last: 2                 # step_* checkpoints kept (0: all); best/ is extra
@@ -49,8 +54,10 @@ from typing import Any
 from lisa_kit.errors import RecipeError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
-STRATEGIES = ("ddp", "fsdp2", "single")
+STRATEGIES = ("ddp", "fsdp2", "zero2", "single")
 LOSS_NORMS = ("micro_batch", "global")
+NONFINITE = ("stop", "skip")
+NONFINITE = ("stop", "skip")
 
 
 @dataclass
@@ -96,6 +103,10 @@ class TrainConfig:
     train_embeddings: bool = True
     train_lm_head: bool = True
     train_projector: bool = False
+    train_vision_encoder: bool = False
+    train_llm: bool = True
+    train_seg_head: bool = True
+    nonfinite: str = "stop"
     loss_norm: str = "micro_batch"
     strategy: str = "ddp"
     log_every: int = 1
@@ -110,6 +121,11 @@ class TrainConfig:
     cast_frozen: bool = True
 
     # -- derived -------------------------------------------------------------------
+    @property
+    def uses_lora(self) -> bool:
+        """LoRA adapters are added to the LLM (``lora.r > 0`` and the LLM trains)."""
+        return self.train_llm and self.lora.r > 0
+
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` for optimizer step ``step`` (0-based): DeepSpeed's
         ``WarmupDecayLR`` with ``warmup_type: linear``: ``step / warmup_steps`` during the
@@ -218,6 +234,8 @@ def _check(c: TrainConfig) -> None:
         bad("strategy", f"must be one of {', '.join(STRATEGIES)}, got {c.strategy!r}")
     if c.loss_norm not in LOSS_NORMS:
         bad("loss_norm", f"must be one of {', '.join(LOSS_NORMS)}, got {c.loss_norm!r}")
+    if c.nonfinite not in NONFINITE:
+        bad("nonfinite", f"must be one of {', '.join(NONFINITE)}, got {c.nonfinite!r}")
     for key in ("steps", "batch_size", "grad_accumulation", "log_every"):
         if getattr(c, key) < 1:
             bad(key, f"must be >= 1, got {getattr(c, key)}")

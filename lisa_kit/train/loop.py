@@ -179,7 +179,7 @@ class Trainer:
         # -- model: build (seeded), LoRA, trainable set -------------------------------------
         torch.manual_seed(cfg.seed)
         model = load(self.recipe, registry=registry)
-        if cfg.lora.r > 0:
+        if cfg.uses_lora:
             apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
         if cfg.activation_checkpointing:
             try:
@@ -194,7 +194,7 @@ class Trainer:
             ckpt.check_fingerprint(resumed.meta.get("frozen_fingerprint"), self.fingerprint)
             ckpt.load_trainable(model, resumed.weights, self.trainable_names, file=resume_from / ckpt.WEIGHTS_FILE)
         self.dtype = DTYPES[cfg.precision]
-        fsdp = env.distributed and env.strategy == "fsdp2"
+        fsdp = env.sharded
         if cfg.precision != "fp32" and cfg.cast_frozen and not fsdp:  # FSDP2 casts through its policy
             cast_frozen(model, self.dtype)
         self.model = model
@@ -212,7 +212,7 @@ class Trainer:
         tpl_name = (self.plain.get("conversation") or {}).get("template", "llava_v1")
         self.template = get_template(tpl_name, model.tokenizer)
         data_cfg = self.plain.get("data") or {}
-        self.dataset = hybrid_from_config(data_cfg, self.template, seed=cfg.seed)
+        self.dataset = hybrid_from_config(data_cfg, self.template, seed=cfg.seed, reject_token=model.reject_token)
         self.sampler = ResumableSampler(len(self.dataset), env.rank, env.world_size, cfg.shuffle, cfg.seed)
         if self.sampler.num_samples < cfg.batch_size:
             raise DataError(f"data.samples_per_epoch={len(self.dataset)} gives {self.sampler.num_samples} samples per "
@@ -223,6 +223,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.position = 0  # samples of this epoch consumed by this rank
+        self.skipped = 0  # steps dropped for a non-finite loss (train.nonfinite: skip)
         self.best_giou: float | None = None
         self.last_val: dict | None = None
         self.resumed_from = resume_from
@@ -238,7 +239,7 @@ class Trainer:
     # -- resume ------------------------------------------------------------------------------
     def _restore(self, data: ckpt.CheckpointData) -> None:
         meta, env = data.meta, self.env
-        fmt = "fqn" if (env.strategy == "fsdp2" and env.distributed) else "index"
+        fmt = "fqn" if env.sharded else "index"
         if meta.get("optimizer_format", "index") != fmt:
             raise CheckpointError(f"the checkpoint's optimizer state was saved under strategy {meta.get('strategy')!r} "
                                   f"and cannot be loaded under {env.strategy!r} with {env.world_size} process(es)")
@@ -271,9 +272,12 @@ class Trainer:
             # Samples cross to the main process as they are (conversation.IMAGE pickles as itself).
             loader = DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
                                 collate_fn=_as_list, drop_last=True, generator=g)
+            order = self.sampler.rank_indices()
             for samples in loader:
+                first = self.position
                 self.position += len(samples)
-                yield samples
+                # where the samples came from: named when their loss is not finite
+                yield samples, (self.epoch, order[first:self.position])
             self.epoch += 1
             self.position = 0
 
@@ -290,7 +294,10 @@ class Trainer:
         return torch.autocast(device_type=self.env.device.type, dtype=self.dtype)
 
     # -- one optimizer step ------------------------------------------------------------------
-    def train_step(self, micro: list[list]) -> dict:
+    def train_step(self, micro: list[list], where: list | None = None) -> dict:
+        """One optimizer step over the micro-batches ``micro`` (lists of samples);
+        ``where[i]``: ``(epoch, dataset indices)`` of micro-batch ``i``, named in the error
+        of a non-finite loss."""
         from lisa_kit.conversation import IGNORE
 
         cfg, env = self.cfg, self.env
@@ -303,6 +310,7 @@ class Trainer:
             tot_tok, tot_mask = all_reduce_sum([float(sum(n_tok)), float(sum(n_mask))], env)
         acc = len(batches)
         logged = np.zeros(4)  # loss, ce, bce, dice
+        bad_micro: list[int] = []  # this rank's micro-batches with a non-finite loss
         ddp = hasattr(module, "no_sync")
         for i, batch in enumerate(batches):
             batch = batch.to(env.device)
@@ -324,10 +332,14 @@ class Trainer:
                     total = parts["loss"] / acc
                     objective = total
                 self.scaler.scale(objective).backward()
+            if not torch.isfinite(total.detach()).all():
+                bad_micro.append(i)
             logged += [float(total.detach()), float(ce.detach()), float(bce.detach()), float(dice.detach())]
         logged = np.asarray(all_reduce_sum(logged.tolist(), env))
         if cfg.loss_norm != "global":
             logged /= env.world_size
+        if not np.isfinite(logged[0]):  # reduced: every rank takes the same branch
+            return self._nonfinite(logged, bad_micro, where)
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
@@ -343,6 +355,24 @@ class Trainer:
         return {"step": self.step, "loss": logged[0], "ce": logged[1], "bce": logged[2], "dice": logged[3],
                 "lr": lr, "grad_norm": float(grad_norm),
                 "samples": sum(len(s) for s in micro) * env.world_size}
+
+    def _nonfinite(self, logged, bad_micro: list[int], where: list | None) -> dict:
+        """A NaN/inf loss in step ``self.step + 1``: stop naming the samples, or (with
+        ``train.nonfinite: skip``) drop the gradients and go on without an optimizer step."""
+        from lisa_kit.errors import TrainingError
+
+        parts = dict(zip(("loss", "ce", "bce", "dice"), (float(v) for v in logged)))
+        named = [f"micro-batch {i} (epoch {where[i][0]}, samples {where[i][1]})" if where else f"micro-batch {i}"
+                 for i in bad_micro]
+        here = (f"rank {self.env.rank}: " + "; ".join(named)) if named else "another rank's micro-batch"
+        msg = (f"non-finite loss at step {self.step + 1} ({', '.join(f'{k}={v}' for k, v in parts.items())}) "
+               f"in {here}")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.nonfinite == "stop":
+            raise TrainingError(msg + "; set train.nonfinite: skip to skip such steps")
+        warnings.warn(msg + ": step skipped", stacklevel=2)
+        self.skipped += 1
+        return {"step": self.step, "skipped": True, **parts}
 
     # -- validation --------------------------------------------------------------------------
     def val_reader(self):
@@ -375,7 +405,7 @@ class Trainer:
         order = list(range(n)) * env.world_size
         mine = order[:per_rank * env.world_size][env.rank::env.world_size]
         metrics = SegMetrics()
-        lockstep = env.distributed and env.strategy == "fsdp2"
+        lockstep = env.sharded
         t0 = time.perf_counter()
         for i in mine:
             record = reader[i]
@@ -409,7 +439,7 @@ class Trainer:
         if env.is_main:
             meta = {"step": self.step, "epoch": self.epoch, "position": self.position,
                     "world_size": env.world_size, "batch_size": self.cfg.batch_size, "strategy": env.strategy,
-                    "optimizer_format": "fqn" if (env.strategy == "fsdp2" and env.distributed) else "index",
+                    "optimizer_format": "fqn" if env.sharded else "index",
                     "best_giou": self.best_giou, "val": self.last_val, "trainable": self.trainable_names,
                     "frozen_fingerprint": self.fingerprint}
             state = {"optimizer": optim, "scheduler": self.scheduler.state_dict(),
@@ -469,8 +499,10 @@ class Trainer:
         try:
             while self.step < end:
                 t0 = time.perf_counter()
-                micro = [next(batches) for _ in range(cfg.grad_accumulation)]
-                stats = self.train_step(micro)
+                drawn = [next(batches) for _ in range(cfg.grad_accumulation)]
+                stats = self.train_step([m for m, _ in drawn], [w for _, w in drawn])
+                if stats.get("skipped"):
+                    continue
                 dt = time.perf_counter() - t0
                 record = {"step": stats["step"], "loss": stats["loss"], "ce": stats["ce"], "bce": stats["bce"],
                           "dice": stats["dice"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],

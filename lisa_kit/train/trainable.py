@@ -10,14 +10,15 @@ Without LoRA (``lora.r: 0``) LISA leaves the whole LLM trainable, and so does th
 Here, by component (names never matter):
 
 =====================  =========================================================
-vision encoder         frozen
+vision encoder         frozen (``train_vision_encoder: true`` trains it)
 projector              frozen (``train_projector: true`` trains it)
-LLM                    LoRA adapters (or everything when LoRA is off), plus the input
+LLM                    LoRA adapters (or everything when LoRA is off; nothing with
+                       ``train_llm: false``), plus the input
                        embeddings (``train_embeddings``) and output head (``train_lm_head``)
 mask decoder           SAM: the ``mask_decoder`` submodule (``train_mask_decoder``); the
                        image encoder only with the model's ``train_image_encoder``; the
                        prompt encoder frozen. Other decoders: everything but ``image_encoder``
-seg head               trainable
+seg head               trainable (``train_seg_head``)
 =====================  =========================================================
 """
 from __future__ import annotations
@@ -40,7 +41,9 @@ def set_trainable(model, cfg) -> list[str]:
     for p in model.parameters():
         p.requires_grad_(False)
     lm = model.llm.model
-    if cfg.lora.r > 0:
+    if not cfg.train_llm:
+        pass
+    elif cfg.uses_lora:
         for n, p in lm.named_parameters():
             if "lora_" in n:
                 p.requires_grad_(True)
@@ -56,6 +59,9 @@ def set_trainable(model, cfg) -> list[str]:
     if cfg.train_projector:
         for p in model.projector.parameters():
             p.requires_grad_(True)
+    if cfg.train_vision_encoder:
+        for p in model.vision_encoder.parameters():
+            p.requires_grad_(True)
     if cfg.train_mask_decoder:
         for p in _decoder_part(model.mask_decoder):
             p.requires_grad_(True)
@@ -63,9 +69,17 @@ def set_trainable(model, cfg) -> list[str]:
         enc = getattr(model.mask_decoder, "image_encoder", None)
         for p in (enc.parameters() if isinstance(enc, nn.Module) else ()):
             p.requires_grad_(True)
-    for p in model.seg_head.parameters():
-        p.requires_grad_(True)
-    return trainable_names(model)
+    if cfg.train_seg_head:
+        for p in model.seg_head.parameters():
+            p.requires_grad_(True)
+    names = trainable_names(model)
+    if not names:
+        from lisa_kit.errors import RecipeError
+
+        raise RecipeError("nothing would train: every part is frozen; switch on one of train.train_llm, "
+                          "train_embeddings, train_lm_head, train_projector, train_vision_encoder, "
+                          "train_mask_decoder, train_seg_head (or model.train_image_encoder)", key="train")
+    return names
 
 
 def trainable_parameters(model) -> list[tuple[str, nn.Parameter]]:
