@@ -277,4 +277,5 @@ from lisa_kit import cli_bench as _cli_bench  # noqa: E402,F401
 from lisa_kit import cli_segment as _cli_segment  # noqa: E402,F401
 from lisa_kit import cli_export as _cli_export  # noqa: E402,F401
 from lisa_kit import cli_train as _cli_train  # noqa: E402,F401
+from lisa_kit import cli_demo as _cli_demo  # noqa: E402,F401
 from lisa_kit import cli_compare as _cli_compare  # noqa: E402,F401

@@ -20,7 +20,7 @@ DEFAULT_OUT = "lisa_kit_out"
 
 
 # -- shared options ---------------------------------------------------------------------
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, *, out: bool = True) -> None:
     g = p.add_argument_group("model (default: the shipped demo model, when installed)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--recipe", nargs="+", metavar=("RECIPE", "KEY=VALUE"),
@@ -40,7 +40,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="load the LLM 8-/4-bit with bitsandbytes (CUDA only)")
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="longest answer in tokens (default: the recipe's generation.max_new_tokens, else 512)")
-    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default: ./{DEFAULT_OUT})")
+    if out:  # the web demo writes no files
+        p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default: ./{DEFAULT_OUT})")
 
 
 def _load_segmenter(args):

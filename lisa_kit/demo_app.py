@@ -1,0 +1,157 @@
+"""The web demo (LISA's gradio ``app.py``): an image and a question in, the answer and
+its masks out, in a browser.
+
+```python
+from lisa_kit.api import Segmenter
+from lisa_kit.demo_app import build_demo, launch
+
+demo = build_demo(Segmenter.from_recipe("lisa-tiny"))
+launch(demo)                      # http://127.0.0.1:7860, until Ctrl-C
+```
+
+* :func:`answer` is the whole computation without gradio: ``Segmenter.seg`` then the
+  overlay (:func:`lisa_kit.visualize.overlay`) and one 0/255 picture per mask.
+* :func:`build_demo` lays it out: image + question + Submit on the left; the overlay,
+  the masks and the answer on the right; the shipped examples below. A request that
+  cannot be served (no image, an undecodable file, an empty or over-long question)
+  becomes a gradio error message in the page; the app keeps serving.
+* :func:`launch` serves it: loopback only unless a host is named, no analytics and no
+  share link unless asked.
+
+gradio is an optional dependency (``pip install "lisa-kit[demo]"``); it is imported only
+when a demo is built.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lisa_kit.errors import InputError, LisaKitError
+
+if TYPE_CHECKING:  # numpy is imported when answering, to keep `lisa-kit --help` fast
+    import numpy as np
+
+__all__ = ["build_demo", "launch", "answer", "load_examples", "require_gradio", "EXAMPLES_DIR",
+           "DEFAULT_HOST", "DEFAULT_PORT", "NO_SEG_NOTE"]
+
+#: The shipped example images and ``examples.json`` (made by ``scripts/make_examples.py``).
+EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
+DEFAULT_HOST = "127.0.0.1"  # loopback: the demo runs arbitrary uploads through a model
+DEFAULT_PORT = 7860  # gradio's usual port
+NO_SEG_NOTE = "(no [SEG] in the answer: no mask)"
+INSTALL_HINT = 'pip install "lisa-kit[demo]"'
+TITLE = "lisa-kit: reasoning segmentation"
+
+
+def require_gradio():
+    """Import gradio with its usage analytics off (unless the user set
+    ``GRADIO_ANALYTICS_ENABLED`` himself); :class:`InputError` naming the extra when it
+    is not installed."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio
+    except ImportError as e:
+        raise InputError(f"the web demo needs gradio, which is not installed: {INSTALL_HINT}") from e
+    return gradio
+
+
+def load_examples(directory: str | os.PathLike = EXAMPLES_DIR) -> list[list[str]]:
+    """``[[image path, question], ...]`` from ``directory/examples.json`` (a list of
+    ``{"image": file name, "question": text}``); ``[]`` when there is none."""
+    d = Path(directory)
+    path = d / "examples.json"
+    if not path.is_file():
+        return []
+    try:
+        entries = json.loads(path.read_text())
+        return [[str(d / e["image"]), str(e["question"])] for e in entries]
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise InputError(f"unreadable demo examples {path}: {e}") from e
+
+
+def answer(segmenter, image, question: str) -> tuple[np.ndarray, list[tuple[np.ndarray, str]], str]:
+    """Answer ``question`` about ``image`` (path, PIL image or RGB array).
+
+    Returns the overlay, RGB ``uint8 (H, W, 3)`` at the image's size (the image itself
+    when there is no mask); the masks as ``(uint8 (H, W) 0/255, caption)`` pairs, one per
+    ``[SEG]``; and the answer text, with :data:`NO_SEG_NOTE` appended when the answer has
+    no ``[SEG]``. Raises :class:`~lisa_kit.errors.ImageError` / ``InputError`` for bad
+    input."""
+    import numpy as np
+
+    from lisa_kit.images import load_image
+    from lisa_kit.visualize import overlay
+
+    if image is None:
+        raise InputError("no image: upload one (or pick an example) first")
+    if not isinstance(question, str) or not question.strip():
+        raise InputError("the question is empty: type one first")
+    rgb = load_image(image)  # read once: the overlay is drawn on what the model saw
+    res = segmenter.seg(rgb, question)
+    masks = [(m.astype(np.uint8) * 255, f"[SEG] {k}: score {s:.2f}, {int(m.sum())} px")
+             for k, (m, s) in enumerate(zip(res.masks, res.scores))]
+    text = res.text if res.num_masks else f"{res.text}\n{NO_SEG_NOTE}".strip()
+    return overlay(rgb, res.masks), masks, text
+
+
+def build_demo(segmenter, examples: Sequence[Sequence[str]] | None = None, *, title: str = TITLE):
+    """The gradio app around ``segmenter`` (a :class:`lisa_kit.api.Segmenter`).
+
+    ``examples``: ``[[image path, question], ...]`` shown under the inputs (default:
+    :func:`load_examples`; ``[]`` for none). Components carry ``elem_id`` ``lisa-image``,
+    ``lisa-question``, ``lisa-submit``, ``lisa-overlay``, ``lisa-masks`` and
+    ``lisa-answer`` for scripts and tests."""
+    gr = require_gradio()
+    if examples is None:
+        examples = load_examples()
+    examples = [list(e) for e in examples]
+
+    def on_submit(image, question):
+        try:
+            return answer(segmenter, image, question)
+        except LisaKitError as e:  # the user's input: a message in the page, not a traceback in the log
+            msg = str(e)
+            where = getattr(e, "path", None)
+            if where:  # an upload lives in gradio's cache: name the user's file, not the server's path
+                msg = msg.replace(where, Path(where).name)
+            raise gr.Error(msg, print_exception=False) from e
+
+    info = f"model `{segmenter.source or '?'}` on `{segmenter.device}`, {segmenter.precision}"
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(f"## {title}\nAsk about an image; each `[SEG]` in the answer is a mask. ({info})")
+        with gr.Row():
+            with gr.Column():
+                # filepath + image_mode None: gradio hands over the uploaded file untouched,
+                # so lisa_kit's own reader decodes it (EXIF, modes) and names what is wrong.
+                image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                 elem_id="lisa-image")
+                question = gr.Textbox(label="Question", lines=2, elem_id="lisa-question",
+                                      placeholder="What can make the woman stand higher? "
+                                                  "Please output segmentation mask.")
+                submit = gr.Button("Submit", variant="primary", elem_id="lisa-submit")
+            with gr.Column():
+                out_image = gr.Image(label="Masks over the image", format="png", interactive=False,
+                                     elem_id="lisa-overlay")
+                out_masks = gr.Gallery(label="Masks", format="png", columns=4, height="auto", elem_id="lisa-masks")
+                out_text = gr.Textbox(label="Answer", interactive=False, lines=2, elem_id="lisa-answer")
+        if examples:
+            gr.Examples(examples=examples, inputs=[image, question], cache_examples=False)
+        gr.on([submit.click, question.submit], on_submit, inputs=[image, question],
+              outputs=[out_image, out_masks, out_text], api_name="segment")
+    return demo
+
+
+def launch(demo, *, host: str = DEFAULT_HOST, port: int | None = DEFAULT_PORT, share: bool = False,
+           block: bool = True, quiet: bool = False):
+    """Serve ``demo`` on ``host:port`` (``port`` ``None``: gradio picks a free one from
+    7860 on). ``block=False`` returns at once with the server running in a background
+    thread (``demo.close()`` stops it). Returns gradio's ``(app, local_url, share_url)``."""
+    # One request at a time: a Segmenter is one model on one device, not re-entrant.
+    demo.queue(default_concurrency_limit=1)
+    # run_history off: gradio would otherwise keep every request (uploaded images included)
+    # in the browser's storage and offer to sync it to a Hugging Face bucket.
+    return demo.launch(server_name=host, server_port=port, share=share, inbrowser=False, show_error=True,
+                       prevent_thread_lock=not block, quiet=quiet, run_history=False)
