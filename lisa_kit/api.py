@@ -54,7 +54,10 @@ class SegResult:
     prediction of each mask; ``seg_spans``: ``(start, end)`` of each ``[SEG]`` in ``text``;
     ``image_size``: ``(H, W)``; ``prompt``: the question as given; ``token_ids``: the
     generated ids (end of sequence included when produced); ``finished``: whether the
-    answer ended by itself rather than at ``max_new_tokens``."""
+    answer ended by itself rather than at ``max_new_tokens``; ``rejected``: per mask,
+    whether the model answered its target with the reject token (``[REJ]``, recipe
+    ``model.reject_token``): that mask is empty, its score 0, and its span in ``seg_spans``
+    is the ``[REJ]`` in ``text`` (all ``False`` for models without a reject token)."""
 
     text: str
     masks: np.ndarray
@@ -64,6 +67,7 @@ class SegResult:
     prompt: str
     token_ids: list[int] = field(default_factory=list, repr=False)
     finished: bool = True
+    rejected: list[bool] = field(default_factory=list)
 
     @property
     def num_masks(self) -> int:
@@ -73,7 +77,8 @@ class SegResult:
         """JSON-able summary (no mask pixels): text, sizes, areas and scores."""
         return {"prompt": self.prompt, "text": self.text, "image_size": list(self.image_size),
                 "seg_spans": [list(s) for s in self.seg_spans], "finished": self.finished,
-                "masks": [{"area": int(m.sum()), "score": float(s)} for m, s in zip(self.masks, self.scores)]}
+                "masks": [{"area": int(m.sum()), "score": float(s), "rejected": bool(r)}
+                          for m, s, r in zip(self.masks, self.scores, self.rejected or [False] * len(self.scores))]}
 
 
 # -- model sources ------------------------------------------------------------------
@@ -324,7 +329,8 @@ class Segmenter:
             if not isinstance(a, str):
                 raise InputError(f"history[{k}] answer must be text, got {type(a).__name__}")
             # Answers are the model's own: their "[SEG]" become tokens again.
-            conv.add([IMAGE, "\n" + q] if k == 0 else [q], a, markers=(self.model.seg_token,))
+            markers = (self.model.seg_token, *([self.model.reject_token] if self.model.reject_token else []))
+            conv.add([IMAGE, "\n" + q] if k == 0 else [q], a, markers=markers)
         conv.add([IMAGE, "\n" + prompt] if not turns else [prompt], None)
         return conv
 
@@ -448,15 +454,18 @@ class Segmenter:
                             GenerationConfig(max_new_tokens=max_new_tokens))
 
     def _result(self, g, prompt: str, size) -> SegResult:
-        seg_id = self.model.seg_token_id
-        text, spans = _answer_text(self.tokenizer, g.token_ids, seg_id, self._drop_ids)
+        markers = {self.model.seg_token_id: SEG_TEXT}
+        if self.model.reject_token is not None:
+            markers[self.model.reject_token_id] = self.model.reject_token
+        text, spans = _answer_text(self.tokenizer, g.token_ids, markers, self._drop_ids)
         masks = (g.masks > 0).cpu().numpy().astype(bool)
         scores = [float(s) for s in g.scores.float().cpu()]
         h, w = int(size[0]), int(size[1])
         if masks.shape[0] == 0:
             masks = np.zeros((0, h, w), dtype=bool)
+        rejected = [bool(r) for r in getattr(g, "rejected", None) or [False] * masks.shape[0]]
         return SegResult(text=text, masks=masks, scores=scores, seg_spans=spans, image_size=(h, w), prompt=prompt,
-                         token_ids=list(g.token_ids), finished=bool(g.finished))
+                         token_ids=list(g.token_ids), finished=bool(g.finished), rejected=rejected)
 
 
 def _check_prompt(prompt, what: str) -> None:
@@ -466,32 +475,33 @@ def _check_prompt(prompt, what: str) -> None:
         raise InputError(f"the {what} is empty")
 
 
-def _answer_text(tok, token_ids: list[int], seg_id: int, drop: set[int]) -> tuple[str, list[tuple[int, int]]]:
+def _answer_text(tok, token_ids: list[int], seg_id, drop: set[int]) -> tuple[str, list[tuple[int, int]]]:
     """Decode the answer: runs of ordinary tokens by the tokenizer, each ``[SEG]`` as
     ``"[SEG]"`` separated by a space (as LISA's output reads: ``"Sure, [SEG] ."``), every
-    other special token dropped. Returns the text and the span of each ``[SEG]``."""
-    parts: list[str | None] = []  # None = [SEG]
+    other special token dropped. ``seg_id``: the ``[SEG]`` id, or ``{id: text}`` of every
+    marker token (``[SEG]`` and ``[REJ]``). Returns the text and the span of each marker."""
+    markers = seg_id if isinstance(seg_id, dict) else {seg_id: SEG_TEXT}
+    parts: list[tuple[str, bool]] = []  # (text, is a marker)
     run: list[int] = []
     for t in token_ids:
-        if t == seg_id:
+        if t in markers:
             if run:
-                parts.append(tok.decode(run))
+                parts.append((tok.decode(run), False))
                 run = []
-            parts.append(None)
+            parts.append((markers[t], True))
         elif t not in drop and t >= 0:
             run.append(t)
     if run:
-        parts.append(tok.decode(run))
+        parts.append((tok.decode(run), False))
     text, spans = "", []
-    for p in parts:
-        piece = SEG_TEXT if p is None else p
+    for piece, marker in parts:
         if not piece:
             continue
         after_seg = bool(spans) and spans[-1][1] == len(text)
-        if text and (p is None or after_seg) and not text[-1].isspace() and not piece[0].isspace():
+        if text and (marker or after_seg) and not text[-1].isspace() and not piece[0].isspace():
             text += " "
-        if p is None:
-            spans.append((len(text), len(text) + len(SEG_TEXT)))
+        if marker:
+            spans.append((len(text), len(text) + len(piece)))
         text += piece
     lead = len(text) - len(text.lstrip())
     text = text.strip()

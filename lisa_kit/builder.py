@@ -35,7 +35,11 @@ def _asset(value: str, resolve: dict | None, key: str) -> str:
         return resolve[value]
     if value in assets:
         return str(assets[value]())
-    raise RecipeError(f"unknown built-in asset {value!r}; available: {', '.join(assets)}", key=key)
+    base, _, family = value.partition(":")  # `@tiny_hf_tokenizer:llama3`: that family's chat template
+    if base == "@tiny_hf_tokenizer" and family in testing.CHAT_FAMILIES:
+        return str(testing.tiny_hf_tokenizer_dir(family=family))
+    raise RecipeError(f"unknown built-in asset {value!r}; available: {', '.join(assets)} "
+                      f"(@tiny_hf_tokenizer:<family>: {', '.join(testing.CHAT_FAMILIES)})", key=key)
 
 
 def build_component(kind: str, node: dict, registry: Registry | None = None, derived: dict | None = None,
@@ -88,11 +92,14 @@ def build_model(recipe, registry: Registry | None = None, resolve: dict | None =
     seg_token = m.get("seg_token", "[SEG]")
     # The order matters for released checkpoints: LISA added [SEG] first, then the
     # fusion's image tokens; ids come from the tokenizer, never from constants.
-    llm.tokenizer.add_special_tokens([seg_token, *m.get("extra_tokens", []), *fusion.image_tokens()])
+    # A reject token ([REJ], GSVA) comes last, so the ids of the others stay the released ones.
+    reject = m.get("reject_token")
+    llm.tokenizer.add_special_tokens([seg_token, *m.get("extra_tokens", []), *fusion.image_tokens(),
+                                      *([reject] if reject else [])])
     llm.resize_vocab(len(llm.tokenizer))
     return LisaModel(vision, projector, llm, mask_decoder, fusion, seg_head, seg_token=seg_token,
                      seg_hidden=m.get("seg_hidden", "previous"), train_image_encoder=m.get("train_image_encoder", False),
-                     recipe=cfg)
+                     recipe=cfg, seg_layers=m.get("seg_layers", "last"), reject_token=reject)
 
 
 def _overlay(derived: dict, given: dict) -> dict:
@@ -105,6 +112,31 @@ def _overlay(derived: dict, given: dict) -> dict:
         else:
             out[key] = node
     return out
+
+
+def checkpoint_model(cfg: dict) -> dict:
+    """The ``model`` section :func:`load` builds from a plain recipe dict: with
+    ``weights.format`` ``lisa_hf`` or ``llava_hf`` the parts the checkpoint holds are
+    derived from its config files (no weights are read) and the recipe's nodes go over
+    them; otherwise ``cfg["model"]`` as it is. Recipe validation uses it to check sizes."""
+    weights = cfg.get("weights") or {}
+    fmt = weights.get("format", "none")
+    m = cfg["model"]
+    if fmt == "lisa_hf":
+        from lisa_kit.checkpoint.lisa_hf import lisa_recipe
+
+        sam = m["mask_decoder"].get("config") or m["mask_decoder"].get("variant")
+        derived = lisa_recipe(weights["path"], vision_tower=m["vision_encoder"].get("pretrained"), sam=sam,
+                              seg_hidden=m.get("seg_hidden", "previous"))
+        given = {k: v for k, v in m.items() if k != "llm"}  # the LLM is the checkpoint's
+        return _overlay(derived["model"], given)
+    if fmt == "llava_hf":
+        from lisa_kit.checkpoint.llava_hf import llava_recipe
+
+        derived = llava_recipe(weights["path"])
+        given = {k: v for k, v in m.items() if k not in derived}  # the tower, projector and LLM are the checkpoint's
+        return {**derived, **given}
+    return m
 
 
 def load(recipe, overrides=(), registry: Registry | None = None) -> LisaModel:
@@ -128,25 +160,15 @@ def load(recipe, overrides=(), registry: Registry | None = None) -> LisaModel:
 
         return load_model(weights["path"], registry)
     if fmt == "lisa_hf":
-        from lisa_kit.checkpoint.lisa_hf import lisa_recipe, load_lisa_weights
+        from lisa_kit.checkpoint.lisa_hf import load_lisa_weights
 
-        m = cfg["model"]
-        sam = m["mask_decoder"].get("config") or m["mask_decoder"].get("variant")
-        derived = lisa_recipe(weights["path"], vision_tower=m["vision_encoder"].get("pretrained"), sam=sam,
-                              seg_hidden=m.get("seg_hidden", "previous"))
-        given = {k: v for k, v in m.items() if k != "llm"}  # the LLM is the checkpoint's
-        cfg = {**cfg, "model": _overlay(derived["model"], given)}
-        model = build_model(cfg, registry)
+        model = build_model({**cfg, "model": checkpoint_model(cfg)}, registry)
         load_lisa_weights(model, weights["path"], lora_alpha=weights.get("lora_alpha", 16))
         return model
     if fmt == "llava_hf":
-        from lisa_kit.checkpoint.llava_hf import base_vocab_size, llava_recipe, load_llava_weights
+        from lisa_kit.checkpoint.llava_hf import base_vocab_size, load_llava_weights
 
-        derived = llava_recipe(weights["path"])
-        m = cfg["model"]
-        given = {k: v for k, v in m.items() if k not in derived}  # the tower, projector and LLM are the checkpoint's
-        cfg = {**cfg, "model": {**derived, **given}}
-        model = build_model(cfg, registry)
+        model = build_model({**cfg, "model": checkpoint_model(cfg)}, registry)
         load_llava_weights(model, weights["path"], n_base_tokens=base_vocab_size(weights["path"]))
         return model
     if fmt not in ("none", None):

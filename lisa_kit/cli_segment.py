@@ -83,7 +83,8 @@ def _save_outputs(out: Path, stem: str, image, res) -> dict:
     for i, (m, score) in enumerate(zip(res.masks, res.scores)):
         name = f"{stem}_mask_{i}.png"
         Image.fromarray(m.astype(np.uint8) * 255, "L").save(out / name)
-        masks.append({"file": name, "area": int(m.sum()), "score": float(score)})
+        rejected = bool(res.rejected[i]) if i < len(res.rejected) else False  # a [REJ]: empty on purpose
+        masks.append({"file": name, "area": int(m.sum()), "score": float(score), "rejected": rejected})
     ov = f"{stem}_overlay.png"
     Image.fromarray(overlay(image, res.masks)).save(out / ov)
     return {"prompt": res.prompt, "answer": res.text, "image_size": list(res.image_size), "overlay": ov,

@@ -22,7 +22,8 @@ from lisa_kit.model import Batch
 class Sample:
     """``image``: RGB ``uint8 (H, W, 3)``; ``conversations``: each with one image slot;
     ``masks``: ``(M, H, W)`` targets (0/1), one per ``[SEG]`` over the conversations in
-    order, or ``None`` at inference."""
+    order (several ``[SEG]`` in one answer each have theirs; a reject token ``[REJ]`` has
+    none), or ``None`` at inference."""
 
     image: np.ndarray
     conversations: list[Conversation]

@@ -9,7 +9,15 @@ Two modes:
   does this mode unless ``all_texts`` is set.
 * ``generate``: what users live with. The model answers by itself; the first ``[SEG]``
   of the answer gives the query's mask, and a query answered without ``[SEG]`` scores an
-  empty mask.
+  empty mask. A model with a reject token (``model.reject_token``, GSVA's ``[REJ]``)
+  that answers ``[REJ]`` first scores an empty mask as well -- so a target that is not in
+  the image (gRefCOCO no-target, synthetic absent), answered ``[REJ]``, scores IoU 1 by
+  LISA's empty-union rule.
+
+Teacher mode asks every query with LISA's ``"[SEG]."``, also gRefCOCO's no-target
+expressions and with a reject-token model: the answer is given, so it cannot measure
+rejection; the mask of that ``[SEG]`` is scored against the empty ground truth (use
+``generate`` to score rejections).
 
 Predictions are ``mask_logits > 0`` at the original image size; metrics are
 :class:`lisa_kit.metrics.SegMetrics` (bit-exact with ``validate()``). Under ``torchrun``
@@ -112,7 +120,8 @@ class Evaluator:
 
     @torch.inference_mode()
     def generate(self, record: Record, image: np.ndarray, qs: list[Query]) -> list[torch.Tensor | None]:
-        """Mask logits of the first generated ``[SEG]`` per query (``None``: no ``[SEG]``)."""
+        """Mask logits of the first generated ``[SEG]`` (or ``[REJ]``: all negative) per query
+        (``None``: neither)."""
         from lisa_kit.generation import GenerationConfig, generate
 
         m = self.model

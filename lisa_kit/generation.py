@@ -9,6 +9,13 @@ one token through the cache, and only the hidden states a ``[SEG]`` needs are ke
 * ``seg_hidden: token``: the hidden state of ``[SEG]`` itself, i.e. the output of the
   step that feeds it (one extra step when ``[SEG]`` is the very last token).
 
+The states come from the layer(s) ``model.seg_layers`` names (:class:`lisa_kit.model.SegLayers`),
+exactly as the teacher-forced forward reads them.
+
+A model with a reject token (``[REJ]``) answers it for a target that is not in the image:
+each ``[REJ]`` gives an empty mask (logits :data:`REJECTED_LOGIT`, so ``> 0`` is all
+False) flagged in ``Generated.rejected``; nothing is decoded for it.
+
 Rows are left-padded so a batch of prompts of different lengths decodes together.
 """
 from __future__ import annotations
@@ -18,6 +25,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lisa_kit.interfaces import ImageMeta
+
+#: Mask logit of every pixel of a rejected target: the lowest float32, so thresholding
+#: (``> 0``), ``sigmoid`` (0) and comparisons behave, where ``-inf`` would give NaNs in sums.
+REJECTED_LOGIT = torch.finfo(torch.float32).min
 
 
 @dataclass
@@ -32,9 +43,12 @@ class GenerationConfig:
 @dataclass
 class Generated:
     """One row's result. ``token_ids``: the new tokens (eos included when produced);
-    ``seg_indices``: where ``[SEG]`` sits in ``token_ids``; ``masks (M,H,W)`` mask logits at
-    the original size and ``scores (M,)``, one per ``[SEG]`` in order (``M = 0`` when the
-    answer has none); ``step_logits (steps, V)`` when asked for."""
+    ``seg_indices``: where each ``[SEG]`` (and ``[REJ]``, for a model with a reject token)
+    sits in ``token_ids``; ``masks (M,H,W)`` mask logits at the original size and
+    ``scores (M,)``, one per such token in order (``M = 0`` when the answer has none);
+    ``rejected[m]``: mask ``m`` answers a ``[REJ]`` (all :data:`REJECTED_LOGIT`, score 0);
+    ``seg_embeddings (K,P)`` / ``low_res_masks (K,1,h,w)``: the ``K`` decoded ``[SEG]``
+    only; ``step_logits (steps, V)`` when asked for."""
 
     token_ids: list[int]
     text: str
@@ -46,6 +60,7 @@ class Generated:
     step_logits: torch.Tensor | None = None
     finished: bool = True
     extra: dict = field(default_factory=dict)
+    rejected: list[bool] = field(default_factory=list)
 
 
 def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -79,13 +94,14 @@ def generate(model, prompt_ids: list[list[int]], row_images: list[list[int]], vi
 
     feats = model.encode_vision(vision_pixels)
     fused = model.fusion.fuse(ids, am, None, feats, row_images, llm.embed, padding_side="left")
+    extra = model.llm_kwargs()  # per-layer states when seg_layers asks for them
     out = llm(fused.inputs_embeds, attention_mask=fused.attention_mask.long(), position_ids=fused.position_ids,
-              use_cache=True, logits="last")
+              use_cache=True, logits="last", **extra)
     cache, attn = out.cache, fused.attention_mask.long()
     pos = fused.position_ids[:, -1]
-    last_hidden, logits = out.hidden[:, -1], out.logits[:, -1]
+    last_hidden, logits = model.seg_layers.last(out), out.logits[:, -1]
 
-    seg_id, eos_id = model.seg_token_id, tok.eos_id
+    seg_id, eos_id, rej_id = model.seg_token_id, tok.eos_id, model.reject_token_id
     new_tokens: list[list[int]] = [[] for _ in range(B)]
     seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(B)]
     steps: list[torch.Tensor] = []
@@ -111,8 +127,8 @@ def generate(model, prompt_ids: list[list[int]], row_images: list[list[int]], vi
         attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], 1)
         pos = pos + 1
         out = llm(llm.embed(nxt[:, None]), attention_mask=attn, position_ids=pos[:, None], cache=cache,
-                  use_cache=True, logits="last")
-        cache, last_hidden, logits = out.cache, out.hidden[:, -1], out.logits[:, -1]
+                  use_cache=True, logits="last", **extra)
+        cache, last_hidden, logits = out.cache, model.seg_layers.last(out), out.logits[:, -1]
         if model.seg_hidden == "token":
             for b in is_seg.nonzero(as_tuple=True)[0].tolist():
                 seg_hidden[b].append(last_hidden[b])
@@ -123,7 +139,8 @@ def generate(model, prompt_ids: list[list[int]], row_images: list[list[int]], vi
     results = []
     for b in range(B):
         toks = new_tokens[b]
-        seg_idx = [i for i, t in enumerate(toks) if t == seg_id]
+        seg_idx = [i for i, t in enumerate(toks) if t == seg_id or (rej_id is not None and t == rej_id)]
+        rejected = [toks[i] != seg_id for i in seg_idx]
         img = row_images[b][-1] if row_images[b] else None
         if seg_hidden[b] and img is not None:
             prompts = model.seg_head(torch.stack(seg_hidden[b]))
@@ -137,10 +154,29 @@ def generate(model, prompt_ids: list[list[int]], row_images: list[list[int]], vi
             low = torch.zeros(0, 1, 1, 1, device=device)
             masks = torch.zeros(0, h, w, device=device)
             scores = torch.zeros(0, device=device)
+        if any(rejected):
+            masks, scores = _with_rejections(masks, scores, rejected, metas[img].original_size if img is not None
+                                             else (0, 0))
         answer = [t for t in toks if t != eos_id]
         results.append(Generated(
             token_ids=toks, text=tok.decode(answer), seg_indices=seg_idx, masks=masks, scores=scores,
             seg_embeddings=prompts, low_res_masks=low,
             step_logits=torch.stack([s[b] for s in steps]) if steps else None,
-            finished=bool(toks and toks[-1] == eos_id)))
+            finished=bool(toks and toks[-1] == eos_id), rejected=rejected))
     return results
+
+
+def _with_rejections(masks: torch.Tensor, scores: torch.Tensor, rejected: list[bool],
+                     size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleave the decoded ``[SEG]`` masks ``(K,H,W)`` / scores ``(K,)`` with an empty
+    mask (every logit :data:`REJECTED_LOGIT`, score 0) for each ``[REJ]``, in answer order:
+    ``(len(rejected), H, W)``."""
+    h, w = masks.shape[1:] if masks.shape[0] else size
+    low = REJECTED_LOGIT if masks.dtype == torch.float32 else torch.finfo(masks.dtype).min  # finite in any dtype
+    full = torch.full((len(rejected), h, w), low, dtype=masks.dtype, device=masks.device)
+    full_scores = torch.zeros(len(rejected), dtype=scores.dtype, device=scores.device)
+    keep = [k for k, r in enumerate(rejected) if not r]
+    if keep:
+        full[keep] = masks
+        full_scores[keep] = scores
+    return full, full_scores

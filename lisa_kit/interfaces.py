@@ -155,6 +155,25 @@ BASES: dict[str, type[nn.Module]] = {
     "seg_head": SegHead,
 }
 
+# The sizes each kind exposes as attributes of the built module; a spec's ``sizes``
+# function returns (some of) these keys.
+SIZE_NAMES: dict[str, tuple[str, ...]] = {
+    "vision_encoder": ("feature_dim",),
+    "projector": ("in_dim", "out_dim"),
+    "llm": ("hidden_size",),
+    "mask_decoder": ("prompt_dim",),
+    "fusion": (),
+    "seg_head": ("in_dim", "out_dim"),
+}
+# (kind, build argument, kind, size): the builder passes the second component's size as
+# the first one's argument, so a recipe need not write it (and, if it does, it must agree).
+SIZE_LINKS: tuple[tuple[str, str, str, str], ...] = (
+    ("projector", "in_dim", "vision_encoder", "feature_dim"),
+    ("projector", "out_dim", "llm", "hidden_size"),
+    ("seg_head", "in_dim", "llm", "hidden_size"),
+    ("seg_head", "out_dim", "mask_decoder", "prompt_dim"),
+)
+
 
 @dataclass
 class ComponentSpec:
@@ -164,6 +183,12 @@ class ComponentSpec:
     before any weight is read. ``tiny`` is a kwargs dict that builds a small random
     instance on CPU (the conformance tests use it); ``derived`` names the kwargs the
     model fills in from other components (e.g. a projector's ``in_dim``).
+
+    ``sizes`` (optional) is a cheap ``sizes(**kwargs) -> dict`` giving the sizes a
+    component built with those recipe kwargs would have (keys from :data:`SIZE_NAMES`,
+    e.g. ``{"feature_dim": 1024}``) by reading configs, never weights; leave a key out
+    when it cannot be known. ``lisa-kit validate`` uses it to reject incompatible parts
+    before anything is built; without it that check is skipped for the component.
     """
 
     kind: str
@@ -172,3 +197,4 @@ class ComponentSpec:
     tiny: dict = field(default_factory=dict)
     derived: tuple[str, ...] = ()
     description: str = ""
+    sizes: Any = None

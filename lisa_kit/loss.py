@@ -4,6 +4,12 @@
 normalisation: CE is the mean over supervised next-token positions; BCE is each mask's
 pixel mean, Dice uses ``sigmoid(x)/1000`` and ``target/1000`` with ``eps = 1e-6``; both
 are averaged over all masks of the batch. Defaults are LISA's (1.0, 2.0, 0.5).
+
+Masks pair with ``[SEG]`` tokens by order: the model decodes image ``i``'s ``[SEG]``
+tokens row by row, left to right (several in one answer included), and ``gt_masks[i]``
+holds one target per ``[SEG]`` in that same order (:func:`lisa_kit.data.collate`). A
+reject token (``[REJ]``) has no mask: it is a supervised label like any answer token, so
+CE alone trains it.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ Path of a batch (shapes as in :mod:`lisa_kit.interfaces`)::
     input_ids (B,T) + image features -> fusion -> inputs_embeds (B,L,D), token_positions (B,T)
     -> llm -> hidden (B,L,D), logits (B,L,V)
     [SEG] tokens --token_positions--> hidden rows (K,D) -> seg_head -> prompts (K,P)
+        (rows of the final states, of one chosen layer or a learned mix of layers: SegLayers)
     mask_pixels (I,3,S,S) -> mask_decoder.encode_image -> per image features
     prompts of image i (M_i,P) -> mask_decoder.decode -> low-res (M_i,1,h',w') -> postprocess -> (M_i,H_i,W_i)
 
@@ -20,7 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lisa_kit.interfaces import SEG_HIDDEN_CHOICES, FusedBatch, ImageMeta
+from lisa_kit.errors import RecipeError
+from lisa_kit.interfaces import SEG_HIDDEN_CHOICES, FusedBatch, ImageMeta, LMOutput
+
+#: ``model.seg_layers`` values that are not an index or a list of indices.
+SEG_LAYERS_LAST, SEG_LAYERS_MIX = "last", "mix"
 
 
 @dataclass
@@ -68,12 +73,114 @@ class ModelOutput:
     seg_of_image: list[list[int]] = field(default_factory=list)
 
 
+def llm_num_layers(llm) -> int | None:
+    """Decoder layers of an LLM component: its ``num_layers`` when it says, else the
+    transformers config's ``num_hidden_layers`` (``None`` when neither is known)."""
+    n = getattr(llm, "num_layers", None)
+    if n is None:
+        cfg = getattr(getattr(llm, "model", None), "config", None)
+        cfg = getattr(cfg, "text_config", None) or cfg
+        n = getattr(cfg, "num_hidden_layers", None)
+    return int(n) if n is not None else None
+
+
+class SegLayers(nn.Module):
+    """Which LLM hidden states feed the seg head (recipe ``model.seg_layers``).
+
+    Indices follow transformers' ``output_hidden_states`` (:attr:`LMOutput.layer_hidden`,
+    ``n + 1`` entries for ``n`` decoder layers): ``0`` the input embeddings, ``i`` the
+    output of decoder layer ``i``, ``-1`` (= ``n``) the final, normalised states.
+
+    * ``"last"`` (default, LISA): :attr:`LMOutput.hidden`; no extra states are kept.
+    * an ``int``: that entry (``-1`` gives the same values as ``"last"``).
+    * ``"mix"`` (every decoder layer's output, ``1..n``) or a list of indices:
+      ``sum_j softmax(logits)_j * layer_hidden[index_j]``, with ``logits`` ``(n_mix,)`` a
+      trained parameter (zeros at start: an even mix). Intermediate states are used as the
+      decoder leaves them (not normalised); the seg head learns their scale.
+
+    Only ``"mix"``/list own a parameter; the other choices add no state.
+    """
+
+    def __init__(self, spec=SEG_LAYERS_LAST, num_layers: int | None = None):
+        super().__init__()
+        self.spec = spec
+        self.indices: list[int] | None = None  # entries of layer_hidden; None = LMOutput.hidden
+        self.mix = False
+        key = "model.seg_layers"
+        if spec is None or spec == SEG_LAYERS_LAST:
+            self.spec = SEG_LAYERS_LAST
+            return
+        if num_layers is None:
+            raise RecipeError("the LLM does not say how many layers it has (num_layers or config."
+                              "num_hidden_layers); only seg_layers: last works with it", key=key)
+        if spec == SEG_LAYERS_MIX:
+            wanted: list = list(range(1, num_layers + 1))
+        elif isinstance(spec, int) and not isinstance(spec, bool):
+            wanted = [spec]
+        elif isinstance(spec, (list, tuple)) and spec and all(isinstance(i, int) and not isinstance(i, bool)
+                                                               for i in spec):
+            wanted = list(spec)
+        else:
+            raise RecipeError(f"must be {SEG_LAYERS_LAST!r}, {SEG_LAYERS_MIX!r}, a layer index or a non-empty list "
+                              f"of layer indices, got {spec!r}", key=key)
+        bad = [i for i in wanted if not -(num_layers + 1) <= i <= num_layers]
+        if bad:
+            raise RecipeError(f"layer index {bad[0]} out of range: the LLM has {num_layers} layers, so indices go "
+                              f"from {-(num_layers + 1)} to {num_layers} (0 = embeddings, -1 = final states)", key=key)
+        self.indices = [i % (num_layers + 1) for i in wanted]
+        if len(set(self.indices)) != len(self.indices):
+            raise RecipeError(f"layer indices repeat: {spec!r}", key=key)
+        if not isinstance(spec, int):
+            self.mix = True
+            self.logits = nn.Parameter(torch.zeros(len(self.indices)))
+
+    @property
+    def needs_layers(self) -> bool:
+        """Whether the LLM must return every layer's states (``output_layers=True``)."""
+        return self.indices is not None
+
+    def weights(self) -> torch.Tensor | None:
+        """The mix weights ``(n_mix,)`` (softmax of ``logits``), ``None`` without a mix."""
+        return self.logits.softmax(0) if self.mix else None
+
+    def gather(self, out: LMOutput, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``(K, D)``: the states at fused positions ``(rows[k], cols[k])``."""
+        if self.indices is None:
+            return out.hidden[rows, cols]
+        if out.layer_hidden is None:
+            raise RuntimeError("seg_layers needs the LLM's per-layer states; call it with output_layers=True")
+        picked = torch.stack([out.layer_hidden[i][rows, cols] for i in self.indices])  # (n_mix, K, D)
+        if not self.mix:
+            return picked[0]
+        return torch.einsum("n,nkd->kd", self.weights().to(picked.dtype), picked)
+
+    def last(self, out: LMOutput) -> torch.Tensor:
+        """``(B, D)``: the states at the last position of every row (generation steps)."""
+        b = out.hidden.shape[0]
+        rows = torch.arange(b, device=out.hidden.device)
+        return self.gather(out, rows, torch.full_like(rows, out.hidden.shape[1] - 1))
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec!r}, indices={self.indices}"
+
+
 class LisaModel(nn.Module):
+    """The components wired together. ``seg_token``/``seg_hidden``: which token's state
+    prompts a mask (see :meth:`seg_rows`); ``seg_layers``: from which LLM layer(s)
+    (:class:`SegLayers`); ``reject_token`` (GSVA's ``[REJ]``, ``None`` = off): a token
+    the model answers for a target that is not in the image; it is supervised by the
+    token loss only and yields an empty mask at inference."""
+
     def __init__(self, vision_encoder, projector, llm, mask_decoder, fusion, seg_head, seg_token: str = "[SEG]",
-                 seg_hidden: str = "previous", train_image_encoder: bool = False, recipe=None):
+                 seg_hidden: str = "previous", train_image_encoder: bool = False, recipe=None,
+                 seg_layers=SEG_LAYERS_LAST, reject_token: str | None = None):
         super().__init__()
         if seg_hidden not in SEG_HIDDEN_CHOICES:
             raise ValueError(f"seg_hidden must be one of {SEG_HIDDEN_CHOICES}, got {seg_hidden!r}")
+        if reject_token is not None and (not isinstance(reject_token, str) or not reject_token
+                                         or reject_token == seg_token):
+            raise RecipeError(f"must be a non-empty token other than the seg token {seg_token!r}, got "
+                              f"{reject_token!r}", key="model.reject_token")
         self.vision_encoder = vision_encoder
         self.projector = projector
         self.llm = llm
@@ -84,6 +191,8 @@ class LisaModel(nn.Module):
         self.seg_hidden = seg_hidden
         self.train_image_encoder = train_image_encoder
         self.recipe = recipe  # the resolved recipe this model was built from (plain dict)
+        self.seg_layers = SegLayers(seg_layers, llm_num_layers(llm))
+        self.reject_token = reject_token
 
     # -- ids ----------------------------------------------------------------------
     @property
@@ -93,6 +202,15 @@ class LisaModel(nn.Module):
     @property
     def seg_token_id(self) -> int:
         return self.tokenizer.token_id(self.seg_token)
+
+    @property
+    def reject_token_id(self) -> int | None:
+        """The id of ``[REJ]``, ``None`` when the model has no reject token."""
+        return self.tokenizer.token_id(self.reject_token) if self.reject_token is not None else None
+
+    def llm_kwargs(self) -> dict:
+        """Extra LLM arguments the seg-layer choice needs (none for the default)."""
+        return {"output_layers": True} if self.seg_layers.needs_layers else {}
 
     # -- stages -------------------------------------------------------------------
     def encode_vision(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -163,9 +281,9 @@ class LisaModel(nn.Module):
         image_features = self.encode_vision(batch.vision_pixels)
         fused = self.fuse(batch, image_features)
         out = self.llm(fused.inputs_embeds, attention_mask=fused.attention_mask.long(),
-                       position_ids=fused.position_ids)
+                       position_ids=fused.position_ids, **self.llm_kwargs())
         seg_index = self.seg_rows(batch.input_ids, batch.attention_mask, fused.token_positions)
-        prompts = self.seg_head(out.hidden[seg_index[:, 0], seg_index[:, 2]])
+        prompts = self.seg_head(self.seg_layers.gather(out, seg_index[:, 0], seg_index[:, 2]))
         seg_images = self.image_of_seg(batch.row_images, batch.input_ids, seg_index)
         mask_features = self.encode_masks(batch.mask_pixels)
         low, scores, preds, which = self.decode_masks(mask_features, prompts, seg_images, batch.metas)

@@ -7,6 +7,22 @@ the first question, where LISA writes ``<image>\\n``.
 
 :func:`build_sample` draws everything from a ``numpy.random.Generator``, so a sample is a
 pure function of its generator's seed (see :class:`lisa_kit.datasets.hybrid.HybridDataset`).
+
+Two options go beyond LISA (both off by default, and then no extra random draw is
+made, so samples stay LISA's):
+
+* **several targets per answer** (LISA++/GLaMM; :class:`MultiSeg`, recipe
+  ``data.multi_seg: {prob, max_targets}``): with probability ``prob`` 2 to
+  ``max_targets`` of a sample's drawn targets are asked in one question ("Segment the red
+  circle and the blue square.") and answered with one ``[SEG]`` each, in the question's
+  order ("Sure, [SEG] and [SEG]." or "The red circle is [SEG], the blue square is
+  [SEG]."); the sample's masks follow the ``[SEG]`` tokens in that order.
+* **a reject token** (GSVA's ``[REJ]``, recipe ``model.reject_token``): a target that is
+  not in the image (synthetic ``meta["absent"]``, gRefCOCO ``meta["no_target"]``) is
+  answered with the reject token instead of ``[SEG]`` -- alone "There is no such object,
+  [REJ].", "Sorry, the image has no such object: [REJ]." or "[REJ].", in a multi-target
+  answer in its target's place -- and gets no mask (the token loss alone supervises it).
+  Without a reject token such targets keep LISA's ``[SEG]`` with an empty mask.
 """
 from __future__ import annotations
 
@@ -16,7 +32,8 @@ import numpy as np
 
 from lisa_kit.conversation import IMAGE, Conversation, Template
 from lisa_kit.data import Sample
-from lisa_kit.datasets.base import IGNORE_LABEL, Record
+from lisa_kit.datasets.base import IGNORE_LABEL, Record, Target
+from lisa_kit.errors import RecipeError
 
 SHORT_QUESTIONS = (
     "Can you segment the {class_name} in this image?",
@@ -42,16 +59,126 @@ ANSWERS = (
 )
 EVAL_ANSWER = "[SEG]."  # LISA's validation answer (teacher mode)
 SEG = "[SEG]"
+REJ = "[REJ]"  # stands for the model's reject token in the phrasings below
+REJECT_ANSWERS = (
+    "There is no such object, [REJ].",
+    "Sorry, the image has no such object: [REJ].",
+    "[REJ].",
+)
+# Several targets in one question. ``{names}``: "the red circle and the blue square";
+# ``{sents}``: the targets' sentences (a phrase becomes "Segment the <phrase>.").
+MULTI_SHORT_QUESTIONS = (
+    "Can you segment {names} in this image?",
+    "Please segment {names} in this image.",
+    "Segment {names}.",
+    "What are {names} in this image? Please output segmentation masks.",
+)
+MULTI_LONG_QUESTIONS = (
+    "{sents} Please respond with segmentation masks.",
+    "{sents} Please output segmentation masks.",
+)
+# ``{marks}``: "[SEG], [SEG] and [SEG]"; ``{named}``: "the red circle is [SEG], the blue square is [SEG]".
+MULTI_ANSWERS = (
+    "{marks}.",
+    "Sure, {marks}.",
+    "Sure, they are {marks}.",
+    "Sure, the segmentation results are {marks}.",
+)
+MULTI_NAMED_ANSWERS = (
+    "{named}.",
+    "Sure, {named}.",
+)
+
+
+@dataclass(frozen=True)
+class MultiSeg:
+    """Several targets per question (recipe ``data.multi_seg``): with probability ``prob``
+    a sample's first 2 to ``max_targets`` drawn targets (uniform count) share one question."""
+
+    prob: float = 0.5
+    max_targets: int = 3
+
+    @classmethod
+    def from_config(cls, node, key: str = "data.multi_seg") -> MultiSeg | None:
+        """``None``/``false`` -> off; ``true`` -> defaults; a mapping -> checked values."""
+        if node is None or node is False:
+            return None
+        if node is True:
+            return cls()
+        if not isinstance(node, dict):
+            raise RecipeError(f"must be a mapping {{prob, max_targets}}, true or null, got {node!r}", key=key)
+        unknown = sorted(set(node) - {"prob", "max_targets"})
+        if unknown:
+            raise RecipeError("unknown key; multi_seg takes prob, max_targets", key=f"{key}.{unknown[0]}")
+        prob, most = node.get("prob", cls.prob), node.get("max_targets", cls.max_targets)
+        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
+            raise RecipeError(f"must be a probability in [0, 1], got {prob!r}", key=f"{key}.prob")
+        if isinstance(most, bool) or not isinstance(most, int) or most < 2:
+            raise RecipeError(f"must be an integer >= 2 (targets in one question), got {most!r}",
+                              key=f"{key}.max_targets")
+        return cls(float(prob), int(most))
 
 
 @dataclass
 class Turn:
     """One question/answer about a record's image; ``target``: the record's target the
-    answer's ``[SEG]`` segments (``None``: a text-only answer)."""
+    answer is about (``None``: a text-only answer; the first one for several);
+    ``seg_targets``: the record's target of each ``[SEG]`` of the answer, in order
+    (``None``: ``[target]`` when the answer has a ``[SEG]``, else none)."""
 
     question: str
     answer: str
     target: int | None
+    seg_targets: list[int] | None = None
+
+    def mask_targets(self) -> list[int]:
+        """The record targets whose masks this turn's ``[SEG]`` tokens predict, in order."""
+        if self.seg_targets is not None:
+            return list(self.seg_targets)
+        return [self.target] if self.target is not None and SEG in self.answer else []
+
+
+def is_absent(target: Target) -> bool:
+    """A target that is not in the image: synthetic ``absent``, gRefCOCO ``no_target``."""
+    return bool(target.meta.get("absent") or target.meta.get("no_target"))
+
+
+def _the(name: str) -> str:
+    return name if name.lower().startswith(("the ", "a ", "an ")) else "the " + name
+
+
+def _join(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _sentence(text: str, kind: str) -> str:
+    if kind == "sentence":
+        return text if text.endswith((".", "?", "!")) else text + "."
+    return f"Segment {_the(text.lower())}."
+
+
+def multi_turn(record: Record, picked: list[int], texts: list[str], rng: np.random.Generator,
+               reject_token: str | None = None) -> Turn:
+    """One question about several targets (``picked``: record target indices; ``texts``:
+    how each is named), answered with one ``[SEG]`` each in order (the reject token for an
+    absent target when there is one)."""
+    tgts = [record.targets[t] for t in picked]
+    marks = [reject_token if reject_token and is_absent(t) else SEG for t in tgts]
+    if all(t.kind != "sentence" for t in tgts):
+        names = [_the(x.lower()) for x in texts]
+        q = MULTI_SHORT_QUESTIONS[rng.integers(len(MULTI_SHORT_QUESTIONS))].format(names=_join(names))
+        if rng.integers(2):  # name each target in the answer
+            named = ", ".join(f"{n} is {m}" for n, m in zip(names, marks))
+            a = MULTI_NAMED_ANSWERS[rng.integers(len(MULTI_NAMED_ANSWERS))].format(named=named)
+        else:
+            a = MULTI_ANSWERS[rng.integers(len(MULTI_ANSWERS))].format(marks=_join(marks))
+    else:
+        sents = " ".join(_sentence(x, t.kind) for x, t in zip(texts, tgts))
+        q = MULTI_LONG_QUESTIONS[rng.integers(len(MULTI_LONG_QUESTIONS))].format(sents=sents)
+        a = MULTI_ANSWERS[rng.integers(len(MULTI_ANSWERS))].format(marks=_join(marks))
+    a = a[0].upper() + a[1:]
+    return Turn(q, a, int(picked[0]), [int(t) for t, m in zip(picked, marks) if m == SEG])
 
 
 def seg_question(text: str, kind: str, rng: np.random.Generator) -> str:
@@ -73,32 +200,52 @@ def eval_question(text: str, kind: str, lower: bool = False) -> str:
     return " " + SHORT_QUESTIONS[3].format(class_name=text)
 
 
+def _answer(rng: np.random.Generator, tgt: Target, reject_token: str | None) -> str:
+    """A one-target answer: LISA's ``[SEG]`` phrasings, or a reject phrasing for an
+    absent target when the model has a reject token."""
+    if reject_token and is_absent(tgt):
+        return REJECT_ANSWERS[rng.integers(len(REJECT_ANSWERS))].replace(REJ, reject_token)
+    return ANSWERS[rng.integers(len(ANSWERS))]
+
+
 def seg_turns(record: Record, rng: np.random.Generator, classes_per_sample: int = 3,
-              explanatory: float = -1.0) -> list[Turn]:
+              explanatory: float = -1.0, multi_seg: MultiSeg | None = None,
+              reject_token: str | None = None) -> list[Turn]:
     """Up to ``classes_per_sample`` targets drawn without replacement, one turn each.
 
     ``explanatory`` (LISA's ``--explanatory``, -1 = off): for a record with an
     explanation, with this probability every turn is a text-only answer (the
     explanation, no mask); otherwise, with even odds, plain ``[SEG]`` answers or
     ``[SEG]`` followed by the explanation (the question then asks for one).
+    ``multi_seg``: plain ``[SEG]`` turns may merge into one several-target turn
+    (:func:`multi_turn`); ``reject_token``: absent targets are answered with it.
     """
     n = len(record.targets)
     picked = list(rng.choice(n, size=classes_per_sample, replace=False)) if n >= classes_per_sample else list(range(n))
     mode = "seg"
     if explanatory >= 0 and record.explanation:
         mode = "text" if rng.random() < explanatory else ("seg", "seg+explanation")[int(rng.integers(2))]
-    turns = []
+    together = 1
+    if multi_seg is not None and mode == "seg" and len(picked) >= 2 and rng.random() < multi_seg.prob:
+        together = int(rng.integers(2, min(multi_seg.max_targets, len(picked)) + 1))
+    turns, group, texts = [], [], []
     for t in picked:
         tgt = record.targets[int(t)]
         text = tgt.text
         if tgt.meta.get("phrasings"):  # part names: LISA picks "obj part" or "the part of the obj"
             text = tgt.meta["phrasings"][int(rng.integers(len(tgt.meta["phrasings"])))]
         why = tgt.meta.get("explanation") or record.explanation  # per target where several differ
-        if mode == "seg":
-            turns.append(Turn(seg_question(text, tgt.kind, rng), ANSWERS[rng.integers(len(ANSWERS))], int(t)))
+        if together > 1:  # the first `together` targets share one question
+            group.append(int(t))
+            texts.append(text)
+            if len(group) == together:
+                turns.append(multi_turn(record, group, texts, rng, reject_token))
+                together = 1
+        elif mode == "seg":
+            turns.append(Turn(seg_question(text, tgt.kind, rng), _answer(rng, tgt, reject_token), int(t)))
         elif mode == "seg+explanation":
             q = f"{tgt.text} {EXPLANATORY_QUESTIONS[rng.integers(len(EXPLANATORY_QUESTIONS))]}"
-            turns.append(Turn(q, f"{ANSWERS[rng.integers(len(ANSWERS))]} {why}", int(t)))
+            turns.append(Turn(q, f"{_answer(rng, tgt, reject_token)} {why}", int(t)))
         else:
             turns.append(Turn(text, why, None))
     return turns
@@ -126,21 +273,27 @@ def vqa_conversation(record: Record, template: Template) -> Conversation:
     return conv
 
 
-def turns_to_sample(record: Record, turns: list[Turn], template: Template, image: np.ndarray | None = None) -> Sample:
-    """One conversation per turn (LISA's layout), masks in ``[SEG]`` order."""
+def turns_to_sample(record: Record, turns: list[Turn], template: Template, image: np.ndarray | None = None,
+                    reject_token: str | None = None) -> Sample:
+    """One conversation per turn (LISA's layout), masks in ``[SEG]`` order
+    (:meth:`Turn.mask_targets`). ``reject_token``: also a token in the answers."""
     image = record.image() if image is None else image
-    convs = [Conversation(template).add([IMAGE, "\n" + t.question], t.answer) for t in turns]
+    markers = (SEG, reject_token) if reject_token else (SEG,)
+    convs = [Conversation(template).add([IMAGE, "\n" + t.question], t.answer, markers=markers) for t in turns]
     h, w = image.shape[:2]
-    masks = [train_mask(record.targets[t.target].mask) for t in turns if t.target is not None and SEG in t.answer]
+    masks = [train_mask(record.targets[k].mask) for t in turns for k in t.mask_targets()]
     return Sample(image, convs, np.stack(masks) if masks else np.zeros((0, h, w), np.float32))
 
 
 def build_sample(record: Record, rng: np.random.Generator, template: Template, classes_per_sample: int = 3,
-                 explanatory: float = -1.0) -> Sample:
+                 explanatory: float = -1.0, multi_seg: MultiSeg | None = None,
+                 reject_token: str | None = None) -> Sample:
     """A training :class:`~lisa_kit.data.Sample` from a record: VQA rounds as one
-    conversation, segmentation targets as sampled question/answer turns."""
+    conversation, segmentation targets as sampled question/answer turns (``multi_seg``,
+    ``reject_token``: see the module docstring)."""
     if record.rounds:
         image = record.image()
         h, w = image.shape[:2]
         return Sample(image, [vqa_conversation(record, template)], np.zeros((0, h, w), np.float32))
-    return turns_to_sample(record, seg_turns(record, rng, classes_per_sample, explanatory), template)
+    turns = seg_turns(record, rng, classes_per_sample, explanatory, multi_seg, reject_token)
+    return turns_to_sample(record, turns, template, reject_token=reject_token)

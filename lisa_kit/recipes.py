@@ -45,7 +45,7 @@ from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseExce
 import lisa_kit
 from lisa_kit import registry as _registry
 from lisa_kit.errors import RecipeError, UnknownComponentError
-from lisa_kit.interfaces import KINDS, SEG_HIDDEN_CHOICES
+from lisa_kit.interfaces import KINDS, SEG_HIDDEN_CHOICES, SIZE_LINKS
 
 __all__ = [
     "Recipe", "recipe_dirs", "list_recipes", "find_recipe", "load_recipe", "validate_recipe",
@@ -59,7 +59,7 @@ WEIGHT_FORMATS = ("none", "lisa_hf", "llava_hf", "lisa_kit")
 
 TOP_LEVEL_KEYS = ("base", "name", "description", "model", "weights", "loss", "generation",
                   "conversation", "data", "train", "eval", "precision", "bench")
-MODEL_KEYS = KINDS + ("seg_token", "seg_hidden", "extra_tokens", "train_image_encoder")
+MODEL_KEYS = KINDS + ("seg_token", "seg_hidden", "extra_tokens", "train_image_encoder", "seg_layers", "reject_token")
 _COMPONENT_PATHS = frozenset(f"model.{kind}" for kind in KINDS)
 _HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 _DOTTED_MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
@@ -483,6 +483,7 @@ class _Checker:
             self.report("model", f"missing; a recipe names its components under model: ({', '.join(KINDS)})")
         elif isinstance(model, dict):
             self.check_model(model)
+            self.check_sizes(data, model)
         elif model not in (MISSING, _UNRESOLVED):
             self.report("model", "must be a mapping of component kind -> {name: ..., <build arguments>}")
         return self.problems
@@ -506,6 +507,15 @@ class _Checker:
         seg_token = model.get("seg_token", MISSING)
         if seg_token not in (MISSING, _UNRESOLVED) and not (isinstance(seg_token, str) and seg_token):
             self.report("model.seg_token", f"must be a non-empty string, got {_short(seg_token)}")
+        reject = model.get("reject_token")
+        if reject not in (None, MISSING, _UNRESOLVED) and not (isinstance(reject, str) and reject):
+            self.report("model.reject_token", f"must be a non-empty string or null, got {_short(reject)}")
+        layers = model.get("seg_layers", MISSING)
+        is_index = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        if layers not in (MISSING, _UNRESOLVED, "last", "mix") and not is_index(layers) and not (
+                isinstance(layers, list) and layers and all(is_index(v) for v in layers)):
+            self.report("model.seg_layers", f"must be last, mix, a layer index or a list of layer indices, "
+                        f"got {_short(layers)}")
 
     def check_component(self, kind: str, node: dict, path: str) -> None:
         name = node.get("name")
@@ -555,6 +565,92 @@ class _Checker:
         for pname, param in params.items():
             if param.default is inspect.Parameter.empty and pname not in node and pname not in spec.derived:
                 self.report(f"{path}.{pname}", f"required by {kind} {name!r} but not set")
+
+
+    # -- sizes of connected components ------------------------------------------------
+    def check_sizes(self, data: dict, model: dict) -> None:
+        """Sizes written for one component against those another one gives (SIZE_LINKS),
+        from the components' ``sizes`` functions (configs only, no weights). A component
+        without ``sizes``, or with a value still missing, is not checked."""
+        found = self._size_nodes(data, model)
+        if found is None:
+            return
+        nodes, held = found
+        known: dict[str, dict] = {}
+        for consumer, arg, producer, size in SIZE_LINKS:
+            node = nodes.get(consumer)
+            value = node.get(arg) if isinstance(node, dict) else None
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue  # not written (derived by the builder), or a type error reported above
+            if producer not in known:
+                known[producer] = self._sizes(producer, nodes.get(producer))
+            given = known[producer].get(size)
+            if given is None or given == value:
+                continue
+            pnode = nodes[producer]
+            written = isinstance(model.get(consumer), dict) and model[consumer].get(arg) == value
+            source = "" if written else " (from the checkpoint at weights.path)"
+            hint = f"; leave model.{consumer}.{arg} out to have it derived" if written else ""
+            self.report(f"model.{consumer}.{arg}",
+                        f"{arg}={value}{source} does not match {size}={given} of model.{producer} "
+                        f"({pnode['name']}{', from weights.path' if producer in held else ''}){hint}")
+
+    def _size_nodes(self, data: dict, model: dict) -> tuple[dict, tuple[str, ...]] | None:
+        """The component nodes the builder would use and the kinds a checkpoint supplies:
+        ``lisa_hf``/``llava_hf`` checkpoints are read from their config files; ``lisa_kit``
+        checkpoints carry their own recipe (``None``: nothing to check here)."""
+        weights = data.get("weights") if isinstance(data.get("weights"), dict) else {}
+        fmt = weights.get("format", "none")
+        if fmt == "lisa_kit":
+            return None
+        held = _CHECKPOINT_PARTS.get(fmt, ())
+        if not held:
+            return model, held
+        from lisa_kit.builder import checkpoint_model
+
+        path = weights.get("path")
+        if isinstance(path, str) and path != MISSING and (Path(path) / "config.json").is_file():
+            try:
+                return checkpoint_model({**data, "model": model}), held
+            except Exception:  # noqa: BLE001 - the loader reports an unusable checkpoint; check what is known
+                pass
+        # Without a readable checkpoint, the parts it would supply are unknown.
+        return {k: v for k, v in model.items() if k not in held}, held
+
+    def _sizes(self, kind: str, node: Any) -> dict:
+        """``spec.sizes(**node)`` for a registered component whose values are all known, else ``{}``."""
+        name = node.get("name") if isinstance(node, dict) else None
+        if not isinstance(name, str) or (kind, name) not in self.registry:
+            return {}
+        spec = self.registry.get(kind, name)
+        kwargs = {k: v for k, v in node.items() if k != "name"}
+        if spec.sizes is None or not _complete(kwargs):
+            return {}
+        try:
+            sizes = spec.sizes(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - a config the build would fail on too
+            self.report(f"model.{kind}", f"cannot tell the sizes of {kind} {name!r}: {type(exc).__name__}: {exc}")
+            return {}
+        if not isinstance(sizes, Mapping):
+            self.report(f"model.{kind}", f"{kind} {name!r}: its sizes() returned {_short(sizes)}, not a dict")
+            return {}
+        return {k: v for k, v in sizes.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+# The parts a checkpoint of each weights.format supplies in place of the recipe's nodes
+# (lisa_kit.builder.checkpoint_model).
+_CHECKPOINT_PARTS = {"lisa_hf": ("llm",), "llava_hf": ("vision_encoder", "projector", "llm")}
+
+
+def _complete(value: Any) -> bool:
+    """No ``???`` or failed interpolation anywhere inside ``value``."""
+    if value is _UNRESOLVED or (isinstance(value, str) and value == MISSING):
+        return False
+    if isinstance(value, dict):
+        return all(_complete(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_complete(v) for v in value)
+    return True
 
 
 def validate_recipe(recipe: Recipe | DictConfig | Mapping | str | os.PathLike,

@@ -99,29 +99,65 @@ def eval_fixture_dir() -> Path | None:
     return p if (p / "eval_reference.json").exists() else None
 
 
+# Chat templates of the tiny tokenizers. Written by us for lisa_kit's tests, after each
+# family's published turn layout and special tokens; they are not the families' own files.
 CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
+                    "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\n\n' %}"
+                    "{% elif m['role'] == 'user' %}[INST] {{ ns.system }}{{ m['content'] }}[/INST]"
+                    "{% set ns.system = '' %}"
+                    "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+PHI3_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+# family -> special tokens (in id order, first ids of the vocabulary), the roles of some of
+# them and the chat template. `None` = the family has no such token.
+CHAT_FAMILIES: dict[str, dict] = {
+    "chatml": {"specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "bos": None, "eos": "<|im_end|>",
+               "pad": "<|endoftext|>", "unk": None, "template": CHATML_TEMPLATE},  # Qwen2
+    "llama3": {"specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                            "<|eot_id|>"],
+               "bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": None, "unk": None, "template": LLAMA3_TEMPLATE},
+    "mistral": {"specials": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "bos": "<s>", "eos": "</s>", "pad": None,
+                "unk": "<unk>", "template": MISTRAL_TEMPLATE},  # v0.3: [INST], [/INST] are specials
+    "phi3": {"specials": ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>",
+                          "<|end|>"],
+             "bos": "<s>", "eos": "<|end|>", "pad": "<|endoftext|>", "unk": "<unk>", "template": PHI3_TEMPLATE},
+}
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_hf_tokenizer_dir(vocab_size: int = 400) -> Path:
-    """A directory with a tiny byte-level BPE ``tokenizer.json`` (Qwen-style specials
-    ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` and a ChatML chat template),
-    trained offline with ``tokenizers`` and saved with ``save_pretrained``."""
+def tiny_hf_tokenizer_dir(vocab_size: int = 400, family: str = "chatml") -> Path:
+    """A directory with a tiny byte-level BPE ``tokenizer.json`` (trained offline with
+    ``tokenizers``, saved with ``save_pretrained``) carrying one family's special tokens
+    and a chat template in its style (see :data:`CHAT_FAMILIES`): ``chatml`` (Qwen2,
+    the default; ``@tiny_hf_tokenizer`` in recipes), ``llama3`` (header ids, ``<|eot_id|>``),
+    ``mistral`` (``[INST] … [/INST]``, ``</s>``) or ``phi3`` (``<|user|>``, ``<|end|>``)
+    — ``@tiny_hf_tokenizer:<family>``. Only the specials and the template differ: every
+    family gets the same byte-level BPE (the real Mistral/Phi-3 ones are SentencePiece),
+    and a BOS appears only where the template writes it (Llama-3, Mistral)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
+    if family not in CHAT_FAMILIES:
+        raise ValueError(f"unknown tiny tokenizer family {family!r}; available: {', '.join(CHAT_FAMILIES)}")
+    fam = CHAT_FAMILIES[family]
+    roles = {"bos_token": fam["bos"], "eos_token": fam["eos"], "pad_token": fam["pad"], "unk_token": fam["unk"]}
+    named = {v for v in roles.values() if v}
+    tok = Tokenizer(models.BPE(unk_token=fam["unk"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=fam["specials"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_SENTENCES * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>"], chat_template=CHATML_TEMPLATE,
-                                   model_max_length=1024)
-    out = Path(tempfile.mkdtemp(prefix="lisa_kit_tiny_hf_tok_"))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in roles.items() if v},
+                                   additional_special_tokens=[t for t in fam["specials"] if t not in named],
+                                   chat_template=fam["template"], model_max_length=1024)
+    out = Path(tempfile.mkdtemp(prefix=f"lisa_kit_tiny_hf_tok_{family}_"))
     fast.save_pretrained(str(out))
     return out
 

@@ -1,129 +1,98 @@
 """Conformance tests generated from the registry: every registered component, tiny, on CPU.
 
-For each ``ComponentSpec`` the tiny instance is built, run through its kind's contract
-(shapes and dtypes of the interface), saved with safetensors and loaded back into a
-second, differently initialised instance, which must then give identical outputs.
+The checks live in :mod:`lisa_kit.conformance` (plugin authors run the same ones with
+``pytest --lisa-kit-conformance=<their dist>``): for each ``ComponentSpec`` the tiny
+instance is built, run through its kind's contract (shapes and dtypes of the interface),
+its ``sizes`` function is compared with the built module, and it is saved with
+safetensors and loaded back into a second, differently initialised instance, which must
+then give identical outputs.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from lisa_kit.builder import build_component
-from lisa_kit.checkpoint.io import load_into, save_safetensors
-from lisa_kit.registry import get_registry
-from lisa_kit.testing import resolve_tiny, tiny_tokenizer_dir
+import lisa_kit
+from lisa_kit.conformance import ConformanceError, check_component, matching_plugins, plugin_specs
+from lisa_kit.errors import PluginError
+from lisa_kit.interfaces import KINDS, ComponentSpec, Projector
+from lisa_kit.registry import Registry, get_registry
 
 SPECS = sorted(get_registry().specs(), key=lambda s: (s.kind, s.name))
 
 
-def _build(spec, seed):
-    torch.manual_seed(seed)
-    return build_component(spec.kind, {"name": spec.name, **resolve_tiny(spec.tiny)}).eval()
-
-
-def _image(h=37, w=53, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _run(kind, comp):
-    """Run the kind's contract; returns the tensors the save/load check compares."""
-    if kind == "vision_encoder":
-        px = comp.preprocess(_image())
-        assert px.dtype == torch.float32 and px.dim() == 3 and px.shape[0] == 3
-        out = comp(torch.stack([px, comp.preprocess(_image(60, 40, 1))]))
-        assert out.shape == (2, comp.num_tokens, comp.feature_dim) and out.dtype == torch.float32
-        return [out]
-    if kind == "projector":
-        x = torch.randn(2, 5, comp.in_dim, generator=torch.Generator().manual_seed(0))
-        out = comp(x)
-        assert out.shape == (2, 5, comp.out_dim)
-        return [out]
-    if kind == "seg_head":
-        out = comp(torch.randn(4, comp.in_dim, generator=torch.Generator().manual_seed(0)))
-        assert out.shape == (4, comp.out_dim)
-        return [out]
-    if kind == "llm":
-        tok = comp.tokenizer
-        ids = torch.tensor([tok.encode_text("Can you segment the red circle in this image?")[:9]])
-        emb = comp.embed(ids)
-        assert emb.shape == (1, ids.shape[1], comp.hidden_size)
-        am = torch.ones_like(ids)
-        full = comp(emb, attention_mask=am)
-        assert full.hidden.shape == emb.shape and full.logits.shape[:2] == ids.shape
-        # The cached path must agree with the full pass (generation relies on it).
-        pre = comp(emb[:, :-1], attention_mask=am[:, :-1], use_cache=True)
-        step = comp(emb[:, -1:], attention_mask=am, position_ids=torch.tensor([[ids.shape[1] - 1]]),
-                    cache=pre.cache, use_cache=True, logits="last")
-        torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=1e-5)
-        return [full.logits]
-    if kind == "mask_decoder":
-        px, meta = comp.preprocess(_image())
-        assert px.shape == (3, comp.image_size, comp.image_size) and meta.original_size == (37, 53)
-        feats = comp.encode_image(px[None])
-        assert all(v.shape[0] == 1 for v in feats.values())
-        prompts = torch.randn(3, comp.prompt_dim, generator=torch.Generator().manual_seed(0))
-        low, scores = comp.decode(feats, prompts)
-        assert low.shape[:2] == (3, 1) and scores.shape == (3, 1)
-        masks = comp.postprocess(low, meta)
-        assert masks.shape == (3, 37, 53) and masks.dtype == torch.float32
-        return [low, scores, masks]
-    if kind == "fusion":
-        from lisa_kit.tokenizer import SentencePieceTokenizer
-
-        tok = SentencePieceTokenizer.from_dir(tiny_tokenizer_dir())
-        tok.add_special_tokens(comp.image_tokens())
-        wrap = comp.wrap_image(tok)
-        assert wrap.count(comp.IMAGE_SLOT) == 1
-        torch.manual_seed(0)  # the fusion has no weights: same inputs, same outputs
-        embed = torch.nn.Embedding(len(tok), 8)
-        n_feat = 5
-        feats = torch.randn(3, n_feat, 8)
-        rows = [[7, *wrap, 9, 10], [7, *wrap, 11, *wrap, 12]]
-        outs = []
-        for side in ("right", "left"):
-            T = max(map(len, rows))
-            ids = torch.full((2, T), tok.pad_id)
-            am = torch.zeros(2, T, dtype=torch.bool)
-            for b, r in enumerate(rows):
-                sl = slice(0, len(r)) if side == "right" else slice(T - len(r), T)
-                ids[b, sl], am[b, sl] = torch.tensor(r), True
-            fb = comp.fuse(ids, am, None, feats, [[0], [1, 2]], embed, padding_side=side)
-            for b in range(2):
-                for t in range(T):
-                    p = int(fb.token_positions[b, t])
-                    if p >= 0:  # every text token sits where the fusion says it does
-                        torch.testing.assert_close(fb.inputs_embeds[b, p], embed(ids[b, t]))
-            assert int(fb.attention_mask.sum()) == sum(len(r) - r.count(comp.IMAGE_SLOT) for r in rows) + 3 * n_feat
-            outs.append(fb.inputs_embeds)
-        return outs
-    raise AssertionError(f"no conformance contract for kind {kind!r}")
-
-
 @pytest.mark.parametrize("spec", SPECS, ids=[f"{s.kind}:{s.name}" for s in SPECS])
 def test_component_conformance(spec, tmp_path):
-    comp = _build(spec, seed=0)
-    with torch.no_grad():
-        before = _run(spec.kind, comp)
-    assert all(p.dtype == torch.float32 for p in comp.parameters())
-    assert hasattr(comp, "export_config"), "components must export a self-contained config"
-    f = tmp_path / "c.safetensors"
-    state = {k: v for k, v in comp.state_dict().items()}
-    save_safetensors(state, f)
-    other = _build(spec, seed=1)
-    from safetensors.torch import load_file
-
-    load_into(other, load_file(str(f)), spec.kind, strict=True)
-    with torch.no_grad():
-        after = _run(spec.kind, other)
-    for a, b in zip(before, after):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    check_component(spec, tmp_path)
+    assert list(tmp_path.glob("*.safetensors")), "the round trip went through a file"
 
 
 def test_every_kind_has_a_component():
-    from lisa_kit.interfaces import KINDS
-
     reg = get_registry()
     for kind in KINDS:
         assert reg.names(kind), kind
+
+
+def test_builtin_producers_declare_sizes():
+    # lisa-kit validate compares written projector/seg head sizes with these.
+    reg = get_registry()
+    for kind, name in (("vision_encoder", "hf_clip"), ("llm", "hf_causal_lm"), ("mask_decoder", "sam")):
+        assert reg.get(kind, name).sizes is not None, f"{kind}:{name}"
+
+
+# -- the checks catch broken components, with messages that say what broke -----------
+class _Proj(Projector):
+    def __init__(self, in_dim: int, out_dim: int, bug: str = ""):
+        super().__init__()
+        self.in_dim, self.out_dim, self.bug = in_dim, out_dim, bug
+        self.proj = nn.Linear(in_dim, out_dim + (bug == "shape"))
+        if bug == "buffer":  # state that is not saved: the reload gives other outputs
+            self.offset = torch.randn(out_dim)
+
+    def forward(self, x):
+        y = self.proj(x)
+        return y + self.offset if self.bug == "buffer" else y
+
+    def export_config(self) -> dict:
+        return {"in_dim": self.in_dim, "out_dim": self.out_dim}
+
+
+def _spec(bug: str = "", sizes=None) -> ComponentSpec:
+    return ComponentSpec("projector", "buggy", _Proj, tiny={"in_dim": 4, "out_dim": 6, "bug": bug},
+                         derived=("in_dim", "out_dim"), sizes=sizes)
+
+
+@pytest.mark.parametrize("spec, match", [
+    (_spec("shape"), r"projector:buggy: forward\(\(I, N, in_dim=4\)\) must return \(I, N, out_dim\) = \(2, 5, 6\), "
+                     r"got float32 \(2, 5, 7\)"),
+    (_spec("buffer"), "projector:buggy: output 0 differs after a safetensors save and load"),
+    (_spec(sizes=lambda in_dim, out_dim, bug: {"in_dim": in_dim, "out_dim": 5}),
+     "sizes\\(\\) says out_dim=5 but the built component has out_dim=6"),
+    (_spec(sizes=lambda **kw: {"hidden": 3}), r"sizes\(\) returned \['hidden'\], which projector does not have"),
+    (ComponentSpec("projector", "wrong_kind", lambda: nn.Linear(1, 1)), "is not a Projector"),
+])
+def test_broken_components_fail_with_a_clear_message(spec, match):
+    with pytest.raises(AssertionError, match=match) as info:
+        check_component(spec)
+    assert isinstance(info.value, ConformanceError)
+
+
+def test_good_component_with_sizes_passes():
+    check_component(_spec(sizes=lambda in_dim, out_dim, bug: {"in_dim": in_dim, "out_dim": out_dim}))
+
+
+class _Plugin:
+    @lisa_kit.hookimpl
+    def lisa_kit_components(self):
+        return [_spec(), ComponentSpec("seg_head", "other", _Proj)]
+
+
+def test_plugin_specs_by_distribution_or_entry_point_name():
+    reg = Registry.empty()
+    reg.register(_Plugin(), "my_heads", distribution="My.Heads-Dist", version="1.0")
+    by_dist = plugin_specs("my-heads-dist", reg)
+    assert [(s.kind, s.name) for s in by_dist] == [("projector", "buggy"), ("seg_head", "other")]
+    assert plugin_specs("my-heads", reg) == by_dist and matching_plugins("MY_HEADS", reg)
+    with pytest.raises(PluginError, match="no lisa_kit plugin .* 'nope'; installed: My.Heads-Dist, my_heads"):
+        plugin_specs("nope", reg)

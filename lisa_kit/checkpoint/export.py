@@ -174,6 +174,14 @@ def _check_reference(model) -> None:
     if model.seg_token != "[SEG]":
         raise CheckpointError(f"LISA's code and importer look for the token [SEG]; this model's seg token is "
                               f"{model.seg_token!r}", component="seg_head")
+    layers = getattr(getattr(model, "seg_layers", None), "spec", "last")
+    if layers != "last":
+        raise CheckpointError(f"model.seg_layers is {layers!r}: LISA's format feeds the seg head the final hidden "
+                              "states and has no place for another layer choice or a learned layer mix (save it "
+                              "with --format lisa_kit)", component="seg_layers")
+    if getattr(model, "reject_token", None):
+        raise CheckpointError(f"model.reject_token is {model.reject_token!r}: LISA's format and code know [SEG] "
+                              "only (save it with --format lisa_kit)", component="llm")
 
 
 def _base_config(model):

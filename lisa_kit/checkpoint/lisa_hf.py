@@ -140,10 +140,14 @@ def load_lisa_weights(model, path: str | Path, lora_alpha: float = 16, lora_r: i
     if vocab is not None and vocab.shape[0] != model.llm.vocab_size:
         raise CheckpointError(f"checkpoint vocabulary {vocab.shape[0]} != tokenizer size {model.llm.vocab_size}",
                               component="llm", key="model.embed_tokens.weight")
+    # A decoder in another layout renames SAM's keys itself (transformers' SAM); one that
+    # cannot use them at all (SAM2: its weights come from its own `pretrained`) returns None.
+    md = parts["mask_decoder"]
+    md = model.mask_decoder.normalize_keys(md) if hasattr(model.mask_decoder, "normalize_keys") else md
     reports = [
         load_into(model.llm.model, parts["llm"], "llm", strict),
         load_into(model.projector, parts["projector"], "projector", strict),
-        load_into(model.mask_decoder, parts["mask_decoder"], "mask_decoder", strict),
+        *([] if md is None else [load_into(model.mask_decoder, md, "mask_decoder", strict)]),
         load_into(model.seg_head, parts["seg_head"], "seg_head", strict),
     ]
     if parts["vision_encoder"]:

@@ -25,6 +25,13 @@ def _components(model) -> dict:
             "mask_decoder": model.mask_decoder, "fusion": model.fusion, "seg_head": model.seg_head}
 
 
+def _extras(model) -> dict:
+    """Model-owned modules with weights besides the components (the learned seg-layer mix
+    of ``model.seg_layers: mix``): one ``<name>.safetensors`` each, only when they have any."""
+    mods = {"seg_layers": getattr(model, "seg_layers", None)}
+    return {k: m for k, m in mods.items() if m is not None and len(m.state_dict())}
+
+
 def save_model(model, path: str | os.PathLike) -> Path:
     """Write ``model`` to ``path`` (created). Each file is written atomically."""
     path = Path(path)
@@ -42,6 +49,12 @@ def save_model(model, path: str | os.PathLike) -> Path:
         m[kind] = node
         save_safetensors(comp.state_dict(), path / f"{kind}.safetensors")
     m["seg_token"], m["seg_hidden"] = model.seg_token, model.seg_hidden
+    layers, reject = getattr(getattr(model, "seg_layers", None), "spec", "last"), getattr(model, "reject_token", None)
+    for key, value, default in (("seg_layers", layers, "last"), ("reject_token", reject, None)):
+        if value != default:  # written only when set: default recipes stay as they were
+            m[key] = value
+    for name, module in _extras(model).items():
+        save_safetensors(module.state_dict(), path / f"{name}.safetensors")
     model.tokenizer.save(path / "tokenizer")
     recipe["lisa_kit_format"] = FORMAT_VERSION
     tmp = path / "recipe.yaml.tmp"
@@ -69,4 +82,10 @@ def load_model(path: str | os.PathLike, registry=None, strict: bool = True):
         if not f.exists():
             raise CheckpointError(f"missing weights file {f.name}", component=kind, file=f)
         load_into(comps[kind], load_file(str(f)), kind, strict)
+    for name, module in _extras(model).items():
+        f = path / f"{name}.safetensors"
+        if not f.exists():
+            raise CheckpointError(f"missing weights file {f.name} (the recipe's model.{name} has weights)",
+                                  component=name, file=f)
+        load_into(module, load_file(str(f)), name, strict)
     return model

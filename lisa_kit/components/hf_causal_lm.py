@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import lisa_kit
-from lisa_kit.components._util import hf_config_dict, resolve_dtype
+from lisa_kit.components._util import hf_config_dict, read_json, resolve_dtype
 from lisa_kit.interfaces import ComponentSpec, LanguageModel, LMOutput
 from lisa_kit.tokenizer import Tokenizer, load_tokenizer
 
@@ -97,6 +97,33 @@ def build_hf_causal_lm(pretrained: str | None = None, config: dict | None = None
     return HFCausalLM(model, tok)
 
 
+def sizes_hf_causal_lm(pretrained: str | None = None, config: dict | None = None, **_) -> dict:
+    """``hidden_size`` from ``config`` or ``pretrained``'s ``config.json``, without
+    building; ``{}`` when the directory is not there (the build reports it)."""
+    if pretrained is not None:
+        file = Path(pretrained) / "config.json"
+        if not file.is_file():
+            return {}
+        cfg = read_json(file)
+    elif config is not None:
+        cfg = dict(config)
+    else:
+        return {}
+    if "hidden_size" in cfg:
+        return {"hidden_size": int(cfg["hidden_size"])}
+    # Another field name (GPT-2's n_embd) or the library's default: ask transformers' config.
+    from transformers import AutoConfig
+
+    if pretrained is not None:
+        hf_cfg = AutoConfig.from_pretrained(str(pretrained), local_files_only=True)
+    elif "model_type" in cfg:
+        hf_cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    else:
+        return {}  # the build reports the missing model_type
+    size = getattr(hf_cfg, "hidden_size", None)
+    return {} if size is None else {"hidden_size": int(size)}
+
+
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
               "vocab_size": 384, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
@@ -106,4 +133,5 @@ TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128
 def lisa_kit_components():
     return [ComponentSpec("llm", "hf_causal_lm", build_hf_causal_lm,
                           tiny={"config": TINY_LLAMA, "tokenizer": "@tiny_tokenizer"},
-                          description="transformers AutoModelForCausalLM (LLaMA, Vicuna, Llama-2/3, Mistral, Qwen2)")]
+                          description="transformers AutoModelForCausalLM (LLaMA, Vicuna, Llama-2/3, Mistral, Qwen2)",
+                          sizes=sizes_hf_causal_lm)]

@@ -11,6 +11,8 @@ normalise, with the arithmetic in the same dtypes.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -96,8 +98,6 @@ def build_hf_clip(pretrained: str | None = None, config: dict | None = None, sel
 
     pre = {}
     if pretrained is not None:
-        from pathlib import Path
-
         p = Path(pretrained)
         if (p / "preprocessor_config.json").exists():
             pre = read_json(p / "preprocessor_config.json")
@@ -119,6 +119,28 @@ def build_hf_clip(pretrained: str | None = None, config: dict | None = None, sel
         resample=pre.get("resample", 3))
 
 
+def sizes_hf_clip(pretrained: str | None = None, config: dict | None = None, **_) -> dict:
+    """``feature_dim`` (the vision config's ``hidden_size``) from ``config`` or the
+    ``config.json`` of ``pretrained`` (a ``CLIPModel`` directory's ``vision_config``),
+    without building; ``{}`` when the directory is not there (the build reports it)."""
+    if pretrained is not None:
+        file = Path(pretrained) / "config.json"
+        if not file.is_file():
+            return {}
+        cfg = read_json(file)
+        if "vision_config" in cfg:  # a whole CLIPModel directory: its tower's config
+            cfg = cfg["vision_config"] or {}
+    elif config is not None:
+        cfg = dict(config)
+    else:
+        return {}
+    if "hidden_size" in cfg:
+        return {"feature_dim": int(cfg["hidden_size"])}
+    from transformers import CLIPVisionConfig  # not written: the library's default applies
+
+    return {"feature_dim": int(CLIPVisionConfig().hidden_size)}
+
+
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
              "image_size": 56, "patch_size": 14, "hidden_act": "quick_gelu", "projection_dim": 32}
 
@@ -126,4 +148,5 @@ TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
 @lisa_kit.hookimpl
 def lisa_kit_components():
     return [ComponentSpec("vision_encoder", "hf_clip", build_hf_clip, tiny={"config": TINY_CLIP},
-                          description="transformers CLIPVisionModel, select layer -2, patch tokens")]
+                          description="transformers CLIPVisionModel, select layer -2, patch tokens",
+                          sizes=sizes_hf_clip)]

@@ -131,10 +131,8 @@ def load_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return load_state_dict(path)
 
 
-def build_sam(variant: str = "vit_h", checkpoint: str | None = None, config: dict | None = None) -> SamMaskDecoder:
-    """``variant``: ``vit_h``/``vit_l``/``vit_b`` (Meta's sizes) or ``custom`` (all sizes from
-    ``config``, keys as in ``DEFAULTS``); ``config`` entries override the variant's.
-    ``checkpoint``: a Meta ``sam_vit_*.pth`` (or safetensors) to load."""
+def sam_config(variant: str = "vit_h", config: dict | None = None) -> dict:
+    """The full size config of a ``variant`` with ``config`` entries over it (see :func:`build_sam`)."""
     if variant not in VARIANTS and variant != "custom":
         raise ValueError(f"unknown SAM variant {variant!r}; available: {', '.join([*VARIANTS, 'custom'])}")
     cfg = dict(DEFAULTS)
@@ -147,12 +145,24 @@ def build_sam(variant: str = "vit_h", checkpoint: str | None = None, config: dic
     missing = [k for k in VARIANTS["vit_b"] if k not in cfg]
     if missing:
         raise ValueError(f"SAM variant 'custom' needs config keys {missing}")
-    model = SamMaskDecoder(cfg)
+    return cfg
+
+
+def build_sam(variant: str = "vit_h", checkpoint: str | None = None, config: dict | None = None) -> SamMaskDecoder:
+    """``variant``: ``vit_h``/``vit_l``/``vit_b`` (Meta's sizes) or ``custom`` (all sizes from
+    ``config``, keys as in ``DEFAULTS``); ``config`` entries override the variant's.
+    ``checkpoint``: a Meta ``sam_vit_*.pth`` (or safetensors) to load."""
+    model = SamMaskDecoder(sam_config(variant, config))
     if checkpoint is not None:
         from lisa_kit.checkpoint.io import load_into
 
         load_into(model, load_sam_state_dict(checkpoint), component="mask_decoder", strict=True)
     return model
+
+
+def sizes_sam(variant: str = "vit_h", config: dict | None = None, **_) -> dict:
+    """``prompt_dim`` (``prompt_embed_dim``) of the variant and config, without building."""
+    return {"prompt_dim": int(sam_config(variant, config)["prompt_embed_dim"])}
 
 
 TINY_SAM = {"image_size": 64, "vit_patch_size": 16, "encoder_embed_dim": 32, "encoder_depth": 1,
@@ -164,4 +174,4 @@ TINY_SAM = {"image_size": 64, "vit_patch_size": 16, "encoder_embed_dim": 32, "en
 @lisa_kit.hookimpl
 def lisa_kit_components():
     return [ComponentSpec("mask_decoder", "sam", build_sam, tiny={"variant": "custom", "config": TINY_SAM},
-                          description="segment-anything SAM ViT-B/L/H (Meta .pth layout)")]
+                          description="segment-anything SAM ViT-B/L/H (Meta .pth layout)", sizes=sizes_sam)]

@@ -41,14 +41,17 @@ class HybridDataset:
     """``len`` = ``samples_per_epoch``; ``self[i]`` -> :class:`~lisa_kit.data.Sample`.
 
     ``classes_per_sample`` and ``explanatory`` are LISA's ``--num_classes_per_sample`` and
-    ``--explanatory``. Records without targets or rounds (an image with no labelled
-    class) are skipped by drawing again from the same generator.
+    ``--explanatory``; ``multi_seg`` (several targets per question) and ``reject_token``
+    (answer absent targets with it) go to :func:`lisa_kit.prompts.build_sample`. Records
+    without targets or rounds (an image with no labelled class) are skipped by drawing
+    again from the same generator.
     """
 
     MAX_REDRAWS = 20
 
     def __init__(self, groups: list[SourceGroup], template: Template, samples_per_epoch: int, seed: int = 0,
-                 classes_per_sample: int = 3, explanatory: float = 0.1):
+                 classes_per_sample: int = 3, explanatory: float = 0.1, multi_seg=None,
+                 reject_token: str | None = None):
         groups = [g for g in groups if g.rate > 0]
         if not groups:
             raise DataError("no data source with a positive rate")
@@ -64,6 +67,8 @@ class HybridDataset:
         self.epoch = 0
         self.classes_per_sample = classes_per_sample
         self.explanatory = explanatory
+        self.multi_seg = multi_seg
+        self.reject_token = reject_token
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -92,11 +97,13 @@ class HybridDataset:
             g, reader, k = self.locate(i, rng)
             record = reader[k]
             if record.targets or record.rounds:
-                return build_sample(record, rng, self.template, self.classes_per_sample, self.explanatory)
+                return build_sample(record, rng, self.template, self.classes_per_sample, self.explanatory,
+                                    self.multi_seg, self.reject_token)
         raise DataError(f"{self.MAX_REDRAWS} draws in a row found records without targets; check the datasets")
 
 
-def hybrid_from_config(cfg: dict, template: Template, seed: int = 0) -> HybridDataset:
+def hybrid_from_config(cfg: dict, template: Template, seed: int = 0, reject_token: str | None = None
+                       ) -> HybridDataset:
     """Build from a recipe's ``data:`` section::
 
         data:
@@ -104,10 +111,15 @@ def hybrid_from_config(cfg: dict, template: Template, seed: int = 0) -> HybridDa
           samples_per_epoch: 50000
           classes_per_sample: 3
           explanatory: 0.1
+          multi_seg: {prob: 0.5, max_targets: 3}   # several targets per question (default: off)
           sources:                              # default: LISA's four groups and rates
             reason_seg: {datasets: [reason_seg], rate: 1, split: train}
             synthetic: {datasets: [synthetic], rate: 1, options: {size: 2000}}
+
+    ``reject_token``: the model's (``model.reject_token``), to answer absent targets with.
     """
+    from lisa_kit.prompts import MultiSeg
+
     root = cfg.get("root")
     sources = cfg.get("sources") or {k: {"datasets": list(v[0]), "rate": v[1]} for k, v in LISA_SOURCES.items()}
     groups = []
@@ -117,4 +129,5 @@ def hybrid_from_config(cfg: dict, template: Template, seed: int = 0) -> HybridDa
         groups.append(SourceGroup(name, readers, float(node.get("rate", 1.0))))
     return HybridDataset(groups, template, int(cfg.get("samples_per_epoch", 1000)), seed=seed,
                          classes_per_sample=int(cfg.get("classes_per_sample", 3)),
-                         explanatory=float(cfg.get("explanatory", 0.1)))
+                         explanatory=float(cfg.get("explanatory", 0.1)),
+                         multi_seg=MultiSeg.from_config(cfg.get("multi_seg")), reject_token=reject_token)

@@ -18,7 +18,8 @@ LLM                    LoRA adapters (or everything when LoRA is off; nothing wi
 mask decoder           SAM: the ``mask_decoder`` submodule (``train_mask_decoder``); the
                        image encoder only with the model's ``train_image_encoder``; the
                        prompt encoder frozen. Other decoders: everything but ``image_encoder``
-seg head               trainable (``train_seg_head``)
+seg head               trainable (``train_seg_head``), with the seg-layer mix of
+                       ``model.seg_layers: mix`` (its softmax weights)
 =====================  =========================================================
 """
 from __future__ import annotations
@@ -71,6 +72,9 @@ def set_trainable(model, cfg) -> list[str]:
             p.requires_grad_(True)
     if cfg.train_seg_head:
         for p in model.seg_head.parameters():
+            p.requires_grad_(True)
+        seg_layers = getattr(model, "seg_layers", None)  # the learned layer mix, when there is one
+        for p in (seg_layers.parameters() if seg_layers is not None else ()):
             p.requires_grad_(True)
     names = trainable_names(model)
     if not names:

@@ -1,0 +1,21 @@
+"""The plugin module named in this distribution's ``lisa_kit`` entry point: it registers
+``mask_decoder:sam2`` and ``mask_decoder:hf_sam`` with their ``tiny`` configurations (the
+main suite's conformance tests build every registered component that way)."""
+from __future__ import annotations
+
+import lisa_kit
+from lisa_kit.interfaces import ComponentSpec
+from lisa_kit_sam2.hf_sam import TINY_HF_SAM, build_hf_sam, sizes_hf_sam
+from lisa_kit_sam2.sam2 import TINY_SAM2, build_sam2, sizes_sam2
+
+
+@lisa_kit.hookimpl
+def lisa_kit_components():
+    return [
+        ComponentSpec("mask_decoder", "sam2", build_sam2, tiny={"config": TINY_SAM2},
+                      description="SAM2 / SAM2.1 Hiera through transformers' Sam2Model (high-res features, "
+                                  "text prompt as the sparse token)", sizes=sizes_sam2),
+        ComponentSpec("mask_decoder", "hf_sam", build_hf_sam, tiny={"config": TINY_HF_SAM},
+                      description="SAM ViT-B/L/H through transformers' SamModel (HF dirs or Meta .pth)",
+                      sizes=sizes_hf_sam),
+    ]
