@@ -34,10 +34,25 @@ def test_every_kind_has_a_component():
         assert reg.names(kind), kind
 
 
+# Every component that gives a size the builder passes on (SIZE_LINKS): lisa-kit validate
+# compares written projector/seg head sizes with these, and skips a producer without them.
+BUILTIN_PRODUCERS = (("vision_encoder", "hf_clip"), ("vision_encoder", "open_clip"),
+                     ("vision_encoder", "open_clip_siglip"), ("vision_encoder", "timm"),
+                     ("llm", "hf_causal_lm"), ("mask_decoder", "sam"))
+SAM2_PLUGIN_PRODUCERS = (("mask_decoder", "sam2"), ("mask_decoder", "hf_sam"))
+
+
 def test_builtin_producers_declare_sizes():
-    # lisa-kit validate compares written projector/seg head sizes with these.
     reg = get_registry()
-    for kind, name in (("vision_encoder", "hf_clip"), ("llm", "hf_causal_lm"), ("mask_decoder", "sam")):
+    for kind, name in BUILTIN_PRODUCERS:
+        assert reg.get(kind, name).sizes is not None, f"{kind}:{name}"
+
+
+def test_sam2_plugin_producers_declare_sizes():
+    pytest.importorskip("lisa_kit_sam2", reason="the lisa-kit-sam2 plugin (plugins/lisa-kit-sam2) is not installed")
+    reg = get_registry()
+    for kind, name in SAM2_PLUGIN_PRODUCERS:
+        assert (kind, name) in reg, f"{kind}:{name} not registered although lisa_kit_sam2 imports"
         assert reg.get(kind, name).sizes is not None, f"{kind}:{name}"
 
 

@@ -71,3 +71,24 @@ def test_truncation_drops_the_masks_of_cut_seg_tokens(tiny_model):
     seg = tiny_model.seg_token_id
     assert int((batch.input_ids == seg).sum()) == 1
     assert batch.gt_masks[0].shape[0] == 1 and np.array_equal(batch.gt_masks[0][0].numpy(), m)
+
+
+def test_explain_first_puts_the_reason_before_seg_and_is_off_by_default():
+    from lisa_kit.conversation import Tok
+
+    cfg = {"samples_per_epoch": 30, "explanatory": 0.0,
+           "sources": {"s": {"datasets": ["synthetic"], "split": "train", "options": {"size": 30}}}}
+    plain, first = hybrid_from_config(cfg, TPL), hybrid_from_config({**cfg, "explain_first": True}, TPL)
+    seen = 0
+    for i in range(10):
+        a, b = plain[i], first[i]
+        assert [m.shape for m in a.masks] == [m.shape for m in b.masks]  # same targets, same order
+        for conv, mask in zip(b.conversations, b.masks):
+            answer = conv.rounds[0][1]
+            # "<explanation> [SEG]." with the target named, and the mask still that target's
+            assert answer[-2:] == [Tok("[SEG]"), "."] and answer[0].strip().startswith("The ")
+            seen += 1
+        for conv in a.conversations:  # LISA's answers: [SEG] first (then maybe the explanation)
+            assert not conv.rounds[0][1][0].strip().startswith("The ")
+        np.testing.assert_array_equal(np.asarray(a.masks), np.asarray(b.masks))
+    assert seen >= 10

@@ -14,7 +14,9 @@ import lisa_kit
 from lisa_kit import builder, cli
 from lisa_kit.components.hf_causal_lm import sizes_hf_causal_lm
 from lisa_kit.components.hf_clip import sizes_hf_clip
+from lisa_kit.components.open_clip_tower import TINY_OPEN_CLIP, TINY_SIGLIP, sizes_open_clip
 from lisa_kit.components.sam import sizes_sam
+from lisa_kit.components.timm_tower import TINY_TIMM_CONVNEXT, build_timm, sizes_timm
 from lisa_kit.errors import RecipeError
 from lisa_kit.interfaces import ComponentSpec
 from lisa_kit.recipes import load_recipe, validate_recipe
@@ -24,8 +26,8 @@ from lisa_kit.registry import Registry
 TOWER, LLM, PROMPT = 32, 64, 32
 
 
-def validate(capsys, *args: str) -> tuple[int, str]:
-    code = cli.main(["validate", "lisa-tiny", *(a for o in args for a in ("--set", o))])
+def validate(capsys, *args: str, recipe: str = "lisa-tiny") -> tuple[int, str]:
+    code = cli.main(["validate", recipe, *(a for o in args for a in ("--set", o))])
     out, err = capsys.readouterr()
     return code, out + err
 
@@ -96,6 +98,84 @@ def test_builtin_sizes_functions():
     # Not written: transformers' own default / field name (GPT-2 calls it n_embd).
     assert sizes_hf_clip(config={"image_size": 56}) == {"feature_dim": 768}
     assert sizes_hf_causal_lm(config={"model_type": "gpt2", "n_embd": 48, "n_head": 4}) == {"hidden_size": 48}
+
+
+# -- the other towers and mask decoders: the tiny variant recipes -----------------------
+try:
+    import lisa_kit_sam2  # noqa: F401 - the plugin distribution plugins/lisa-kit-sam2
+except ImportError:
+    HAS_SAM2 = False
+else:
+    HAS_SAM2 = True
+_needs_sam2 = pytest.mark.skipif(not HAS_SAM2, reason="the lisa-kit-sam2 plugin (plugins/lisa-kit-sam2) is not installed")
+
+# (recipe, consumer key, producer, size name, the producer's size in that recipe)
+VARIANTS = [
+    pytest.param("lisa-tiny-openclip", "model.projector.in_dim", "open_clip", "feature_dim", 32, id="open_clip"),
+    pytest.param("lisa-tiny-siglip", "model.projector.in_dim", "open_clip_siglip", "feature_dim", 48,
+                 id="open_clip_siglip"),
+    pytest.param("lisa-tiny-timm-vit", "model.projector.in_dim", "timm", "feature_dim", 32, id="timm"),
+    pytest.param("lisa-tiny-sam2", "model.seg_head.out_dim", "sam2", "prompt_dim", 32, id="sam2",
+                 marks=_needs_sam2),
+    pytest.param("lisa-tiny-hf-sam", "model.seg_head.out_dim", "hf_sam", "prompt_dim", 32, id="hf_sam",
+                 marks=_needs_sam2),
+]
+
+
+@pytest.mark.parametrize("recipe, key, producer, size, given", VARIANTS)
+def test_variant_mismatch_names_both_sizes(capsys, recipe, key, producer, size, given):
+    wrong = given + 16
+    code, out = validate(capsys, f"{key}={wrong}", recipe=recipe)
+    arg, kind = key.rsplit(".", 1)[1], "vision_encoder" if size == "feature_dim" else "mask_decoder"
+    assert code == 1 and "FAIL" in out
+    assert f"{key}: {arg}={wrong} does not match {size}={given} of model.{kind} ({producer})" in out, out
+
+
+@pytest.mark.parametrize("recipe, key, producer, size, given", VARIANTS)
+def test_variant_right_size_is_accepted(capsys, recipe, key, producer, size, given):
+    code, out = validate(capsys, f"{key}={given}", recipe=recipe)
+    assert code == 0, out
+
+
+def test_timm_cnn_size_is_the_selected_stages(capsys):
+    # lisa-tiny-timm-convnext: stage channels 8, 16, 24, 32; the last stage by default.
+    code, out = validate(capsys, "model.vision_encoder.select_layer=3", "model.projector.in_dim=32",
+                         recipe="lisa-tiny-timm-convnext")
+    assert code == 1 and "in_dim=32 does not match feature_dim=24 of model.vision_encoder (timm)" in out, out
+    tower = build_timm(**TINY_TIMM_CONVNEXT, select_layer=3)
+    assert sizes_timm(**TINY_TIMM_CONVNEXT, select_layer=3) == {"feature_dim": tower.feature_dim} == {
+        "feature_dim": 24}
+
+
+def test_tower_sizes_without_weights(tmp_path):
+    # Full-size towers by name: configs (and timm architectures on the meta device) only.
+    junk = tmp_path / "weights.safetensors"
+    junk.write_bytes(b"not a weights file")  # never opened: reading it would fail
+    assert sizes_open_clip(model_name="ViT-L-14-336", pretrained=str(junk)) == {"feature_dim": 1024}
+    assert sizes_open_clip(model_name="ViT-SO400M-14-SigLIP-384", pretrained=str(junk)) == {"feature_dim": 1152}
+    assert sizes_timm("vit_large_patch14_clip_336.openai", pretrained=str(junk)) == {"feature_dim": 1024}
+    # Tiny configs: the native ViT's width, the shrunk timm trunk's embed_dim.
+    assert sizes_open_clip(config=TINY_OPEN_CLIP) == sizes_open_clip(config=TINY_SIGLIP) == {"feature_dim": 32}
+    # Unknown: what the build refuses (it says why), and CNN towers open_clip cannot take tokens from.
+    assert sizes_open_clip() == sizes_open_clip(model_name="ViT-B-16", config=TINY_OPEN_CLIP) == {}
+    assert sizes_open_clip(model_name="no-such-model") == sizes_open_clip(model_name="RN50") == {}
+    assert sizes_timm("hf-hub:timm/vit_base_patch16_clip_224.openai") == {}
+
+
+@_needs_sam2
+def test_sam2_plugin_sizes_read_config_json_only(tmp_path):
+    from lisa_kit_sam2.hf_sam import sizes_hf_sam
+    from lisa_kit_sam2.sam2 import sizes_sam2
+
+    d = tmp_path / "sam2"
+    d.mkdir()  # a config.json and a weights file that is never read
+    (d / "config.json").write_text(json.dumps({"model_type": "sam2", "mask_decoder_config": {"hidden_size": 40}}))
+    (d / "model.safetensors").write_bytes(b"not a weights file")
+    assert sizes_sam2(pretrained=str(d)) == sizes_hf_sam(pretrained=str(d)) == {"prompt_dim": 40}
+    assert sizes_sam2(variant="hiera_large") == sizes_hf_sam(variant="vit_b") == {"prompt_dim": 256}
+    # Unknown: no directory yet, an unknown variant, nothing given.
+    assert sizes_sam2(pretrained=str(tmp_path / "nowhere")) == sizes_sam2(variant="hiera_huge") == {}
+    assert sizes_hf_sam() == {}
 
 
 # -- components without `sizes`, or with a broken one -----------------------------------

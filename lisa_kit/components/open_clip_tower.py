@@ -64,7 +64,7 @@ class OpenClipVisionEncoder(VisionEncoder):
         super().__init__()
         self.visual = visual
         trunk = getattr(visual, "trunk", None)
-        if trunk is not None and hasattr(trunk, "blocks") and hasattr(trunk, "patch_embed"):
+        if _is_timm_vit(trunk):
             n_blocks, self.feature_dim = len(trunk.blocks), int(trunk.embed_dim)
             grid = trunk.patch_embed.grid_size
         elif hasattr(visual, "transformer") and hasattr(visual, "grid_size"):
@@ -116,6 +116,11 @@ class OpenClipVisionEncoder(VisionEncoder):
     def export_config(self) -> dict:
         return {"config": copy.deepcopy(self.model_cfg), "select_layer": self.select_layer, "norm": self.norm,
                 "preprocess": _plain(self.preprocess_cfg)}
+
+
+def _is_timm_vit(trunk) -> bool:
+    """A timm trunk with patch tokens (a ViT), the kind of timm tower this encoder takes."""
+    return trunk is not None and hasattr(trunk, "blocks") and hasattr(trunk, "patch_embed")
 
 
 def _channels(v) -> list[float]:
@@ -260,6 +265,44 @@ def build_open_clip_siglip(model_name: str | None = None, pretrained: str | None
                   default_preprocess=SIGLIP_PREPROCESS)
 
 
+def sizes_open_clip(model_name: str | None = None, config: dict | None = None, **_) -> dict:
+    """``feature_dim`` (the tower's width) from the open_clip model config (``model_name``'s,
+    or ``config``), without building the tower or reading ``pretrained``: a native ViT's
+    ``vision_cfg.width`` (open_clip's default where not written); a timm trunk's
+    ``embed_dim``, from the timm architecture (with ``timm_model_kwargs``) built on the
+    ``meta`` device, which allocates and reads nothing. ``{}`` where the build would refuse
+    the arguments or the tower (not exactly one of ``model_name``/``config``, an unknown or
+    hub name, a CNN tower), which it then reports."""
+    import open_clip
+    from open_clip.model import CLIPVisionCfg
+
+    if (model_name is None) == (config is None):
+        return {}
+    if model_name is not None:
+        if model_name.startswith(("hf-hub:", "local-dir:")):
+            return {}
+        cfg = open_clip.get_model_config(model_name)
+        if cfg is None:
+            return {}
+    else:
+        cfg = config
+    vision_cfg = dict(cfg.get("vision_cfg") or {})
+    timm_name = vision_cfg.get("timm_model_name")
+    if not timm_name:
+        if isinstance(vision_cfg.get("layers"), (list, tuple)):
+            return {}  # a ModifiedResNet (RN50 …): not a ViT
+        return {"feature_dim": int(vision_cfg.get("width", CLIPVisionCfg().width))}
+    if timm_name.startswith(("hf-hub:", "hf_hub:")):
+        return {}  # timm would fetch the architecture's config from the hub
+    import timm
+
+    # The trunk alone, as open_clip's TimmModel creates it (its pooling and projection sit
+    # on top of the trunk and do not change the tokens' width); never pretrained here.
+    with torch.device("meta"):
+        trunk = timm.create_model(timm_name, pretrained=False, **dict(vision_cfg.get("timm_model_kwargs") or {}))
+    return {"feature_dim": int(trunk.embed_dim)} if _is_timm_vit(trunk) else {}
+
+
 # Tiny random towers: a CLIP-like open_clip ViT (CLS token, QuickGELU) and a SigLIP-like
 # one (the SO400M SigLIP timm architecture shrunk: no CLS, attention-pool head).
 TINY_OPEN_CLIP = {"embed_dim": 32, "quick_gelu": True,
@@ -275,7 +318,9 @@ TINY_SIGLIP = {"embed_dim": 32,
 def lisa_kit_components():
     return [
         ComponentSpec("vision_encoder", "open_clip", build_open_clip, tiny={"config": TINY_OPEN_CLIP},
-                      description="open_clip ViT tower (CLIP, SigLIP …), patch tokens of select_layer -2"),
+                      description="open_clip ViT tower (CLIP, SigLIP …), patch tokens of select_layer -2",
+                      sizes=sizes_open_clip),
         ComponentSpec("vision_encoder", "open_clip_siglip", build_open_clip_siglip, tiny={"config": TINY_SIGLIP},
-                      description="open_clip tower with SigLIP's preprocessing by default (squash, mean/std 0.5)"),
+                      description="open_clip tower with SigLIP's preprocessing by default (squash, mean/std 0.5)",
+                      sizes=sizes_open_clip),
     ]

@@ -54,11 +54,7 @@ class TimmVisionEncoder(VisionEncoder):
         self.model = model
         self.model_name = model_name
         self.model_kwargs = dict(model_kwargs)
-        self.tokens = getattr(model, "num_prefix_tokens", None) is not None and hasattr(model, "patch_embed")
-        info = model.feature_info
-        info = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
-        self.select_layer = select_layer if select_layer is not None else (-2 if self.tokens else -1)
-        self.block = block_index(self.select_layer, len(info), "model.vision_encoder.select_layer")
+        self.tokens, self.select_layer, self.block, info = _selected(model, select_layer)
         self.norm = norm
         self.feature_dim = int(info[self.block]["num_chs"])
         self.data_config = data_config
@@ -116,6 +112,33 @@ class TimmVisionEncoder(VisionEncoder):
                 "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}}
 
 
+def _selected(model, select_layer: int | None) -> tuple[bool, int, int, list[dict]]:
+    """``(tokens, select_layer, block, feature_info)``: whether ``model`` is a token model
+    (a ViT: prefix tokens and a patch embedding), the layer taken (default ``-2`` for
+    token models, LLaVA's choice, ``-1``, the last stage, for feature-map models), its
+    0-based block/stage index and timm's per-block ``feature_info`` dicts (``num_chs``,
+    ``reduction``)."""
+    tokens = getattr(model, "num_prefix_tokens", None) is not None and hasattr(model, "patch_embed")
+    info = model.feature_info
+    info = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
+    layer = select_layer if select_layer is not None else (-2 if tokens else -1)
+    return tokens, layer, block_index(layer, len(info), "model.vision_encoder.select_layer"), info
+
+
+def _create(model_name: str, model_kwargs: dict | None):
+    """``timm.create_model`` without a classifier and without any download (on the current
+    default device: ``meta`` for :func:`sizes_timm`)."""
+    import timm
+
+    if model_name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        raise RecipeError(f"model_name {model_name!r}: give a timm architecture name and the weights file as "
+                          "`pretrained`; lisa_kit never downloads", key="model.vision_encoder.model_name")
+    try:
+        return timm.create_model(model_name, pretrained=False, num_classes=0, **dict(model_kwargs or {}))
+    except RuntimeError as e:  # timm: "Unknown model (...)"
+        raise RecipeError(f"timm cannot create {model_name!r}: {e}", key="model.vision_encoder.model_name") from e
+
+
 def _classifier_prefixes(model) -> tuple[str, ...]:
     cls = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
     return tuple(f"{c}." for c in ((cls,) if isinstance(cls, str) else cls))
@@ -131,23 +154,16 @@ def build_timm(model_name: str, pretrained: str | None = None, model_kwargs: dic
     the pretrained config's); ``data_config``: overrides of timm's data config
     (``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``); ``norm``: apply
     the model's final norm to the selected features."""
-    import timm
     from timm.data import resolve_data_config
 
     from lisa_kit.checkpoint.io import load_into, load_state_dict
 
-    if model_name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
-        raise RecipeError(f"model_name {model_name!r}: give a timm architecture name and the weights file as "
-                          "`pretrained`; lisa_kit never downloads", key="model.vision_encoder.model_name")
     for k in data_config or {}:
         if k not in DATA_CONFIG_KEYS:
             raise RecipeError(f"unknown data_config key {k!r}; timm's are {', '.join(DATA_CONFIG_KEYS)}",
                               key=f"model.vision_encoder.data_config.{k}")
     kwargs = dict(model_kwargs or {})
-    try:
-        model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
-    except RuntimeError as e:  # timm: "Unknown model (...)"
-        raise RecipeError(f"timm cannot create {model_name!r}: {e}", key="model.vision_encoder.model_name") from e
+    model = _create(model_name, kwargs)
     if pretrained is not None:
         import os
 
@@ -176,6 +192,20 @@ def build_timm(model_name: str, pretrained: str | None = None, model_kwargs: dic
     return TimmVisionEncoder(model.eval(), model_name, kwargs, cfg, select_layer=select_layer, norm=norm)
 
 
+def sizes_timm(model_name: str | None = None, model_kwargs: dict | None = None, select_layer: int | None = None,
+               **_) -> dict:
+    """``feature_dim`` (the channels of the block or stage ``select_layer`` takes: a ViT's
+    width, a CNN stage's channels) from the architecture built on the ``meta`` device,
+    which allocates no memory and reads nothing: ``pretrained`` (a weights file) is not
+    opened. ``{}`` for a hub/local-dir name (the build refuses it)."""
+    if not isinstance(model_name, str) or model_name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        return {}
+    with torch.device("meta"):
+        model = _create(model_name, model_kwargs)
+    _, _, block, info = _selected(model, select_layer)
+    return {"feature_dim": int(info[block]["num_chs"])}
+
+
 TINY_TIMM_VIT = {"model_name": "vit_base_patch16_clip_224",
                  "model_kwargs": {"img_size": 48, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}}
 TINY_TIMM_CONVNEXT = {"model_name": "convnext_atto", "image_size": 64,
@@ -185,4 +215,5 @@ TINY_TIMM_CONVNEXT = {"model_name": "convnext_atto", "image_size": 64,
 @lisa_kit.hookimpl
 def lisa_kit_components():
     return [ComponentSpec("vision_encoder", "timm", build_timm, tiny=TINY_TIMM_VIT,
-                          description="timm image model: ViT tokens (prefix tokens dropped) or a CNN stage's map")]
+                          description="timm image model: ViT tokens (prefix tokens dropped) or a CNN stage's map",
+                          sizes=sizes_timm)]

@@ -51,7 +51,7 @@ class HybridDataset:
 
     def __init__(self, groups: list[SourceGroup], template: Template, samples_per_epoch: int, seed: int = 0,
                  classes_per_sample: int = 3, explanatory: float = 0.1, multi_seg=None,
-                 reject_token: str | None = None):
+                 reject_token: str | None = None, explain_first: bool = False):
         groups = [g for g in groups if g.rate > 0]
         if not groups:
             raise DataError("no data source with a positive rate")
@@ -69,6 +69,7 @@ class HybridDataset:
         self.explanatory = explanatory
         self.multi_seg = multi_seg
         self.reject_token = reject_token
+        self.explain_first = bool(explain_first)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -98,7 +99,7 @@ class HybridDataset:
             record = reader[k]
             if record.targets or record.rounds:
                 return build_sample(record, rng, self.template, self.classes_per_sample, self.explanatory,
-                                    self.multi_seg, self.reject_token)
+                                    self.multi_seg, self.reject_token, self.explain_first)
         raise DataError(f"{self.MAX_REDRAWS} draws in a row found records without targets; check the datasets")
 
 
@@ -112,6 +113,7 @@ def hybrid_from_config(cfg: dict, template: Template, seed: int = 0, reject_toke
           classes_per_sample: 3
           explanatory: 0.1
           multi_seg: {prob: 0.5, max_targets: 3}   # several targets per question (default: off)
+          explain_first: false                     # true: "<explanation> [SEG]." (the reason before the mask)
           sources:                              # default: LISA's four groups and rates
             reason_seg: {datasets: [reason_seg], rate: 1, split: train}
             synthetic: {datasets: [synthetic], rate: 1, options: {size: 2000}}
@@ -130,4 +132,5 @@ def hybrid_from_config(cfg: dict, template: Template, seed: int = 0, reject_toke
     return HybridDataset(groups, template, int(cfg.get("samples_per_epoch", 1000)), seed=seed,
                          classes_per_sample=int(cfg.get("classes_per_sample", 3)),
                          explanatory=float(cfg.get("explanatory", 0.1)),
-                         multi_seg=MultiSeg.from_config(cfg.get("multi_seg")), reject_token=reject_token)
+                         multi_seg=MultiSeg.from_config(cfg.get("multi_seg")), reject_token=reject_token,
+                         explain_first=bool(cfg.get("explain_first", False)))

@@ -71,7 +71,8 @@ def decoder_width(variants: dict, variant: str | None, pretrained: str | None, c
     """``{"prompt_dim": ...}`` read from configs only (a ``sizes`` function for the registry):
     the mask decoder's ``hidden_size`` in the pretrained directory's ``config.json``, or in
     the variant's and ``config``'s dicts (transformers' default, 256, where none is set).
-    ``{}`` when it cannot be told (e.g. the directory is not there yet)."""
+    ``{}`` when it cannot be told (the directory is not there yet, an unknown variant, or
+    neither source given: the build reports those)."""
     if pretrained is not None:
         import json
 
@@ -79,6 +80,8 @@ def decoder_width(variants: dict, variant: str | None, pretrained: str | None, c
         if not f.is_file():
             return {}
         cfg = json.loads(f.read_text())
+    elif (variant is not None and variant not in variants) or (variant is None and config is None):
+        return {}
     else:
         cfg = deep_merge(variants.get(variant, {}) if variant else {}, config or {})
     width = (cfg.get("mask_decoder_config") or {}).get("hidden_size", DEFAULT_WIDTH)
