@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from lisa_kit.errors import CheckpointError
 
@@ -121,3 +122,21 @@ def normalize(chw_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean) * (1.0 / RESCALE_FACTOR)
     s = torch.tensor(std) * (1.0 / RESCALE_FACTOR)
     return (chw_uint8.to(torch.float32) - m.view(-1, 1, 1)) / s.view(-1, 1, 1)
+
+
+class ModelParts:
+    """The parts of a transformers SAM/SAM2 ``self.model``, by the names LISA's training
+    rule (``mask_decoder`` trains, ``image_encoder`` stays frozen) and the benchmark's
+    stage timers look for."""
+
+    @property
+    def image_encoder(self) -> nn.Module:
+        return self.model.vision_encoder
+
+    @property
+    def prompt_encoder(self) -> nn.Module:
+        return self.model.prompt_encoder
+
+    @property
+    def mask_decoder(self) -> nn.Module:
+        return self.model.mask_decoder

@@ -29,6 +29,7 @@ from torch import nn
 
 from lisa_kit.interfaces import ImageMeta, MaskDecoder
 from lisa_kit_sam2._hf import (
+    ModelParts,
     IMAGENET_MEAN,
     IMAGENET_STD,
     decoder_width,
@@ -144,7 +145,7 @@ def meta_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-class HFSamMaskDecoder(MaskDecoder):
+class HFSamMaskDecoder(ModelParts, MaskDecoder):
     """``model``: a transformers ``SamModel``. ``mean``/``std``: the processor's (ImageNet)."""
 
     def __init__(self, model, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -162,18 +163,6 @@ class HFSamMaskDecoder(MaskDecoder):
                              f"encoder's ({self.image_size})")
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
-
-    @property
-    def image_encoder(self) -> nn.Module:
-        return self.model.vision_encoder
-
-    @property
-    def prompt_encoder(self) -> nn.Module:
-        return self.model.prompt_encoder
-
-    @property
-    def mask_decoder(self) -> nn.Module:
-        return self.model.mask_decoder
 
     # -- preprocessing ------------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, ImageMeta]:

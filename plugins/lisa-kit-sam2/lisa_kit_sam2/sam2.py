@@ -55,6 +55,7 @@ from torch import nn
 
 from lisa_kit.interfaces import ImageMeta, MaskDecoder
 from lisa_kit_sam2._hf import (
+    ModelParts,
     IMAGENET_MEAN,
     IMAGENET_STD,
     decoder_width,
@@ -129,7 +130,7 @@ def sam2_config(config: dict):
         raise ValueError(f"invalid Sam2Config for mask_decoder 'sam2': {type(e).__name__}: {e}") from e
 
 
-class Sam2MaskDecoder(MaskDecoder):
+class Sam2MaskDecoder(ModelParts, MaskDecoder):
     """``model``: a transformers ``Sam2Model``. ``mean``/``std``: the processor's (ImageNet)."""
 
     def __init__(self, model, dynamic_multimask: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -151,19 +152,6 @@ class Sam2MaskDecoder(MaskDecoder):
         model.mask_decoder.dynamic_multimask_via_stability = self.dynamic_multimask
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
-
-    # The parts, by the names LISA's training rule and the benchmark look for.
-    @property
-    def image_encoder(self) -> nn.Module:
-        return self.model.vision_encoder
-
-    @property
-    def prompt_encoder(self) -> nn.Module:
-        return self.model.prompt_encoder
-
-    @property
-    def mask_decoder(self) -> nn.Module:
-        return self.model.mask_decoder
 
     # -- preprocessing ------------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, ImageMeta]:
