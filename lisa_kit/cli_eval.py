@@ -22,7 +22,8 @@ def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("teacher", "generate", "both"), default="both",
                    help="teacher: LISA's protocol ([SEG] given); generate: the model must emit [SEG] (default: both)")
     p.add_argument("--all-texts", action="store_true", help="ReasonSeg: ask every text of an image (LISA: text[0])")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="generate mode answer budget")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generate mode answer budget (default: the recipe's generation.max_new_tokens, else 32)")
     p.add_argument("--limit", type=int, help="score the first N images only")
     p.add_argument("--out", default="lisa_kit_eval", help="output directory (metrics.json, metrics.md)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
@@ -51,6 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     model = (load_checkpoint(args.checkpoint, vision_tower=args.vision_tower, sam=args.sam_config)
              if args.checkpoint else load(args.recipe, args.overrides)).to(device).eval()
     modes = ("teacher", "generate") if args.mode == "both" else (args.mode,)
+    budget = args.max_new_tokens or ((model.recipe or {}).get("generation") or {}).get("max_new_tokens") or 32
     out = Path(args.out)
     report = {"recipe": args.recipe, "overrides": args.overrides, "checkpoint": args.checkpoint,
               "versions": versions(), "device": str(device),
@@ -58,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     md = []
     for name, split in specs:
         reader = open_dataset(name, args.root, split)
-        results = Evaluator(model, reader, modes, all_texts=args.all_texts, max_new_tokens=args.max_new_tokens,
+        results = Evaluator(model, reader, modes, all_texts=args.all_texts, max_new_tokens=int(budget),
                             limit=args.limit).run()
         report["evals"].append({"dataset": name, "split": split, "modes": results})
         md.append(markdown_table(results, f"{name}:{split}"))
