@@ -18,7 +18,7 @@ launch(demo)                      # http://127.0.0.1:7860, until Ctrl-C
   questions that fit it.
 * :func:`build_demo` lays it out: the description on top; image + question + Submit on
   the left; the overlay, the masks and the answer on the right; the examples below
-  (shown whole: gradio's table would cut long questions off). A request that
+  (shown whole: gradio's example table would cut long questions off). A request that
   cannot be served (no image, an undecodable file, an empty or over-long question)
   becomes a gradio error message in the page; the app keeps serving.
 * :func:`launch` serves it: loopback only unless a host is named, no analytics and no
@@ -54,13 +54,6 @@ INSTALL_HINT = 'pip install "lisa-kit[demo]"'
 TITLE = "lisa-kit: reasoning segmentation"
 EXAMPLES_FILE = "examples.json"  # next to a model: example questions that fit it
 GENERIC_PLACEHOLDER = "Which object ...? Please output segmentation mask."
-# gradio's example table cuts each cell to one line with an ellipsis: let questions wrap.
-EXAMPLES_CSS = """
-#lisa-examples td, #lisa-examples td * {
-    white-space: normal !important; overflow: visible !important; text-overflow: clip !important;
-    max-width: none !important;
-}
-"""
 
 
 def require_gradio():
@@ -146,7 +139,7 @@ def answer_picture(segmenter, image, question: str):
     import numpy as np
 
     from lisa_kit.images import load_image
-    from lisa_kit.visualize import annotate
+    from lisa_kit.visualize import annotate_result
 
     if image is None:
         raise InputError("no image: upload one (or pick an example) first")
@@ -157,8 +150,7 @@ def answer_picture(segmenter, image, question: str):
     masks = [(m.astype(np.uint8) * 255, f"[SEG] {k}: score {s:.2f}, {int(m.sum())} px")
              for k, (m, s) in enumerate(zip(res.masks, res.scores))]
     text = res.text if res.num_masks else f"{res.text}\n{NO_SEG_NOTE}".strip()
-    picture = annotate(rgb, res.masks, text=res.text, seg_spans=res.seg_spans, rejected=res.rejected,
-                       caption=text)
+    picture = annotate_result(rgb, res, caption=text)
     return picture, masks, text
 
 
@@ -238,4 +230,4 @@ def launch(demo, *, host: str = DEFAULT_HOST, port: int | None = DEFAULT_PORT, s
     # run_history off: gradio would otherwise keep every request (uploaded images included)
     # in the browser's storage and offer to sync it to a Hugging Face bucket.
     return demo.launch(server_name=host, server_port=port, share=share, inbrowser=False, show_error=True,
-                       prevent_thread_lock=not block, quiet=quiet, run_history=False, css=EXAMPLES_CSS)
+                       prevent_thread_lock=not block, quiet=quiet, run_history=False)

@@ -6,19 +6,21 @@ Two levels:
   each mask filled with a blend of the image and the mask's colour, and outlined in
   that colour, opaque, on its inner boundary (so the outline never covers a pixel
   outside the mask). Ignored pixels (value 255) are blended with grey.
-* :func:`annotate` makes the picture for people (web demo, ``data check --export``,
-  README figure): small images are enlarged (nearest neighbour, so pixels stay
-  pixels), the overlay is drawn at that size, and text goes in white bands *around* the
-  image, never over it: an optional title (the question) above, the caption (the
-  answer) and a legend below. Each legend entry is a colour swatch and the part of the
-  answer its ``[SEG]`` closes ("mask k" when that part says nothing, e.g. "Sure,"), or
-  says the mask is empty or was rejected (``[REJ]``). :class:`Picture` reports the
-  layout it drew, so callers and tests can find the image, the caption and each swatch.
+* :func:`annotate` (:func:`annotate_result` for a ``SegResult``) makes the picture for
+  people (web demo, ``data check --export``, README figure): small images are enlarged
+  (nearest neighbour, so pixels stay pixels), the overlay is drawn at that size, and
+  text goes in white bands *around* the image, never over it: an optional title (the
+  question) above, the caption (the answer) and a legend below. Each legend entry is a
+  colour swatch and the part of the answer its ``[SEG]`` closes ("mask k" when that
+  part says nothing, e.g. "Sure,"), or says the mask is empty or was rejected
+  (``[REJ]``). :class:`Picture` reports the layout it drew, so callers and tests can
+  find the image, the caption and each swatch.
 
 Colours (:func:`pick_colours`): LISA's overlay paints every mask pure red, which
 vanishes on a red object. Here each mask takes, from :data:`PALETTE`, the colour
-farthest (CIELAB distance) from the pixels under it and around it and from the colours
-already given to earlier masks.
+that stays farthest (CIELAB distance) from the pixels under it once blended, from the
+pixels around it, from the rest of the image and from the colours already given to
+earlier masks.
 """
 from __future__ import annotations
 
@@ -378,3 +380,12 @@ def annotate(image: np.ndarray, masks, *, text: str | None = None, seg_spans: Se
             y = y_end
     pic.pixels = np.asarray(canvas)
     return pic
+
+
+def annotate_result(image: np.ndarray, result, *, title: str | None = None, caption: str | None = None,
+                    **kwargs) -> Picture:
+    """:func:`annotate` for a :class:`lisa_kit.api.SegResult` of ``image``: its masks,
+    its answer as caption (``caption`` overrides), legend labels from its ``[SEG]``
+    spans, rejected masks marked. ``title``: e.g. the question."""
+    return annotate(image, result.masks, text=result.text, seg_spans=result.seg_spans, rejected=result.rejected,
+                    title=title, caption=caption, **kwargs)

@@ -21,7 +21,7 @@ from lisa_kit.api import Segmenter
 from lisa_kit.datasets.synthetic import SyntheticReasoningSet
 from lisa_kit.demo_app import EXAMPLES_DIR
 from lisa_kit.images import load_image
-from lisa_kit.visualize import BAND, INK, Picture, annotate, load_font, wrap
+from lisa_kit.visualize import BAND, INK, Picture, annotate, annotate_result, load_font, wrap
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "images" / "demo.png"
 GAP = 12  # px between columns and between a column's parts
@@ -43,8 +43,7 @@ def _column(seg: Segmenter, ex: dict) -> tuple[str, Picture, Picture]:
     r = seg.seg(image, ex["question"])
     gt, gt_text = _ground_truth(ex["source"], image.shape[:2])
     iou = float((r.masks[0] & gt).sum() / max(1, (r.masks[0] | gt).sum())) if r.num_masks else 0.0
-    pred = annotate(image, r.masks, text=r.text, seg_spans=r.seg_spans, rejected=r.rejected, title="prediction",
-                    caption=f"{r.text}\n(IoU with the ground truth: {iou:.2f})")
+    pred = annotate_result(image, r, title="prediction", caption=f"{r.text}\n(IoU with the ground truth: {iou:.2f})")
     truth = annotate(image, gt[None], labels=[gt_text], title="ground truth")
     return ex["question"], pred, truth
 
