@@ -45,7 +45,8 @@ DEFAULT_ALPHA = 0.5  # LISA's vis_output blend: image * 0.5 + colour * 0.5
 PIXEL_SAMPLE = 4096  # pixels of a region compared against each candidate colour (enough for a percentile)
 NEAR_PERCENTILE = 10  # a colour's distance to a region: this percentile of per-pixel distances (robust to edges)
 SCENE_PERCENTILE = 1  # ... and to the rest of the image: what covers 1 % of it counts as present
-MIN_SIDE = 256  # annotate(): smaller images are enlarged by an integer factor to at least this side
+MIN_SIDE = 256  # annotate(): smaller images are enlarged by an integer factor to at least this side...
+MAX_SIDE = 2048  # ...unless that makes the longer side longer than this
 FONT_PER_WIDTH = 24  # annotate(): about this many font sizes fit across the picture...
 FONT_RANGE = (12, 28)  # ...within these sizes (pixels)
 BAND = (255, 255, 255)  # text bands
@@ -77,6 +78,21 @@ def colour_distance(a, b) -> np.ndarray:
     return np.linalg.norm(rgb_to_lab(a) - rgb_to_lab(b), axis=-1)
 
 
+def _as_rgb(image) -> np.ndarray:
+    """RGB ``uint8 (H, W, 3)`` from an RGB, grey ``(H, W)`` or RGBA ``uint8`` array;
+    :class:`~lisa_kit.errors.InputError` for anything else."""
+    from lisa_kit.errors import InputError
+
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        raise InputError(f"the image must be uint8 (0..255), got {a.dtype}")
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=-1)
+    if a.ndim != 3 or a.shape[2] not in (3, 4) or 0 in a.shape[:2]:
+        raise InputError(f"the image must be (H, W), (H, W, 3) or (H, W, 4) and not empty, got {a.shape}")
+    return a[..., :3]
+
+
 def _as_masks(masks, shape: tuple[int, int]) -> np.ndarray:
     """``(M, H, W)`` uint8 with values 0 / 1 / 255 (bool and 0/1/255 masks accepted)."""
     m = np.asarray(masks)
@@ -85,7 +101,9 @@ def _as_masks(masks, shape: tuple[int, int]) -> np.ndarray:
     if m.size == 0:
         return np.zeros((0, *shape), np.uint8)
     if m.ndim != 3 or m.shape[1:] != tuple(shape):
-        raise ValueError(f"masks have shape {m.shape}, expected (M, {shape[0]}, {shape[1]}) for the image")
+        from lisa_kit.errors import InputError
+
+        raise InputError(f"masks have shape {m.shape}, expected (M, {shape[0]}, {shape[1]}) for the image")
     out = (m > 0).astype(np.uint8)
     out[m == 255] = 255
     return out
@@ -126,8 +144,9 @@ def pick_colours(image: np.ndarray, masks, *, palette: Sequence[RGB] = PALETTE, 
     surroundings), the rest of the image to the colour (so it does not look like another
     object there), and the colours already chosen. Over a set of pixels a low
     percentile counts (:data:`NEAR_PERCENTILE`, :data:`SCENE_PERCENTILE` for the rest of
-    the image), so a few stray pixels do not decide.
-    Empty masks are only kept apart from the others. ``image`` RGB ``uint8 (H, W, 3)``, ``masks`` ``(M, H, W)``."""
+    the image), so a few stray pixels do not decide. ``image`` RGB ``uint8 (H, W, 3)``
+    (grey and RGBA are converted), ``masks`` ``(M, H, W)``."""
+    image = _as_rgb(image)
     masks = _as_masks(masks, image.shape[:2])
     cand = np.asarray(palette, dtype=np.float64)
     cand_lab = rgb_to_lab(cand)
@@ -166,11 +185,14 @@ def overlay(image: np.ndarray, masks, alpha: float = DEFAULT_ALPHA, *, colours: 
     grey. ``colours`` default to :func:`pick_colours`. Later masks are drawn over
     earlier ones (an earlier outline that a later one covers is drawn wider, so both
     show); pixels outside every mask are untouched."""
+    image = _as_rgb(image)
     masks = _as_masks(masks, image.shape[:2])
     if colours is None:
         colours = pick_colours(image, masks, alpha=alpha)
     if len(colours) < len(masks):
-        raise ValueError(f"{len(masks)} masks but {len(colours)} colours")
+        from lisa_kit.errors import InputError
+
+        raise InputError(f"{len(masks)} masks but {len(colours)} colours")
     if outline is None:
         outline = max(1, round(min(image.shape[:2]) / 100))
     out = image.astype(np.float32).copy()
@@ -299,17 +321,21 @@ def annotate(image: np.ndarray, masks, *, text: str | None = None, seg_spans: Se
     ``labels`` name the masks directly instead (e.g. ground-truth phrases). ``rejected``:
     per mask, whether the model answered ``[REJ]``. ``title``: a line above the image
     (the question). The image is enlarged by the integer factor that makes its shorter
-    side at least ``min_side``; the picture is as wide as the enlarged image."""
+    side at least ``min_side`` (the longer one at most :data:`MAX_SIDE`); the picture is
+    as wide as the enlarged image, and at least ``min_side`` (the image centred)."""
     from PIL import Image, ImageDraw
 
+    image = _as_rgb(image)
     h, w = image.shape[:2]
     masks = _as_masks(masks, (h, w))
     n = len(masks)
-    scale = max(1, math.ceil(min_side / max(1, min(h, w))))
+    # Enlarge small images, but never past MAX_SIDE on the longer side (a 1 x 2000 strip).
+    scale = max(1, min(math.ceil(min_side / min(h, w)), MAX_SIDE // max(h, w)))
     big = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
     big_masks = np.repeat(np.repeat(masks, scale, axis=1), scale, axis=2)
     colours = pick_colours(image, masks, alpha=alpha)
-    W = w * scale
+    W = max(w * scale, min_side)  # room for text beside a narrow image
+    x_img = (W - w * scale) // 2
     size = int(np.clip(W // FONT_PER_WIDTH, *FONT_RANGE))
     font = load_font(size)
     line_h = size + size // 3
@@ -347,7 +373,7 @@ def annotate(image: np.ndarray, masks, *, text: str | None = None, seg_spans: Se
     legend_h = band(sum(len(ls) for ls in legend_lines))
     H = title_h + h * scale + cap_h + legend_h
     canvas = Image.new("RGB", (W, H), BAND)
-    canvas.paste(Image.fromarray(drawn), (0, title_h))
+    canvas.paste(Image.fromarray(drawn), (x_img, title_h))
     draw = ImageDraw.Draw(canvas)
 
     def put(lines, y, x=pad, fill=INK):
@@ -356,7 +382,8 @@ def annotate(image: np.ndarray, masks, *, text: str | None = None, seg_spans: Se
             y += line_h
         return y
 
-    pic = Picture(pixels=np.zeros(0), image_box=(0, title_h, W, title_h + h * scale), scale=scale, colours=colours)
+    pic = Picture(pixels=np.zeros(0), image_box=(x_img, title_h, x_img + w * scale, title_h + h * scale), scale=scale,
+                  colours=colours)
     if title_lines:
         put(title_lines, pad)
         pic.title_box = (0, 0, W, title_h)

@@ -12,6 +12,8 @@ from lisa_kit.datasets.synthetic import PALETTE as SHAPE_COLOURS
 from lisa_kit.visualize import (
     DEFAULT_ALPHA,
     LEGEND_LINES,
+    MAX_SIDE,
+    MIN_SIDE,
     annotate,
     colour_distance,
     inner_boundary,
@@ -150,5 +152,30 @@ def test_span_labels():
 
 def test_masks_of_the_wrong_size_are_refused():
     img, mask = _scene()
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(ValueError, match="expected"):  # an InputError, which is a ValueError
         overlay(img, mask[None, :10])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (3, 2000, 3), (2000, 3), (40, 30, 4), (600, 900, 3)])
+def test_any_image_shape_gets_a_readable_picture(shape):
+    """Tiny, strip-like, grey, RGBA and large images: the image kept whole, the text beside it."""
+    img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    mask = np.zeros(shape[:2], bool)
+    mask[: max(1, shape[0] // 2), : max(1, shape[1] // 2)] = True
+    pic = annotate(img, mask[None], text="It is the top left corner [SEG].", seg_spans=[(26, 31)])
+    x0, y0, x1, y1 = pic.image_box
+    assert (y1 - y0, x1 - x0) == (shape[0] * pic.scale, shape[1] * pic.scale)
+    assert max(y1 - y0, x1 - x0) <= max(MAX_SIDE, *shape[:2])  # enlarged, within bounds
+    assert pic.pixels.shape[1] >= MIN_SIDE and len(pic.legend) == 1
+    rgb = img if img.ndim == 3 else np.repeat(img[..., None], 3, axis=-1)
+    region = pic.pixels[y0:y1:pic.scale, x0:x1:pic.scale]
+    assert np.array_equal(region[~mask], rgb[..., :3][~mask])
+
+
+def test_bad_images_raise_input_error():
+    from lisa_kit.errors import InputError
+
+    with pytest.raises(InputError, match="uint8"):
+        annotate(np.zeros((4, 4, 3), np.float32), np.zeros((1, 4, 4), bool))
+    with pytest.raises(InputError, match="not empty"):
+        overlay(np.zeros((0, 4, 3), np.uint8), np.zeros((1, 0, 4), bool))
