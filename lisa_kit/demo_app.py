@@ -42,8 +42,7 @@ if TYPE_CHECKING:  # numpy is imported when answering, to keep `lisa-kit --help`
     import numpy as np
 
 __all__ = ["build_demo", "launch", "answer", "answer_picture", "load_examples", "examples_for", "describe_model",
-           "require_gradio",
-           "EXAMPLES_DIR", "DEFAULT_HOST", "DEFAULT_PORT", "NO_SEG_NOTE"]
+           "require_gradio", "EXAMPLES_DIR", "DEFAULT_HOST", "DEFAULT_PORT", "NO_SEG_NOTE"]
 
 #: The shipped example images and ``examples.json`` (made by ``scripts/make_examples.py``).
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
