@@ -14,7 +14,9 @@ def _setup_check(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=None,
                    help="the dataset/ directory of LISA's README (not needed for `synthetic`)")
     p.add_argument("--split", action="append", help="split(s) to check (repeatable; default: every split)")
-    p.add_argument("--export", metavar="OUT", help="write each record's image, question(s), masks and an overlay")
+    p.add_argument("--export", metavar="OUT",
+                   help="write each record's image, question(s), masks and a ground-truth overlay "
+                        "(outlined masks, a legend naming each target)")
     p.add_argument("--limit", type=int, default=None, help="check/export at most N records per split")
     p.add_argument("--no-decode", action="store_true", help="only check that files exist (fast)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -46,7 +48,7 @@ def _export(reader, out: Path, limit: int | None) -> int:
 
     from lisa_kit.errors import DataError
     from lisa_kit.prompts import eval_question
-    from lisa_kit.visualize import overlay
+    from lisa_kit.visualize import annotate
 
     out.mkdir(parents=True, exist_ok=True)
     n = len(reader) if limit is None else min(limit, len(reader))
@@ -63,7 +65,7 @@ def _export(reader, out: Path, limit: int | None) -> int:
             Image.fromarray(image).save(out / f"{stem}.png")
             entry = {"key": rec.key, "image": f"{stem}.png", "source_image": str(rec.image_path),
                      "size": list(image.shape[:2]), "targets": [], "rounds": [list(r) for r in rec.rounds]}
-            masks = []
+            masks, names = [], []
             for k, t in enumerate(rec.targets):
                 item = {"text": t.text, "kind": t.kind, "question": eval_question(t.text, t.kind).strip(),
                         "empty": t.empty}
@@ -72,9 +74,11 @@ def _export(reader, out: Path, limit: int | None) -> int:
                     item["mask"] = f"{stem}_mask_{k}.png"
                     item["pixels"] = {"target": int((t.mask == 1).sum()), "ignored": int((t.mask == 255).sum())}
                     masks.append(t.mask)
+                    names.append(t.text)
                 entry["targets"].append(item)
-            if masks:
-                Image.fromarray(overlay(image, np.stack(masks))).save(out / f"{stem}_overlay.png")
+            if masks:  # the ground truth as a person reads it: outlined masks, legend = the targets' texts
+                picture = annotate(image, np.stack(masks), labels=names, caption=f"ground truth of {rec.key}")
+                Image.fromarray(picture.pixels).save(out / f"{stem}_overlay.png")
             index.write(json.dumps(entry) + "\n")
             written += 1
     return written

@@ -10,9 +10,15 @@ launch(demo)                      # http://127.0.0.1:7860, until Ctrl-C
 ```
 
 * :func:`answer` is the whole computation without gradio: ``Segmenter.seg`` then the
-  overlay (:func:`lisa_kit.visualize.overlay`) and one 0/255 picture per mask.
-* :func:`build_demo` lays it out: image + question + Submit on the left; the overlay,
-  the masks and the answer on the right; the shipped examples below. A request that
+  annotated overlay (:func:`lisa_kit.visualize.annotate`: outlined masks in colours
+  chosen against the image, the answer as caption, a legend keyed to each ``[SEG]``)
+  and one 0/255 picture per mask.
+* :func:`describe_model` says, from the model's recipe, what it knows (its name, never
+  a server path; the data it was trained on); :func:`examples_for` picks example
+  questions that fit it.
+* :func:`build_demo` lays it out: the description on top; image + question + Submit on
+  the left; the overlay, the masks and the answer on the right; the examples below
+  (shown whole: gradio's example table would cut long questions off). A request that
   cannot be served (no image, an undecodable file, an empty or over-long question)
   becomes a gradio error message in the page; the app keeps serving.
 * :func:`launch` serves it: loopback only unless a host is named, no analytics and no
@@ -23,6 +29,7 @@ when a demo is built.
 """
 from __future__ import annotations
 
+import html
 import json
 import os
 from collections.abc import Sequence
@@ -34,8 +41,8 @@ from lisa_kit.errors import InputError, LisaKitError
 if TYPE_CHECKING:  # numpy is imported when answering, to keep `lisa-kit --help` fast
     import numpy as np
 
-__all__ = ["build_demo", "launch", "answer", "load_examples", "require_gradio", "EXAMPLES_DIR",
-           "DEFAULT_HOST", "DEFAULT_PORT", "NO_SEG_NOTE"]
+__all__ = ["build_demo", "launch", "answer", "answer_picture", "load_examples", "examples_for", "describe_model",
+           "require_gradio", "EXAMPLES_DIR", "DEFAULT_HOST", "DEFAULT_PORT", "NO_SEG_NOTE"]
 
 #: The shipped example images and ``examples.json`` (made by ``scripts/make_examples.py``).
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
@@ -44,6 +51,8 @@ DEFAULT_PORT = 7860  # gradio's usual port
 NO_SEG_NOTE = "(no [SEG] in the answer: no mask)"
 INSTALL_HINT = 'pip install "lisa-kit[demo]"'
 TITLE = "lisa-kit: reasoning segmentation"
+EXAMPLES_FILE = "examples.json"  # next to a model: example questions that fit it
+GENERIC_PLACEHOLDER = "Which object ...? Please output segmentation mask."
 
 
 def require_gradio():
@@ -62,28 +71,74 @@ def load_examples(directory: str | os.PathLike = EXAMPLES_DIR) -> list[list[str]
     """``[[image path, question], ...]`` from ``directory/examples.json`` (a list of
     ``{"image": file name, "question": text}``); ``[]`` when there is none."""
     d = Path(directory)
-    path = d / "examples.json"
+    path = d / EXAMPLES_FILE
     if not path.is_file():
         return []
     try:
         entries = json.loads(path.read_text())
         return [[str(d / e["image"]), str(e["question"])] for e in entries]
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise InputError(f"unreadable demo examples {path}: {e}") from e
+        raise InputError(f"unreadable demo examples {path.name} of {d.name}: {e}") from e
 
 
-def answer(segmenter, image, question: str) -> tuple[np.ndarray, list[tuple[np.ndarray, str]], str]:
-    """Answer ``question`` about ``image`` (path, PIL image or RGB array).
+def _recipe(segmenter) -> dict:
+    return getattr(segmenter.model, "recipe", None) or {}
 
-    Returns the overlay, RGB ``uint8 (H, W, 3)`` at the image's size (the image itself
-    when there is no mask); the masks as ``(uint8 (H, W) 0/255, caption)`` pairs, one per
-    ``[SEG]``; and the answer text, with :data:`NO_SEG_NOTE` appended when the answer has
-    no ``[SEG]``. Raises :class:`~lisa_kit.errors.ImageError` / ``InputError`` for bad
-    input."""
+
+def _trained_on(recipe: dict) -> list[str]:
+    """Dataset names of the recipe's training sources (``data.sources.*.datasets``)."""
+    sources = (recipe.get("data") or {}).get("sources") or {}
+    names: list[str] = []
+    for src in sources.values():
+        for name in (src or {}).get("datasets") or []:
+            if name not in names:
+                names.append(str(name))
+    return names
+
+
+def examples_for(segmenter) -> list[list[str]]:
+    """Example ``[[image path, question], ...]`` that fit the model: the
+    ``examples.json`` next to a checkpoint directory when it has one, else the shipped
+    synthetic-shape examples (:data:`EXAMPLES_DIR`), which are what the shipped demo
+    model knows and plain questions any LISA model can answer."""
+    source = Path(segmenter.source) if getattr(segmenter, "source", None) else None
+    if source is not None and (source / EXAMPLES_FILE).is_file():
+        return load_examples(source)
+    return load_examples()
+
+
+def describe_model(segmenter) -> str:
+    """Markdown: which model answers and what it knows, from its recipe: the recipe's
+    name and description, and for a model trained on the synthetic shapes set, that
+    world (colours, kinds, question types). Never a filesystem path: a checkpoint is
+    named by its recipe name."""
+    recipe = _recipe(segmenter)
+    name = str(recipe.get("name") or "unnamed model")
+    lines = [f"**Model:** `{name}`" + (f" — {recipe['description']}" if recipe.get("description") else "")
+             + f" (on `{segmenter.device}`, {segmenter.precision})."]
+    data = _trained_on(recipe)
+    if data == ["synthetic"]:
+        from lisa_kit.datasets.synthetic import CORNERS, PALETTE, QUESTION_TYPES
+
+        lines.append(f"It was trained only on the synthetic shapes set: {', '.join(CORNERS)} in "
+                     f"{', '.join(PALETTE)} on a grey background, with questions by {', '.join(QUESTION_TYPES)} "
+                     "(e.g. the largest shape, the one with the most corners, the leftmost red one). "
+                     "It knows nothing else: ask about pictures like the examples below.")
+    elif data:
+        lines.append(f"Trained on: {', '.join(data)}.")
+    else:
+        lines.append("A LISA-style reasoning-segmentation model: describe in plain words what you want "
+                     "segmented (an object, or a question whose answer is one).")
+    return "\n\n".join(lines)
+
+
+def answer_picture(segmenter, image, question: str):
+    """:func:`answer`, with the :class:`lisa_kit.visualize.Picture` (pixels and the
+    layout drawn: image box, caption, legend entries) in place of its pixels."""
     import numpy as np
 
     from lisa_kit.images import load_image
-    from lisa_kit.visualize import overlay
+    from lisa_kit.visualize import annotate_result
 
     if image is None:
         raise InputError("no image: upload one (or pick an example) first")
@@ -94,19 +149,34 @@ def answer(segmenter, image, question: str) -> tuple[np.ndarray, list[tuple[np.n
     masks = [(m.astype(np.uint8) * 255, f"[SEG] {k}: score {s:.2f}, {int(m.sum())} px")
              for k, (m, s) in enumerate(zip(res.masks, res.scores))]
     text = res.text if res.num_masks else f"{res.text}\n{NO_SEG_NOTE}".strip()
-    return overlay(rgb, res.masks), masks, text
+    picture = annotate_result(rgb, res, caption=text)
+    return picture, masks, text
+
+
+def answer(segmenter, image, question: str) -> tuple[np.ndarray, list[tuple[np.ndarray, str]], str]:
+    """Answer ``question`` about ``image`` (path, PIL image or RGB array).
+
+    Returns the annotated overlay (:func:`lisa_kit.visualize.annotate`: RGB ``uint8``,
+    the image enlarged when small, with the answer as caption and one legend entry per
+    ``[SEG]`` in bands below it); the masks as ``(uint8 (H, W) 0/255, caption)`` pairs,
+    one per ``[SEG]``, at the image's size; and the answer text, with
+    :data:`NO_SEG_NOTE` appended when the answer has no ``[SEG]``. Raises
+    :class:`~lisa_kit.errors.ImageError` / ``InputError`` for bad input."""
+    picture, masks, text = answer_picture(segmenter, image, question)
+    return picture.pixels, masks, text
 
 
 def build_demo(segmenter, examples: Sequence[Sequence[str]] | None = None, *, title: str = TITLE):
     """The gradio app around ``segmenter`` (a :class:`lisa_kit.api.Segmenter`).
 
     ``examples``: ``[[image path, question], ...]`` shown under the inputs (default:
-    :func:`load_examples`; ``[]`` for none). Components carry ``elem_id`` ``lisa-image``,
+    :func:`examples_for` the model; ``[]`` for none); the first one's question is the
+    question box's placeholder. Components carry ``elem_id`` ``lisa-image``,
     ``lisa-question``, ``lisa-submit``, ``lisa-overlay``, ``lisa-masks`` and
     ``lisa-answer`` for scripts and tests."""
     gr = require_gradio()
     if examples is None:
-        examples = load_examples()
+        examples = examples_for(segmenter)
     examples = [list(e) for e in examples]
 
     def on_submit(image, question):
@@ -119,9 +189,9 @@ def build_demo(segmenter, examples: Sequence[Sequence[str]] | None = None, *, ti
                 msg = msg.replace(where, Path(where).name)
             raise gr.Error(msg, print_exception=False) from e
 
-    info = f"model `{segmenter.source or '?'}` on `{segmenter.device}`, {segmenter.precision}"
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
-        gr.Markdown(f"## {title}\nAsk about an image; each `[SEG]` in the answer is a mask. ({info})")
+        gr.Markdown(f"## {title}\nAsk about an image; each `[SEG]` in the answer is a mask.\n\n"
+                    + describe_model(segmenter), elem_id="lisa-about")
         with gr.Row():
             with gr.Column():
                 # filepath + image_mode None: gradio hands over the uploaded file untouched,
@@ -129,8 +199,7 @@ def build_demo(segmenter, examples: Sequence[Sequence[str]] | None = None, *, ti
                 image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
                                  elem_id="lisa-image")
                 question = gr.Textbox(label="Question", lines=2, elem_id="lisa-question",
-                                      placeholder="What can make the woman stand higher? "
-                                                  "Please output segmentation mask.")
+                                      placeholder=examples[0][1] if examples else GENERIC_PLACEHOLDER)
                 submit = gr.Button("Submit", variant="primary", elem_id="lisa-submit")
             with gr.Column():
                 out_image = gr.Image(label="Masks over the image", format="png", interactive=False,
@@ -138,7 +207,13 @@ def build_demo(segmenter, examples: Sequence[Sequence[str]] | None = None, *, ti
                 out_masks = gr.Gallery(label="Masks", format="png", columns=4, height="auto", elem_id="lisa-masks")
                 out_text = gr.Textbox(label="Answer", interactive=False, lines=2, elem_id="lisa-answer")
         if examples:
-            gr.Examples(examples=examples, inputs=[image, question], cache_examples=False)
+            # A Dataset of (image, HTML) rather than gr.Examples: gradio's Textbox example
+            # cell cuts text at 60 characters, which loses most of a question.
+            shown = gr.Dataset(components=[gr.Image(visible=False), gr.HTML(visible=False)], label="Examples",
+                               samples=[[img, html.escape(q)] for img, q in examples], type="index",
+                               layout="table", headers=["Image", "Question"], samples_per_page=len(examples),
+                               elem_id="lisa-examples")
+            shown.click(lambda i: examples[i], inputs=shown, outputs=[image, question], api_name=False)
         gr.on([submit.click, question.submit], on_submit, inputs=[image, question],
               outputs=[out_image, out_masks, out_text], api_name="segment")
     return demo

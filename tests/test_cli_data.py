@@ -48,3 +48,30 @@ def test_missing_file_is_named(tmp_path, capsys):
 def test_unknown_dataset(capsys):
     assert main(["data", "check", "--dataset", "coco_nope", "--root", "."]) == 2
     assert "reason_seg" in capsys.readouterr().err
+
+
+def test_export_overlay_is_annotated_ground_truth(tmp_path):
+    """The exported overlay: the ground truth outlined over the image (enlarged when
+    small), a legend naming each target, the image untouched outside the masks."""
+    from lisa_kit.datasets import open_dataset
+    from lisa_kit.visualize import annotate
+
+    assert main(["data", "check", "--dataset", "synthetic", "--split", "val", "--option", "size=2",
+                 "--export", str(tmp_path)]) == 0
+    out = tmp_path / "synthetic" / "val"
+    entry = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    image = np.asarray(Image.open(out / entry["image"]))
+    masks = np.stack([np.asarray(Image.open(out / t["mask"])) for t in entry["targets"]])
+    pic = annotate(image, masks, labels=[t["text"] for t in entry["targets"]],
+                   caption=f"ground truth of {entry['key']}")
+    saved = np.asarray(Image.open(out / f"{entry['image'][:-4]}_overlay.png"))
+    x0, y0, x1, y1 = pic.image_box
+    assert saved.shape[0] > y1 and saved.shape[1] == x1  # bands below the image, as wide as it
+    s = pic.scale
+    region = saved[y0:y1, x0:x1]
+    outside = (masks == 0).all(axis=0)
+    assert np.array_equal(region[::s, ::s][outside], image[outside])
+    assert [e.label for e in pic.legend] == [t["text"] for t in entry["targets"]]
+    for e in pic.legend:  # each target's swatch is in the saved picture, in its colour
+        sx0, sy0, sx1, sy1 = e.swatch
+        assert (saved[sy0 + 1:sy1 - 1, sx0 + 1:sx1 - 1] == e.colour).all()

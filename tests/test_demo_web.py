@@ -11,7 +11,9 @@ browser is missing.
 """
 from __future__ import annotations
 
+import copy
 import ipaddress
+import json
 import socket
 import sys
 import time
@@ -19,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from lisa_kit import api
 from lisa_kit.cli import build_parser, main
-from lisa_kit.demo_app import DEFAULT_HOST, NO_SEG_NOTE, answer, load_examples
+from lisa_kit.demo_app import (DEFAULT_HOST, NO_SEG_NOTE, answer, answer_picture, build_demo, describe_model,
+                               examples_for, load_examples)
 from lisa_kit.errors import ImageError, InputError
 from lisa_kit.testing import force_generation, synthetic_image
 
@@ -79,21 +83,93 @@ def forced_seg(monkeypatch):
     force_generation(monkeypatch, lambda m: {1: m.seg_token_id, 2: m.tokenizer.eos_id})
 
 
+def _image_region(picture, img):
+    """The picture's image box, shrunk back to ``img``'s size (it was enlarged by an integer factor)."""
+    x0, y0, x1, y1 = picture.image_box
+    s = picture.scale
+    assert (y1 - y0, x1 - x0) == (img.shape[0] * s, img.shape[1] * s)
+    return picture.pixels[y0:y1:s, x0:x1:s]
+
+
 def test_answer_with_a_mask(segmenter, forced_seg):
     img, _ = synthetic_image(37, 53, 0)
     ov, masks, text = answer(segmenter, img, QUESTION)
-    assert ov.shape == (37, 53, 3) and ov.dtype == np.uint8
+    assert ov.ndim == 3 and ov.shape[2] == 3 and ov.dtype == np.uint8
     assert "[SEG]" in text and NO_SEG_NOTE not in text and len(masks) == 1
     m, caption = masks[0]
     assert m.shape == (37, 53) and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 255}
     assert caption.startswith("[SEG] 0: score")
 
 
+def test_answer_overlay_has_legend_and_caption(segmenter, forced_seg):
+    img, _ = synthetic_image(37, 53, 0)
+    picture, masks, text = answer_picture(segmenter, img, QUESTION)
+    assert np.array_equal(picture.pixels, answer(segmenter, img, QUESTION)[0])  # what the page shows
+    assert len(picture.legend) == len(masks) == 1  # one entry per [SEG]
+    entry = picture.legend[0]
+    if masks[0][0].any():  # a swatch in the mask's colour, read back from the picture
+        x0, y0, x1, y1 = entry.swatch
+        assert (picture.pixels[y0 + 1:y1 - 1, x0 + 1:x1 - 1] == picture.colours[0]).all()
+    else:
+        assert entry.label.endswith("empty mask")
+    assert picture.caption_box is not None and picture.caption_box[1] >= picture.image_box[3]
+    outside = masks[0][0] == 0
+    assert np.array_equal(_image_region(picture, img)[outside], img[outside])  # no text over the image
+
+
 def test_answer_without_seg_says_so(segmenter, monkeypatch):
     force_generation(monkeypatch, lambda m: {0: m.tokenizer.eos_id})
     img, _ = synthetic_image(20, 30, 1)
-    ov, masks, text = answer(segmenter, img, QUESTION)
-    assert masks == [] and text.endswith(NO_SEG_NOTE) and np.array_equal(ov, img)
+    picture, masks, text = answer_picture(segmenter, img, QUESTION)
+    assert masks == [] and text.endswith(NO_SEG_NOTE) and picture.legend == []
+    assert np.array_equal(_image_region(picture, img), img)
+
+
+# -- what the page says about the model ----------------------------------------------
+@pytest.fixture(scope="module")
+def demo_model():
+    return api.Segmenter.from_default()
+
+
+def test_page_names_the_model_not_its_path(demo_model):
+    gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install 'lisa-kit[demo]')")
+    about = describe_model(demo_model)
+    assert "lisa-demo" in about and "synthetic shapes" in about
+    assert str(api.DEMO_MODEL_DIR) not in about
+    demo = build_demo(demo_model)
+    try:
+        config = json.dumps(demo.get_config_file())  # everything the page is built from
+    finally:
+        demo.close()
+    assert str(api.DEMO_MODEL_DIR) not in config and str(api.DEMO_MODEL_DIR.parent) not in config
+    assert "lisa-demo" in config
+    assert "woman" not in config  # no example or placeholder from another world
+    del gr
+
+
+def test_describe_model_without_training_data_is_generic(segmenter):
+    about = describe_model(segmenter)  # lisa-tiny: a recipe without data sources
+    assert "lisa-tiny" in about and "synthetic shapes" not in about and "LISA-style" in about
+
+
+def test_demo_model_examples_are_about_shapes(demo_model):
+    from lisa_kit.datasets.synthetic import CORNERS, PALETTE
+
+    words = {"shape", *CORNERS, *PALETTE}
+    examples = examples_for(demo_model)
+    assert examples
+    for image, question in examples:
+        assert Path(image).is_file()
+        assert words & set(question.lower().replace("?", " ").replace(".", " ").split()), question
+
+
+def test_examples_next_to_a_checkpoint_win(tmp_path, segmenter):
+    img, _ = synthetic_image(20, 20, 3)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    (tmp_path / "examples.json").write_text(json.dumps([{"image": "a.png", "question": "Which one is round?"}]))
+    seg = copy.copy(segmenter)
+    seg.source = str(tmp_path)
+    assert examples_for(seg) == [[str(tmp_path / "a.png"), "Which one is round?"]]
 
 
 def test_answer_bad_input(segmenter, tmp_path):
@@ -214,6 +290,18 @@ def test_web_demo_answers_with_an_overlay(page, forced_seg):
     assert "[SEG]" in _answer_text(page)
     assert page.locator("#lisa-masks img").count() >= 1
     print(f"\nweb demo: upload + answer in {time.perf_counter() - t0:.2f} s")
+
+
+def test_web_demo_shows_whole_examples_and_no_paths(page):
+    table = page.locator("#lisa-examples")
+    for _, question in load_examples():  # each cell is filled in once its component loads: wait for it
+        table.get_by_text(question, exact=True).wait_for()  # whole, not cut off with an ellipsis
+    assert "..." not in table.inner_text()
+    html = page.content()
+    assert str(Path(api.__file__).resolve().parent) not in html  # no server path in the page
+    page.locator("#lisa-examples tbody tr").nth(1).click()  # picking an example fills the inputs
+    page.wait_for_selector("#lisa-image img")
+    assert page.locator("#lisa-question textarea").input_value() == load_examples()[1][1]
 
 
 def test_web_demo_reports_bad_input_and_keeps_serving(page, forced_seg, tmp_path):
