@@ -73,7 +73,7 @@ def test_batch_on_one_image_equals_single_calls(seg, monkeypatch, tmp_path):
 
     loads = []
     real = Segmenter._load
-    monkeypatch.setattr(Segmenter, "_load", staticmethod(lambda s: loads.append(s) or real(s)))
+    monkeypatch.setattr(Segmenter, "_load", lambda self, s: loads.append(s) or real(self, s))
     batch = seg.seg_batch(str(tmp_path / "one.png"), prompts)  # one image for every prompt
     by_index = seg.seg_batch([img, 0, 0], prompts)  # an int points at another entry
     same_obj = seg.seg_batch([img, img, img], prompts, batch_size=2)
