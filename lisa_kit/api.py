@@ -463,13 +463,27 @@ class Segmenter:
                     results[r] = self._result(g, prompts[r], arrays[row_image[r]].shape[:2], stop)
         return results  # type: ignore[return-value]
 
+    def _preprocess(self, kind: str, image: np.ndarray):
+        """``kind``'s own preprocessing of one RGB ``uint8 (H, W, 3)`` image. The intake's
+        default limits keep every shipped component's resize at one row or more; limits
+        raised past what a component can resize end here as a typed error, not PIL's."""
+        from lisa_kit.errors import ImageSizeError
+
+        try:
+            return getattr(self.model, kind).preprocess(image)
+        except (ValueError, ZeroDivisionError) as e:
+            h, w = image.shape[:2]
+            raise ImageSizeError(f"the {kind} cannot resize a {h}x{w} image ({e}); lower image_limits.max_aspect "
+                                 f"(now {self.image_limits.max_aspect:g}) or crop the image", size=(h, w),
+                                 limit=("max_aspect", self.image_limits.max_aspect)) from e
+
     def _generate(self, prompt_ids, row_images, arrays, max_new_tokens: int):
         from lisa_kit.generation import GenerationConfig, generate
 
         model = self.model
         with torch.inference_mode():
-            vpx = torch.stack([model.vision_encoder.preprocess(a) for a in arrays]).to(self.device, self.dtype)
-            mp = [model.mask_decoder.preprocess(a) for a in arrays]
+            vpx = torch.stack([self._preprocess("vision_encoder", a) for a in arrays]).to(self.device, self.dtype)
+            mp = [self._preprocess("mask_decoder", a) for a in arrays]
             md_dtype = next(model.mask_decoder.parameters(), torch.empty(0)).dtype
             mpx = torch.stack([m[0] for m in mp]).to(self.device, md_dtype)
             metas = [m[1] for m in mp]

@@ -275,6 +275,9 @@ def test_extreme_aspect_ratio_refused_before_any_resize(seg, tmp_path):
     assert wide.seg(np.zeros((1, 50, 3), np.uint8), "Segment it.", max_new_tokens=1).image_size == (1, 50)
     with pytest.raises(ImageSizeError, match="pixels"):
         Segmenter(seg.model, image_limits=ImageLimits(max_pixels=100)).seg(np.zeros((11, 10, 3), np.uint8), "x")
+    # Limits raised past what the tiny SAM (64 px) can resize: still a typed error, naming the component.
+    with pytest.raises(ImageSizeError, match="mask_decoder cannot resize a 1x300 image"):
+        Segmenter(seg.model, image_limits=ImageLimits(max_aspect=1000)).seg(np.zeros((1, 300, 3), np.uint8), "x")
 
 
 def test_lazily_opened_truncated_image_is_an_image_error(seg, tmp_path):
