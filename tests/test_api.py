@@ -288,3 +288,17 @@ def test_lazily_opened_truncated_image_is_an_image_error(seg, tmp_path):
     lazy = Image.open(tmp_path / "cut.png")  # header read, pixels not yet
     with pytest.raises(ImageError, match="cut.png"):
         seg.seg(lazy, "Segment it.")
+
+
+def test_demo_answer_reads_through_the_segmenters_limits(seg, tmp_path):
+    from lisa_kit.demo_app import answer
+    from lisa_kit.errors import ImageSizeError
+    from lisa_kit.images import ImageLimits
+
+    Image.new("RGB", (40, 1)).save(tmp_path / "strip.png")
+    with pytest.raises(ImageSizeError, match="aspect ratio"):
+        answer(seg, str(tmp_path / "strip.png"), "Segment it.")
+    small = Segmenter(seg.model, image_limits=ImageLimits(max_pixels=100))
+    Image.fromarray(synthetic_image(20, 20, 1)[0]).save(tmp_path / "ok.png")
+    with pytest.raises(ImageSizeError, match="limit of 100"):
+        answer(small, str(tmp_path / "ok.png"), "Segment it.")
