@@ -1,9 +1,16 @@
 """``lisa-kit segment`` and ``lisa-kit chat``: masks for images from the command line.
 
 Both load a model the same way (``--recipe NAME [key=value ...]``, ``--checkpoint DIR``,
-or the shipped demo model when neither is given) and write the same files: for each
-answer ``<stem>_mask_<i>.png`` (0/255 at the image's size), ``<stem>_overlay.png`` and
-one ``result.json``.
+or the shipped demo model when neither is given), read images through the one intake
+(:func:`lisa_kit.images.load_image`, limits ``--max-pixels`` / ``--max-aspect``) and write
+the same files: for each answer ``<stem>_mask_<i>.png`` (0/255 at the image's size),
+``<stem>_overlay.png`` and one ``result.json``.
+
+``result.json`` describes exactly the files present at every moment (:class:`_RunRecord`):
+rewritten atomically after each image, ``in_progress`` while an image's files are being
+written, ``complete`` at the end; a failed image has ``error`` instead of ``masks``;
+``skipped`` lists directory entries that are not images. A run into a directory that holds
+an earlier run deletes that run's masks and overlays first.
 """
 from __future__ import annotations
 

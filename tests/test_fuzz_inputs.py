@@ -3,7 +3,7 @@ case ends in a typed :class:`~lisa_kit.errors.LisaKitError` or a well-formed
 :class:`~lisa_kit.api.SegResult`, never another exception.
 
 Seeded and bounded: images are small except where the size is the point (1 x N strips),
-and answers are cut at two tokens.
+and answers are cut at one token.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from lisa_kit.errors import LisaKitError
 from lisa_kit.testing import synthetic_image
 
 SEED = 1234
-MAX_NEW = 2
+MAX_NEW = 1
 PROMPT = "Segment the red square."
 PIL_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16", "F")
 
@@ -74,7 +74,7 @@ def test_every_pil_mode_as_object_and_as_file(seg, mode, tmp_path):
     rgb, _ = synthetic_image(19, 23, 1)
     img = Image.fromarray(rgb).convert(mode)
     assert _outcome(seg, img).image_size == (19, 23)
-    for fmt in ("PNG", "TIFF", "WEBP", "GIF", "BMP", "JPEG"):
+    for fmt in ("PNG", "TIFF", "GIF", "JPEG"):  # WebP, BMP: tests/test_image_intake.py
         buf = io.BytesIO()
         try:
             img.save(buf, fmt)
@@ -107,19 +107,17 @@ def _encoded(fmt: str) -> bytes:
 def test_truncated_files_at_random_offsets(seg, fmt, tmp_path):
     data = _encoded(fmt)
     rng = random.Random(SEED)
-    offsets = sorted({0, 1, 8, len(data) - 1, *(rng.randrange(len(data)) for _ in range(8))})
+    offsets = sorted({0, 8, len(data) - 1, *(rng.randrange(len(data)) for _ in range(5))})
     for k in offsets:
         path = tmp_path / f"cut_{k}.{fmt.lower()}"
         path.write_bytes(data[:k])
         _outcome(seg, path)
-        with Image.open(io.BytesIO(_encoded(fmt))) as whole:
-            pass  # the uncut file decodes: the cut is what fails
         try:
             lazy = Image.open(path)  # lazily opened: pixels not read yet
         except Exception:  # noqa: BLE001 - PIL refuses the header itself: nothing lazy to hand over
             continue
         _outcome(seg, lazy)
-    assert whole is not None
+    assert isinstance(_outcome(seg, Image.open(io.BytesIO(data))), SegResult)  # uncut: fine
 
 
 def _arrays():
