@@ -159,11 +159,14 @@ def _pil_to_rgb(img: Image.Image, limits: ImageLimits, where: str | None) -> np.
 
 
 def _open(path: Path) -> Image.Image:
+    """Read the header only. PIL's bomb *warning* is left to our own size check, which
+    follows at once with the caller's limit; its *error* (over twice
+    ``Image.MAX_IMAGE_PIXELS``, raised inside ``open``) becomes ours."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageSizeError(f"the image is too large to decode safely: {e}", path=path,
                              limit=("PIL.Image.MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)) from e
     except Exception as e:  # noqa: BLE001 - not an image, or a header PIL cannot parse

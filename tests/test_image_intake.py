@@ -127,3 +127,14 @@ def test_frames_and_formats_pil_reads(tmp_path):
         load_image(tmp_path / ("n" * 5000))  # a name too long for the file system
     with pytest.raises(ImageError, match="a path, a PIL image or an array"):
         load_image(12)
+
+
+def test_a_limit_raised_past_pils_warning_is_honoured(tmp_path, decodes):
+    side = int(np.sqrt(Image.MAX_IMAGE_PIXELS)) + 2  # PIL only warns here; our limit decides
+    _png_claiming(tmp_path / "tall.png", side, side)
+    with pytest.raises(ImageSizeError, match="limit of"):
+        load_image(tmp_path / "tall.png")
+    assert decodes == []
+    with pytest.raises(ImageError, match="truncated"):  # allowed: decoded, and the forged file is cut short
+        load_image(tmp_path / "tall.png", ImageLimits(max_pixels=side * side))
+    assert decodes == [(side, side)]
