@@ -57,7 +57,10 @@ class SegResult:
     answer ended by itself rather than at ``max_new_tokens``; ``rejected``: per mask,
     whether the model answered its target with the reject token (``[REJ]``, recipe
     ``model.reject_token``): that mask is empty, its score 0, and its span in ``seg_spans``
-    is the ``[REJ]`` in ``text`` (all ``False`` for models without a reject token)."""
+    is the ``[REJ]`` in ``text`` (all ``False`` for models without a reject token);
+    ``stop``: why the answer ended: ``"end"`` (the model's end of sequence),
+    ``"max_new_tokens"`` (the length asked for) or ``"context"`` (this row's prompt left
+    fewer positions than ``max_new_tokens`` in the LLM, and they ran out)."""
 
     text: str
     masks: np.ndarray
@@ -68,6 +71,7 @@ class SegResult:
     token_ids: list[int] = field(default_factory=list, repr=False)
     finished: bool = True
     rejected: list[bool] = field(default_factory=list)
+    stop: str = "end"
 
     @property
     def num_masks(self) -> int:
@@ -76,7 +80,7 @@ class SegResult:
     def to_dict(self) -> dict:
         """JSON-able summary (no mask pixels): text, sizes, areas and scores."""
         return {"prompt": self.prompt, "text": self.text, "image_size": list(self.image_size),
-                "seg_spans": [list(s) for s in self.seg_spans], "finished": self.finished,
+                "seg_spans": [list(s) for s in self.seg_spans], "finished": self.finished, "stop": self.stop,
                 "masks": [{"area": int(m.sum()), "score": float(s), "rejected": bool(r)}
                           for m, s, r in zip(self.masks, self.scores, self.rejected or [False] * len(self.scores))]}
 
@@ -194,11 +198,18 @@ class Segmenter:
     LLM only); ``template``: conversation template name (default: the recipe's
     ``conversation.template``, else ``llava_v1``; ``chat`` = the tokenizer's own);
     ``max_new_tokens``: default answer length (the recipe's ``generation.max_new_tokens``,
-    else 512)."""
+    else 512); ``image_limits``: the :class:`~lisa_kit.images.ImageLimits` every image is
+    checked against before it is decoded or resized (default: 64 Mpx, aspect ratio 32:1)."""
 
     def __init__(self, model, *, device="cpu", precision="fp32", quantization: str | None = None,
-                 template: str | None = None, max_new_tokens: int | None = None, source: str | None = None):
+                 template: str | None = None, max_new_tokens: int | None = None, source: str | None = None,
+                 image_limits=None):
         from lisa_kit.conversation import get_template
+        from lisa_kit.images import DEFAULT_LIMITS, ImageLimits
+
+        if image_limits is not None and not isinstance(image_limits, ImageLimits):
+            raise InputError(f"image_limits must be a lisa_kit.images.ImageLimits, got {type(image_limits).__name__}")
+        self.image_limits = image_limits or DEFAULT_LIMITS
 
         self.device = _resolve_device(device)
         self.precision = _resolve_precision(precision)
@@ -312,10 +323,10 @@ class Segmenter:
         return drop
 
     # -- prompts ---------------------------------------------------------------------
-    def _conversation(self, prompt, history):
+    def _conversation(self, prompt, history, what: str = "prompt"):
         from lisa_kit.conversation import IMAGE, Conversation
 
-        _check_prompt(prompt, "prompt")
+        _check_prompt(prompt, what)
         conv = Conversation(self.template)
         turns = list(history or [])
         for k, turn in enumerate(turns):
@@ -325,20 +336,21 @@ class Segmenter:
                 raise InputError(f"history[{k}] must be a (prompt, answer) pair") from e
             if isinstance(a, SegResult):
                 a = a.text
-            _check_prompt(q, f"history[{k}] prompt")
-            if not isinstance(a, str):
-                raise InputError(f"history[{k}] answer must be text, got {type(a).__name__}")
+            _check_prompt(q, f"history[{k}] prompt" if what == "prompt" else f"{what}'s history[{k}] prompt")
+            _check_prompt(a, f"history[{k}] answer" if what == "prompt" else f"{what}'s history[{k}] answer",
+                          allow_empty=True)
             # Answers are the model's own: their "[SEG]" become tokens again.
             markers = (self.model.seg_token, *([self.model.reject_token] if self.model.reject_token else []))
             conv.add([IMAGE, "\n" + q] if k == 0 else [q], a, markers=markers)
         conv.add([IMAGE, "\n" + prompt] if not turns else [prompt], None)
         return conv
 
-    def prompt_ids(self, prompt: str, history=None) -> list[int]:
-        """The token ids :meth:`seg` feeds for ``prompt`` (the fusion's image slot included)."""
+    def prompt_ids(self, prompt: str, history=None, *, what: str = "prompt") -> list[int]:
+        """The token ids :meth:`seg` feeds for ``prompt`` (the fusion's image slot included).
+        ``what`` names the prompt in error messages (``prompts[3]`` in a batch)."""
         from lisa_kit.conversation import encode
 
-        conv = self._conversation(prompt, history)
+        conv = self._conversation(prompt, history, what)
         ids, _ = encode(conv, self.tokenizer, self.model.fusion.wrap_image(self.tokenizer))
         return ids
 
@@ -346,15 +358,15 @@ class Segmenter:
         slots = sum(1 for i in ids if i == self.model.fusion.IMAGE_SLOT)
         return len(ids) - slots + slots * self.num_image_tokens, slots
 
-    def _budget(self, ids: list[int]) -> int:
-        """New tokens that still fit after the prompt; InputError when none."""
+    def _budget(self, ids: list[int], what: str = "prompt") -> int:
+        """New tokens that still fit after the prompt; InputError naming ``what`` when none."""
         limit = self.max_positions
         if limit is None:
             return 1 << 30
         total, slots = self._positions(ids)
         if total >= limit:
             img = slots * self.num_image_tokens
-            raise InputError(f"the prompt is too long: {total} positions ({total - img} text tokens + {img} image "
+            raise InputError(f"the {what} is too long: {total} positions ({total - img} text tokens + {img} image "
                              f"tokens) but the LLM takes at most {limit} (max_position_embeddings); shorten the "
                              "prompt or the conversation history")
         return limit - total
@@ -366,15 +378,16 @@ class Segmenter:
             return ("path", os.path.realpath(os.fspath(src)))
         return ("obj", id(src))
 
-    @staticmethod
-    def _load(src) -> np.ndarray:
+    def _load(self, src) -> np.ndarray:
+        """Through the one intake (:func:`lisa_kit.images.load_image`), within this
+        segmenter's :attr:`image_limits`."""
         from PIL import Image
 
         from lisa_kit.images import load_image
 
         if not isinstance(src, (str, os.PathLike, np.ndarray, Image.Image)):
             raise InputError(f"an image is a path, a PIL image or an array; got {type(src).__name__}")
-        return load_image(src)
+        return load_image(src, self.image_limits)
 
     # -- answering -------------------------------------------------------------------
     def seg(self, image, prompt: str, *, max_new_tokens: int | None = None, history=None) -> SegResult:
@@ -420,40 +433,64 @@ class Segmenter:
                 slot_of[key] = len(sources)
                 sources.append(src)
             row_image.append(slot_of[key])
-        ids = [self.prompt_ids(p, histories[k] if histories is not None else None) for k, p in enumerate(prompts)]
-        budgets = [self._budget(i) for i in ids]
+        batched = len(prompts) > 1
+        names = [f"prompts[{k}]" if batched else "prompt" for k in range(len(prompts))]
+        ids = [self.prompt_ids(p, histories[k] if histories is not None else None, what=names[k])
+               for k, p in enumerate(prompts)]
+        budgets = [self._budget(i, names[k]) for k, i in enumerate(ids)]
         want = max_new_tokens if max_new_tokens is not None else self.max_new_tokens
-        if int(want) < 1:
-            raise InputError(f"max_new_tokens must be at least 1, got {want}")
+        if isinstance(want, bool) or not isinstance(want, (int, np.integer)) or int(want) < 1:
+            raise InputError(f"max_new_tokens must be a whole number of at least 1, got {want!r}")
         arrays = [self._load(s) for s in sources]
 
+        # Each row's own cap: a long prompt near the LLM's limit must not shorten the
+        # others, so rows that share a cap share generation batches.
+        caps = [min(int(want), b) for b in budgets]
+        by_cap: dict[int, list[int]] = {}
+        for r, cap in enumerate(caps):
+            by_cap.setdefault(cap, []).append(r)
         results: list[SegResult | None] = [None] * len(prompts)
         step = max(1, int(batch_size or len(prompts)))
-        for start in range(0, len(prompts), step):
-            rows = list(range(start, min(start + step, len(prompts))))
-            used = sorted({row_image[r] for r in rows})
-            local = {g: i for i, g in enumerate(used)}
-            n_new = min(int(want), *(budgets[r] for r in rows))
-            gens = self._generate([ids[r] for r in rows], [[local[row_image[r]]] for r in rows],
-                                  [arrays[g] for g in used], n_new)
-            for r, g in zip(rows, gens):
-                results[r] = self._result(g, prompts[r], arrays[row_image[r]].shape[:2])
+        for cap, group in by_cap.items():
+            for start in range(0, len(group), step):
+                rows = group[start:start + step]
+                used = sorted({row_image[r] for r in rows})
+                local = {g: i for i, g in enumerate(used)}
+                gens = self._generate([ids[r] for r in rows], [[local[row_image[r]]] for r in rows],
+                                      [arrays[g] for g in used], cap)
+                for r, g in zip(rows, gens):
+                    stop = "end" if g.finished else ("max_new_tokens" if cap == int(want) else "context")
+                    results[r] = self._result(g, prompts[r], arrays[row_image[r]].shape[:2], stop)
         return results  # type: ignore[return-value]
+
+    def _preprocess(self, kind: str, image: np.ndarray):
+        """``kind``'s own preprocessing of one RGB ``uint8 (H, W, 3)`` image. The intake's
+        default limits keep every shipped component's resize at one row or more; limits
+        raised past what a component can resize end here as a typed error, not PIL's."""
+        from lisa_kit.errors import ImageSizeError
+
+        try:
+            return getattr(self.model, kind).preprocess(image)
+        except (ValueError, ZeroDivisionError) as e:
+            h, w = image.shape[:2]
+            raise ImageSizeError(f"the {kind} cannot resize a {h}x{w} image ({e}); lower image_limits.max_aspect "
+                                 f"(now {self.image_limits.max_aspect:g}) or crop the image", size=(h, w),
+                                 limit=("max_aspect", self.image_limits.max_aspect)) from e
 
     def _generate(self, prompt_ids, row_images, arrays, max_new_tokens: int):
         from lisa_kit.generation import GenerationConfig, generate
 
         model = self.model
         with torch.inference_mode():
-            vpx = torch.stack([model.vision_encoder.preprocess(a) for a in arrays]).to(self.device, self.dtype)
-            mp = [model.mask_decoder.preprocess(a) for a in arrays]
+            vpx = torch.stack([self._preprocess("vision_encoder", a) for a in arrays]).to(self.device, self.dtype)
+            mp = [self._preprocess("mask_decoder", a) for a in arrays]
             md_dtype = next(model.mask_decoder.parameters(), torch.empty(0)).dtype
             mpx = torch.stack([m[0] for m in mp]).to(self.device, md_dtype)
             metas = [m[1] for m in mp]
             return generate(model, prompt_ids, row_images, vpx, mpx, metas,
                             GenerationConfig(max_new_tokens=max_new_tokens))
 
-    def _result(self, g, prompt: str, size) -> SegResult:
+    def _result(self, g, prompt: str, size, stop: str = "end") -> SegResult:
         markers = {self.model.seg_token_id: SEG_TEXT}
         if self.model.reject_token is not None:
             markers[self.model.reject_token_id] = self.model.reject_token
@@ -465,13 +502,21 @@ class Segmenter:
             masks = np.zeros((0, h, w), dtype=bool)
         rejected = [bool(r) for r in getattr(g, "rejected", None) or [False] * masks.shape[0]]
         return SegResult(text=text, masks=masks, scores=scores, seg_spans=spans, image_size=(h, w), prompt=prompt,
-                         token_ids=list(g.token_ids), finished=bool(g.finished), rejected=rejected)
+                         token_ids=list(g.token_ids), finished=bool(g.finished), rejected=rejected, stop=stop)
 
 
-def _check_prompt(prompt, what: str) -> None:
+def _check_prompt(prompt, what: str, *, allow_empty: bool = False) -> None:
+    """Text a tokenizer can take: a ``str`` of valid Unicode (a lone surrogate — what
+    Python makes of invalid UTF-8 in argv or a file read with ``surrogateescape`` — cannot
+    be encoded, and tokenizers fail on it), not blank unless ``allow_empty``."""
     if not isinstance(prompt, str):
         raise InputError(f"the {what} must be text, got {type(prompt).__name__}")
-    if not prompt.strip():
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"the {what} is not valid text: {prompt[e.start:e.end]!a} at character {e.start} is a "
+                         "lone surrogate (undecodable bytes, e.g. input that is not UTF-8)") from None
+    if not allow_empty and not prompt.strip():
         raise InputError(f"the {what} is empty")
 
 

@@ -1,21 +1,28 @@
 """``lisa-kit segment`` and ``lisa-kit chat``: masks for images from the command line.
 
 Both load a model the same way (``--recipe NAME [key=value ...]``, ``--checkpoint DIR``,
-or the shipped demo model when neither is given) and write the same files: for each
-answer ``<stem>_mask_<i>.png`` (0/255 at the image's size), ``<stem>_overlay.png`` and
-one ``result.json``.
+or the shipped demo model when neither is given), read images through the one intake
+(:func:`lisa_kit.images.load_image`, limits ``--max-pixels`` / ``--max-aspect``) and write
+the same files: for each answer ``<stem>_mask_<i>.png`` (0/255 at the image's size),
+``<stem>_overlay.png`` and one ``result.json``.
+
+``result.json`` describes exactly the files present at every moment (:class:`_RunRecord`):
+rewritten atomically after each image, ``in_progress`` while an image's files are being
+written, ``complete`` at the end; a failed image has ``error`` instead of ``masks``;
+``skipped`` lists directory entries that are not images. A run into a directory that holds
+an earlier run deletes that run's masks and overlays first.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 from lisa_kit.cli import add_subcommand
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULT_OUT = "lisa_kit_out"
 
 
@@ -40,8 +47,21 @@ def _add_model_args(p: argparse.ArgumentParser, *, out: bool = True) -> None:
                    help="load the LLM 8-/4-bit with bitsandbytes (CUDA only)")
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="longest answer in tokens (default: the recipe's generation.max_new_tokens, else 512)")
+    from lisa_kit.images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
+
+    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"refuse images with more pixels, before decoding them (default {DEFAULT_MAX_PIXELS})")
+    g.add_argument("--max-aspect", type=float, default=DEFAULT_MAX_ASPECT, metavar="R",
+                   help="refuse images whose long side is more than R times the short side "
+                        f"(default {DEFAULT_MAX_ASPECT:g})")
     if out:  # the web demo writes no files
         p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default: ./{DEFAULT_OUT})")
+
+
+def _limits(args):
+    from lisa_kit.images import ImageLimits
+
+    return ImageLimits(max_pixels=args.max_pixels, max_aspect=args.max_aspect)
 
 
 def _load_segmenter(args):
@@ -54,7 +74,7 @@ def _load_segmenter(args):
         raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     return api.load(recipe, overrides, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
                     quantization=args.quantization, vision_tower=args.vision_tower,
-                    max_new_tokens=args.max_new_tokens)
+                    max_new_tokens=args.max_new_tokens, image_limits=_limits(args))
 
 
 def _out_dir(path: str) -> Path:
@@ -70,6 +90,11 @@ def _out_dir(path: str) -> Path:
 
 def _safe_stem(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "image"
+
+
+def _shown(path) -> str:
+    """A path for the terminal: bytes that are not UTF-8 as ``\\xNN`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _save_outputs(out: Path, stem: str, image, res) -> dict:
@@ -92,8 +117,12 @@ def _save_outputs(out: Path, stem: str, image, res) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
+    """Atomically (write aside, then rename). A file name that is not UTF-8 (Python holds
+    its bytes as lone surrogates) is written as ``\\udcNN`` escapes, which ``json.load``
+    turns back into the same name."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    tmp.write_bytes(text.encode("utf-8", "backslashreplace"))
     os.replace(tmp, path)
 
 
@@ -102,37 +131,148 @@ def _model_info(seg) -> dict:
             "quantization": seg.quantization}
 
 
+# -- one run's files in --out -------------------------------------------------------------
+RESULT_JSON = "result.json"
+_OUTPUT_NAME = re.compile(r".+_(mask_\d+|overlay)\.png")
+
+
+def _outputs_of(record: dict) -> set[str]:
+    """The mask and overlay files a result.json says its run wrote (``results`` of
+    ``segment``, ``turns`` of ``chat``), plus those of the image it was writing
+    (``in_progress``). Only plain names of lisa-kit's own pattern count: a hand-edited
+    file cannot make a run delete anything else."""
+    names: set[str] = set()
+    entries = [*(record.get("results") or []), *(record.get("turns") or [])]
+    for e in entries:
+        if isinstance(e, dict):
+            names.add(e.get("overlay"))
+            names.update(m.get("file") for m in e.get("masks") or [] if isinstance(m, dict))
+    return {n for n in names if isinstance(n, str) and n == Path(n).name and _OUTPUT_NAME.fullmatch(n)}
+
+
+class _RunRecord:
+    """``result.json`` of one run, true at every moment: rewritten atomically after each
+    image; ``in_progress`` names the stem being written (so a run cut short leaves no file
+    undescribed); ``complete`` turns true at the end. Opening one in a directory that holds
+    an earlier run first deletes that run's files, so runs never mix."""
+
+    def __init__(self, out: Path, header: dict, items: str):
+        self.out, self.items = out, items
+        self.record = {**header, items: [], "complete": False, "in_progress": None}
+        self._clear_previous()
+        self.save()
+
+    def _clear_previous(self) -> None:
+        path = self.out / RESULT_JSON
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none, or not ours: nothing to clear
+            return
+        if not isinstance(old, dict):
+            return
+        names = _outputs_of(old)
+        stem = (old.get("in_progress") or {}).get("stem") if isinstance(old.get("in_progress"), dict) else None
+        if isinstance(stem, str) and stem == _safe_stem(stem):
+            names.update(p.name for p in self.out.glob(f"{stem}_*.png") if _OUTPUT_NAME.fullmatch(p.name)
+                         and p.name[len(stem):].startswith(("_mask_", "_overlay")))
+        for name in names:
+            (self.out / name).unlink(missing_ok=True)
+
+    def save(self) -> None:
+        _write_json(self.out / RESULT_JSON, self.record)
+
+    def begin(self, image, stem: str) -> None:
+        self.record["in_progress"] = {"image": str(image), "stem": stem}
+        self.save()
+
+    def add(self, entry: dict) -> None:
+        self.record[self.items].append(entry)
+        self.record["in_progress"] = None
+        self.save()
+
+    def finish(self, **extra) -> None:
+        self.record.update(extra, complete=True, in_progress=None)
+        self.save()
+
+
 # -- segment ----------------------------------------------------------------------------
 def _setup_segment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, metavar="PATH_OR_DIR",
-                   help=f"an image file, or a directory of images ({', '.join(IMAGE_SUFFIXES)}; not recursive)")
+                   help="an image file, or a directory of images (every format PIL reads: jpg, png, gif — "
+                        "first frame —, webp, tiff, bmp, ...; not recursive)")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the question, as plain text")
     _add_model_args(p)
 
 
-def _list_images(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def image_suffixes() -> set[str]:
+    """File name suffixes of the formats PIL can open (not those it only writes)."""
+    from PIL import Image
+
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def _list_images(path: Path, exclude: set[str] = frozenset()) -> tuple[list[Path], list[dict]]:
+    """The images of a directory, and every other entry with why it is skipped."""
+    suffixes = image_suffixes()
+    paths, skipped = [], []
+    for p in sorted(path.iterdir()):
+        if p.name in exclude:
+            reason = "an output of the earlier run in --out"
+        elif p.is_dir():
+            reason = "a directory (directories are not searched)"
+        elif not p.is_file():
+            reason = "not a regular file"
+        elif p.suffix.lower() not in suffixes:
+            reason = f"not an image format PIL reads ({p.suffix or 'no suffix'})"
+        else:
+            paths.append(p)
+            continue
+        skipped.append({"file": str(p), "reason": reason})
+    return paths, skipped
+
+
+def _unique_stem(path: Path, stems: set[str]) -> str:
+    stem = _safe_stem(path.stem)
+    if stem in stems:
+        stem = _safe_stem(f"{path.stem}_{path.suffix.lstrip('.')}")
+    n, base = 2, stem
+    while stem in stems:
+        stem, n = f"{base}_{n}", n + 1
+    stems.add(stem)
+    return stem
 
 
 def _run_segment(args: argparse.Namespace) -> int:
-    from lisa_kit.errors import DataError, InputError
+    from lisa_kit.api import _check_prompt
+    from lisa_kit.errors import InputError, LisaKitError
     from lisa_kit.images import load_image
 
-    if not args.prompt.strip():
-        raise InputError("--prompt is empty")
+    _check_prompt(args.prompt, "--prompt")
+    limits = _limits(args)
     src = Path(args.image).expanduser()
+    out = Path(args.out).expanduser()
     is_dir = src.is_dir()
+    skipped: list[dict] = []
     if is_dir:
-        paths = _list_images(src)
+        earlier: set[str] = set()
+        if out.resolve() == src.resolve():  # the earlier run's masks are not inputs
+            try:
+                earlier = _outputs_of(json.loads((out / RESULT_JSON).read_text(encoding="utf-8"))) | {RESULT_JSON}
+            except (OSError, ValueError, AttributeError):
+                pass
+        paths, skipped = _list_images(src, earlier)
         if not paths:
-            raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {src}")
+            raise InputError(f"no images in {_shown(src)} ({len(skipped)} entries, none in a format PIL reads)")
     else:
         paths = [src]
-        image = load_image(src)  # a single bad image: exit 2 before loading the model
+        image = load_image(src, limits)  # a single bad image: exit 2 before loading the model
     out = _out_dir(args.out)
     seg = _load_segmenter(args)
+    if not is_dir:  # a single image that cannot be answered leaves an earlier run in --out as it was
+        answer = seg.seg(image, args.prompt)
 
-    record = {**_model_info(seg), "prompt": args.prompt, "results": []}
+    run = _RunRecord(out, {**_model_info(seg), "prompt": args.prompt, "skipped": skipped}, "results")
     stems: set[str] = set()
     failed = 0
     it = paths
@@ -141,31 +281,32 @@ def _run_segment(args: argparse.Namespace) -> int:
 
         it = tqdm(paths, desc="segment", unit="img", file=sys.stderr)
     for path in it:
-        if is_dir:
-            try:
-                image = load_image(path)
-            except DataError as e:
-                failed += 1
-                record["results"].append({"image": str(path), "error": str(e)})
-                continue
-        stem = _safe_stem(path.stem)
-        if stem in stems:
-            stem = _safe_stem(f"{path.stem}_{path.suffix.lstrip('.')}")
-        n = 2
-        base = stem
-        while stem in stems:
-            stem, n = f"{base}_{n}", n + 1
-        stems.add(stem)
-        res = seg.seg(image, args.prompt)
-        record["results"].append({"image": str(path), **_save_outputs(out, stem, image, res)})
+        try:
+            if is_dir:
+                image = load_image(path, seg.image_limits)
+                res = seg.seg(image, args.prompt)
+            else:
+                res = answer
+        except Exception as e:  # noqa: BLE001 - one image's failure must not end a directory run
+            failed += 1
+            why = str(e) if isinstance(e, LisaKitError) else f"unexpected {type(e).__name__}: {e}"
+            run.add({"image": str(path), "error": why})
+            print(f"{_shown(path)}: {why}", file=sys.stderr)
+            continue
+        stem = _unique_stem(path, stems)
+        run.begin(path, stem)
+        run.add({"image": str(path), **_save_outputs(out, stem, image, res)})
         if not is_dir:
-            print(f"{path}: {res.text}")
-            print(f"{len(res.masks)} mask(s) written to {out}")
-    _write_json(out / "result.json", record)
+            print(f"{_shown(path)}: {res.text}")
+            print(f"{len(res.masks)} mask(s) written to {_shown(out)}")
+    run.finish(failed=failed)
     if is_dir:
-        print(f"{len(paths) - failed}/{len(paths)} images segmented; results in {out / 'result.json'}")
+        print(f"{len(paths) - failed}/{len(paths)} images segmented; results in {_shown(out / RESULT_JSON)}")
+        if skipped:
+            print(f"{len(skipped)} entries skipped (not images; listed in result.json)", file=sys.stderr)
         if failed:
-            print(f"{failed} image(s) could not be read (see result.json)", file=sys.stderr)
+            print(f"error: {failed} of {len(paths)} image(s) failed (each with its reason in result.json)",
+                  file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -192,6 +333,18 @@ def _ask(label: str) -> str | None:
     return line.rstrip("\r\n")
 
 
+def _tolerant_stdin() -> None:
+    """Bytes on stdin that are not UTF-8 become lone surrogates (Python's
+    ``surrogateescape``) instead of a UnicodeDecodeError that would end the session: a
+    path keeps its exact bytes, a question with them is answered by an error line."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):  # a stream that cannot switch: strict decoding stays
+            pass
+
+
 def _clean_path(text: str) -> str:
     text = text.strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
@@ -200,15 +353,18 @@ def _clean_path(text: str) -> str:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
+    from lisa_kit.api import _check_prompt
     from lisa_kit.errors import DataError, LisaKitError
     from lisa_kit.images import load_image
 
     out = _out_dir(args.out)
+    limits = _limits(args)
     image_path = image = None
     if args.image:
-        image_path, image = _clean_path(args.image), load_image(_clean_path(args.image))
+        image_path, image = _clean_path(args.image), load_image(_clean_path(args.image), limits)
     seg = _load_segmenter(args)
-    record = {**_model_info(seg), "turns": []}
+    _tolerant_stdin()
+    run = _RunRecord(out, _model_info(seg), "turns")
     history: list[tuple[str, str]] = []
     print("lisa-kit chat: ask about an image; /help for commands, /quit to leave.", flush=True)
     turn = 0
@@ -232,8 +388,8 @@ def _run_chat(args: argparse.Namespace) -> int:
                 if rest.strip():
                     try:
                         image_path = _clean_path(rest)
-                        image = load_image(image_path)
-                        print(f"image: {image_path} ({image.shape[0]}x{image.shape[1]})", flush=True)
+                        image = load_image(image_path, limits)
+                        print(f"image: {_shown(image_path)} ({image.shape[0]}x{image.shape[1]})", flush=True)
                     except DataError as e:
                         image_path = None
                         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -242,15 +398,21 @@ def _run_chat(args: argparse.Namespace) -> int:
             else:
                 print(f"unknown command {cmd}; /help lists them", file=sys.stderr, flush=True)
             continue
+        try:  # before asking for an image: undecodable text gets its error line at once
+            _check_prompt(text, "question")
+        except LisaKitError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            continue
         while image is None:
             path = _ask("image path> ")
             if path is None:
+                run.finish()
                 return 0
             if not path.strip():
                 continue
             try:
                 image_path = _clean_path(path)
-                image = load_image(image_path)
+                image = load_image(image_path, limits)
             except DataError as e:
                 print(f"error: {e}", file=sys.stderr, flush=True)
         try:
@@ -260,14 +422,15 @@ def _run_chat(args: argparse.Namespace) -> int:
             continue
         turn += 1
         stem = f"{_safe_stem(Path(image_path).stem)}_t{turn}"
+        run.begin(image_path, stem)
         entry = {"turn": turn, "image": str(image_path), **_save_outputs(out, stem, image, res)}
-        record["turns"].append(entry)
-        _write_json(out / "result.json", record)
+        run.add(entry)
         history.append((text, res.text))
         print(f"answer: {res.text}", flush=True)
         if entry["masks"]:
-            print("masks: " + ", ".join(str(out / m["file"]) for m in entry["masks"]) + f"; overlay: {out / entry['overlay']}",
-                  flush=True)
+            print("masks: " + ", ".join(_shown(out / m["file"]) for m in entry["masks"])
+                  + f"; overlay: {_shown(out / entry['overlay'])}", flush=True)
+    run.finish()
     return 0
 
 
@@ -276,10 +439,16 @@ add_subcommand(
     description="Answer a question about an image (or every image in a directory) and write one mask per "
                 "[SEG] of the answer: <stem>_mask_<i>.png (0/255, the image's size), <stem>_overlay.png "
                 "(the masks over the image) and result.json (per image: path, prompt, answer, size, and each "
-                "mask's file, area and score).\n"
+                "mask's file, area and score; an image that failed has its 'error' instead; 'skipped' lists "
+                "directory entries that are not images, with the reason; 'complete' turns true at the end). "
+                "result.json is rewritten after every image, so it always describes the files present; a run "
+                "into an --out holding an earlier run first deletes that run's masks and overlays.\n"
+                "Images larger than --max-pixels or more elongated than --max-aspect are refused before they "
+                "are decoded.\n"
                 "Without --recipe or --checkpoint the shipped demo model is used when installed.\n"
-                "Exit codes: 0 done; 1 some images of a directory could not be read (listed in result.json); "
-                "2 bad arguments, an unreadable single image or a model that cannot be loaded.",
+                "Exit codes: 0 done; 1 some images of a directory failed (each with its reason in result.json; "
+                "the others are done); 2 bad arguments, an unreadable single image or a model that cannot be "
+                "loaded.",
     epilog="examples:\n"
            "  lisa-kit segment --checkpoint /ckpt/LISA-7B-v1 --vision-tower /ckpt/clip-vit-large-patch14 \\\n"
            "      --image street.jpg --prompt \"What can make the woman stand higher? Please output "

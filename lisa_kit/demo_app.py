@@ -144,7 +144,8 @@ def answer_picture(segmenter, image, question: str):
         raise InputError("no image: upload one (or pick an example) first")
     if not isinstance(question, str) or not question.strip():
         raise InputError("the question is empty: type one first")
-    rgb = load_image(image)  # read once: the overlay is drawn on what the model saw
+    # Read once, within the segmenter's limits: the overlay is drawn on what the model saw.
+    rgb = load_image(image, getattr(segmenter, "image_limits", None))
     res = segmenter.seg(rgb, question)
     masks = [(m.astype(np.uint8) * 255, f"[SEG] {k}: score {s:.2f}, {int(m.sum())} px")
              for k, (m, s) in enumerate(zip(res.masks, res.scores))]

@@ -136,3 +136,15 @@ class InputError(LisaKitError, ValueError):
 
 class TrainingError(LisaKitError):
     """Training cannot go on as configured (e.g. a non-finite loss under ``train.nonfinite: stop``)."""
+
+
+class ImageSizeError(ImageError):
+    """An image is outside the intake's limits (:class:`lisa_kit.images.ImageLimits`): too
+    many pixels or too extreme an aspect ratio. ``size`` is ``(H, W)`` when known and
+    ``limit`` ``(name, value)`` of the limit it broke; both are in the message."""
+
+    def __init__(self, message: str, *, path=None, size: tuple[int, int] | None = None,
+                 limit: tuple[str, float] | None = None):
+        self.size = size
+        self.limit = limit
+        super().__init__(message, path=path)

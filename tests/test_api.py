@@ -73,7 +73,7 @@ def test_batch_on_one_image_equals_single_calls(seg, monkeypatch, tmp_path):
 
     loads = []
     real = Segmenter._load
-    monkeypatch.setattr(Segmenter, "_load", staticmethod(lambda s: loads.append(s) or real(s)))
+    monkeypatch.setattr(Segmenter, "_load", lambda self, s: loads.append(s) or real(self, s))
     batch = seg.seg_batch(str(tmp_path / "one.png"), prompts)  # one image for every prompt
     by_index = seg.seg_batch([img, 0, 0], prompts)  # an int points at another entry
     same_obj = seg.seg_batch([img, img, img], prompts, batch_size=2)
@@ -208,3 +208,97 @@ def test_released_lisa_directory_is_imported(monkeypatch):
     _force(monkeypatch, {0: seg_id, 1: eos})
     r = s.seg(synthetic_image(30, 40, 8)[0], "Segment the red square.")
     assert r.masks.shape == (1, 30, 40) and r.text == "[SEG]"
+
+
+# -- per-row budgets, named rows, undecodable text (issue 15) -------------------------
+def _prompt_leaving(seg, budget_range):
+    """A prompt that fits the LLM but leaves a number of new tokens in ``budget_range``."""
+    lo, hi = 1, seg.max_positions
+    while lo < hi:  # largest repeat count that still leaves budget_range.start positions
+        mid = (lo + hi + 1) // 2
+        total, _ = seg._positions(seg.prompt_ids("red " * mid))
+        lo, hi = (mid, hi) if seg.max_positions - total >= budget_range.start else (lo, mid - 1)
+    prompt = "red " * lo
+    left = seg.max_positions - seg._positions(seg.prompt_ids(prompt))[0]
+    assert left in budget_range
+    return prompt, left
+
+
+def test_seg_batch_gives_each_row_its_own_budget(seg, monkeypatch):
+    word = seg.tokenizer.encode_text("red")[0]  # never the end of sequence: answers run to their cap
+    want = 12
+    _force(monkeypatch, {k: word for k in range(want)})
+    long_prompt, left = _prompt_leaving(seg, range(2, want))
+    img, _ = synthetic_image(20, 22, 9)
+    short, long_, short2 = seg.seg_batch(img, ["Segment the red square.", long_prompt, "And the blue one?"],
+                                         max_new_tokens=want)
+    assert len(short.token_ids) == want == len(short2.token_ids)  # not cut to the long row's leftover
+    assert short.stop == short2.stop == "max_new_tokens" and not short.finished
+    assert len(long_.token_ids) == left and long_.stop == "context" and long_.to_dict()["stop"] == "context"
+    _force(monkeypatch, {0: seg.tokenizer.eos_id})
+    assert seg.seg(img, "Segment it.").stop == "end"
+
+
+def test_seg_batch_names_the_row_at_fault(seg):
+    img, _ = synthetic_image(20, 20, 3)
+    with pytest.raises(InputError, match=r"prompts\[2\] is empty"):
+        seg.seg_batch(img, ["Segment the red square.", "ok", " \t"])
+    with pytest.raises(InputError, match=r"prompts\[1\] is too long"):
+        seg.seg_batch(img, ["Segment the red square.", "segment the red circle " * 300])
+    with pytest.raises(InputError, match=r"prompts\[0\]'s history\[0\] prompt is empty"):
+        seg.seg_batch(img, ["a", "b"], histories=[[("", "Sure.")], []])
+
+
+def test_undecodable_text_is_an_input_error(seg):
+    img, _ = synthetic_image(20, 20, 3)
+    bad = b"segment the caf\xe9 sign".decode("utf-8", "surrogateescape")  # as Python reads invalid UTF-8
+    for call in (lambda: seg.seg(img, bad), lambda: seg.seg(img, "\ud83d alone"),
+                 lambda: seg.seg(img, "And now?", history=[("first", bad)]),
+                 lambda: seg.seg_batch(img, ["fine", bad])):
+        with pytest.raises(InputError, match="not valid text"):
+            call()
+
+
+# -- the image intake through the API --------------------------------------------------
+def test_extreme_aspect_ratio_refused_before_any_resize(seg, tmp_path):
+    from lisa_kit.errors import ImageSizeError
+
+    Image.new("L", (400000, 1)).save(tmp_path / "strip.png")  # a few KB on disk
+    assert (tmp_path / "strip.png").stat().st_size < 10_000
+    for source in (tmp_path / "strip.png", np.zeros((1, 200, 3), np.uint8), Image.new("RGB", (3, 300))):
+        with pytest.raises(ImageSizeError, match="aspect ratio") as info:
+            seg.seg(source, "Segment it.")
+        assert info.value.limit == ("max_aspect", seg.image_limits.max_aspect)
+    from lisa_kit.images import ImageLimits
+
+    wide = Segmenter(seg.model, image_limits=ImageLimits(max_aspect=60))
+    assert wide.seg(np.zeros((1, 50, 3), np.uint8), "Segment it.", max_new_tokens=1).image_size == (1, 50)
+    with pytest.raises(ImageSizeError, match="pixels"):
+        Segmenter(seg.model, image_limits=ImageLimits(max_pixels=100)).seg(np.zeros((11, 10, 3), np.uint8), "x")
+    # Limits raised past what the tiny SAM (64 px) can resize: still a typed error, naming the component.
+    with pytest.raises(ImageSizeError, match="mask_decoder cannot resize a 1x300 image"):
+        Segmenter(seg.model, image_limits=ImageLimits(max_aspect=1000)).seg(np.zeros((1, 300, 3), np.uint8), "x")
+
+
+def test_lazily_opened_truncated_image_is_an_image_error(seg, tmp_path):
+    rgb, _ = synthetic_image(40, 50, 10)
+    Image.fromarray(rgb).save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    lazy = Image.open(tmp_path / "cut.png")  # header read, pixels not yet
+    with pytest.raises(ImageError, match="cut.png"):
+        seg.seg(lazy, "Segment it.")
+
+
+def test_demo_answer_reads_through_the_segmenters_limits(seg, tmp_path):
+    from lisa_kit.demo_app import answer
+    from lisa_kit.errors import ImageSizeError
+    from lisa_kit.images import ImageLimits
+
+    Image.new("RGB", (40, 1)).save(tmp_path / "strip.png")
+    with pytest.raises(ImageSizeError, match="aspect ratio"):
+        answer(seg, str(tmp_path / "strip.png"), "Segment it.")
+    small = Segmenter(seg.model, image_limits=ImageLimits(max_pixels=100))
+    Image.fromarray(synthetic_image(20, 20, 1)[0]).save(tmp_path / "ok.png")
+    with pytest.raises(ImageSizeError, match="limit of 100"):
+        answer(small, str(tmp_path / "ok.png"), "Segment it.")
