@@ -4,7 +4,7 @@ Both load a model the same way (``--recipe NAME [key=value ...]``, ``--checkpoin
 or the shipped demo model when neither is given), read images through the one intake
 (:func:`lisa_kit.images.load_image`, limits ``--max-pixels`` / ``--max-aspect``) and write
 the same files: for each answer ``<stem>_mask_<i>.png`` (0/255 at the image's size),
-``<stem>_overlay.png`` and one ``result.json``.
+``<stem>_overlay.png``, ``<stem>_annotated.png`` and one ``result.json``.
 
 ``result.json`` describes exactly the files present at every moment (:class:`_RunRecord`):
 rewritten atomically after each image, ``in_progress`` while an image's files are being
@@ -98,11 +98,13 @@ def _shown(path) -> str:
 
 
 def _save_outputs(out: Path, stem: str, image, res) -> dict:
-    """Write masks and the overlay; the result.json entry for them."""
+    """Write masks, the overlay (the image's size, masks outlined in colours chosen against
+    it) and the annotated picture (the overlay with the question, the answer as caption and
+    a legend per ``[SEG]``); the result.json entry for them."""
     import numpy as np
     from PIL import Image
 
-    from lisa_kit.visualize import overlay
+    from lisa_kit.visualize import annotate_result, overlay
 
     masks = []
     for i, (m, score) in enumerate(zip(res.masks, res.scores)):
@@ -112,8 +114,10 @@ def _save_outputs(out: Path, stem: str, image, res) -> dict:
         masks.append({"file": name, "area": int(m.sum()), "score": float(score), "rejected": rejected})
     ov = f"{stem}_overlay.png"
     Image.fromarray(overlay(image, res.masks)).save(out / ov)
+    annotated = f"{stem}_annotated.png"
+    Image.fromarray(annotate_result(image, res, title=res.prompt).pixels).save(out / annotated)
     return {"prompt": res.prompt, "answer": res.text, "image_size": list(res.image_size), "overlay": ov,
-            "masks": masks}
+            "annotated": annotated, "masks": masks}
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -133,7 +137,7 @@ def _model_info(seg) -> dict:
 
 # -- one run's files in --out -------------------------------------------------------------
 RESULT_JSON = "result.json"
-_OUTPUT_NAME = re.compile(r".+_(mask_\d+|overlay)\.png")
+_OUTPUT_NAME = re.compile(r".+_(mask_\d+|overlay|annotated)\.png")
 
 
 def _outputs_of(record: dict) -> set[str]:
@@ -145,7 +149,7 @@ def _outputs_of(record: dict) -> set[str]:
     entries = [*(record.get("results") or []), *(record.get("turns") or [])]
     for e in entries:
         if isinstance(e, dict):
-            names.add(e.get("overlay"))
+            names.update((e.get("overlay"), e.get("annotated")))
             names.update(m.get("file") for m in e.get("masks") or [] if isinstance(m, dict))
     return {n for n in names if isinstance(n, str) and n == Path(n).name and _OUTPUT_NAME.fullmatch(n)}
 
@@ -174,7 +178,7 @@ class _RunRecord:
         stem = (old.get("in_progress") or {}).get("stem") if isinstance(old.get("in_progress"), dict) else None
         if isinstance(stem, str) and stem == _safe_stem(stem):
             names.update(p.name for p in self.out.glob(f"{stem}_*.png") if _OUTPUT_NAME.fullmatch(p.name)
-                         and p.name[len(stem):].startswith(("_mask_", "_overlay")))
+                         and p.name[len(stem):].startswith(("_mask_", "_overlay", "_annotated")))
         for name in names:
             (self.out / name).unlink(missing_ok=True)
 
@@ -438,7 +442,8 @@ add_subcommand(
     "segment", "segment images from a text prompt", _setup_segment, _run_segment,
     description="Answer a question about an image (or every image in a directory) and write one mask per "
                 "[SEG] of the answer: <stem>_mask_<i>.png (0/255, the image's size), <stem>_overlay.png "
-                "(the masks over the image) and result.json (per image: path, prompt, answer, size, and each "
+                "(the masks outlined over the image), <stem>_annotated.png (the overlay with the question, the "
+                "answer and a legend per [SEG]) and result.json (per image: path, prompt, answer, size, and each "
                 "mask's file, area and score; an image that failed has its 'error' instead; 'skipped' lists "
                 "directory entries that are not images, with the reason; 'complete' turns true at the end). "
                 "result.json is rewritten after every image, so it always describes the files present; a run "

@@ -47,6 +47,9 @@ def test_segment_single_image(tmp_path, capsys, forced_seg):
     assert _check_mask_file(out / "street_mask_0.png", 37, 53) == r["masks"][0]["area"]
     assert isinstance(r["masks"][0]["score"], float)
     assert Image.open(out / r["overlay"]).size == (53, 37)
+    # The annotated picture adds bands (question, answer, legend) around the image, never over it.
+    aw, ah = Image.open(out / r["annotated"]).size
+    assert r["annotated"] == "street_annotated.png" and aw >= 53 and ah > 37
     assert "[SEG]" in capsys.readouterr().out
 
 
@@ -173,7 +176,8 @@ def test_result_json_is_true_after_every_image(tmp_path, monkeypatch, forced_seg
     assert main(["segment", *TINY, "--image", str(d), "--prompt", "Segment it.", "--out", str(out)]) != 0
     res = json.loads((out / "result.json").read_text())
     assert res["complete"] is False and [r["image"].rsplit("/", 1)[-1] for r in res["results"]] == ["p0.png", "p1.png"]
-    listed = {m["file"] for r in res["results"] for m in r["masks"]} | {r["overlay"] for r in res["results"]}
+    listed = {m["file"] for r in res["results"] for m in r["masks"]} | {r["overlay"] for r in res["results"]} \
+        | {r["annotated"] for r in res["results"]}
     assert listed == {p.name for p in out.glob("*.png")}  # every file described, every description true
 
 
@@ -196,7 +200,8 @@ def test_a_run_into_an_earlier_runs_out_replaces_it(tmp_path, forced_seg):
     (tmp_path / "victim_overlay.png").write_bytes(b"not ours")
     (out / "notes_mine.txt").write_text("the user's own file")
     assert _run_dir(second, out) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["c_mask_0.png", "c_overlay.png", "notes_mine.txt", "result.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["c_annotated.png", "c_mask_0.png", "c_overlay.png", "notes_mine.txt",
+                                                  "result.json"]
     assert [r["image"].rsplit("/", 1)[-1] for r in json.loads((out / "result.json").read_text())["results"]] == ["c.png"]
     assert (tmp_path / "victim_overlay.png").exists()
     # --out inside the image directory: the earlier run's masks are not taken as images.
