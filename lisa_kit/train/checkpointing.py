@@ -247,6 +247,7 @@ def recover(root: str | os.PathLike) -> list[str]:
             done.append(f"{final}: completed the replacement a kill interrupted")
         else:
             os.replace(old, final)
+            shutil.rmtree(tmp, ignore_errors=True)  # the unfinished new version
             done.append(f"{final}: restored the previous version (its replacement was interrupted)")
     for doomed in root.glob("*.deleting"):
         shutil.rmtree(doomed, ignore_errors=True)

@@ -198,7 +198,7 @@ class Trainer:
         self.progress = progress
         self.stop_after = stop_after
         self.stopped_by: int | None = None  # the signal that stopped fit()
-        resume_from, resumed = None, None
+        resume_from, resumed, damaged = None, None, []
         if resume is not None:
             resume_from, resumed, damaged = ckpt.find_resumable(resume)
             for path, why in damaged if launched_rank() == 0 else ():
@@ -290,6 +290,7 @@ class Trainer:
         self._last_record: dict | None = None  # train.jsonl's last line
         self._log_failure: tuple[OSError, str] | None = None  # rank 0's first failed log write and the log
         self.resumed_from = resume_from
+        self.damaged = [p for p, _ in damaged]  # newer checkpoints passed over, set aside by fit()
         if resumed is not None:
             self._restore(resumed)
             if env.is_main:
@@ -551,6 +552,18 @@ class Trainer:
                              f"`lisa-kit train --resume {self.out}`")
 
     # -- run files -------------------------------------------------------------------------------
+    def _set_aside_damaged(self) -> None:
+        """Rename this run's damaged checkpoints that the resume passed over to
+        ``<name>.damaged`` (kept for a look): left as ``step_*`` they would count as the
+        newest when pruning, which could delete the intact ones."""
+        for path in self.damaged:
+            if path.parent == self.ckpt_root and path.is_dir():
+                aside, n = path.with_name(path.name + ".damaged"), 1
+                while aside.exists():
+                    aside, n = path.with_name(f"{path.name}.damaged{n}"), n + 1
+                os.replace(path, aside)
+                warnings.warn(f"damaged checkpoint {path} renamed to {aside.name}", stacklevel=3)
+
     def _start_run_files(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "recipe.yaml").write_text(self.recipe_yaml)
@@ -588,18 +601,19 @@ class Trainer:
             try:
                 for note in ckpt.recover(self.ckpt_root):
                     warnings.warn(note, stacklevel=2)
+                self._set_aside_damaged()
                 self._start_run_files()
             except OSError as e:
                 raise self._write_error(e, "the run files") from e
         barrier(env)
         announce = (lambda text: print(text, file=sys.stderr, flush=True)) if main else (lambda text: None)
-        with StopSignals(announce) as signals:
+        with StopSignals(announce) as signals:  # also while saying where it stopped: torchrun may signal again
             saved = self._fit(signals)
-        if self.stopped_by is not None and main:
-            where = f"checkpoint {saved}" if saved else "no checkpoint"
-            print(f"stopped by {_signal_name(self.stopped_by)} at step {self.step} (epoch {self.epoch}, sample "
-                  f"{self.position} of the epoch per rank); {where}; continue with "
-                  f"`lisa-kit train --resume {self.out}`", file=sys.stderr, flush=True)
+            if self.stopped_by is not None and main:
+                where = f"checkpoint {saved}" if saved else "no checkpoint"
+                print(f"stopped by {_signal_name(self.stopped_by)} at step {self.step} (epoch {self.epoch}, sample "
+                      f"{self.position} of the epoch per rank); {where}; continue with "
+                      f"`lisa-kit train --resume {self.out}`", file=sys.stderr, flush=True)
         summary = {"step": self.step, "last": self._last_record, "val": self.last_val, "best_giou": self.best_giou,
                    "checkpoint": str(saved) if saved else None, "out": str(self.out)}
         if self.stopped_by is not None:
