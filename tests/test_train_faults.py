@@ -205,3 +205,57 @@ def test_full_disk_is_a_typed_error_and_the_last_checkpoint_survives(run3, monke
     # space again: the run goes on from step 3
     out = _trainer(run3, resume=run3, stop_after=4).fit()
     assert out["step"] == 4 and _steps(run3) == [1, 2, 3, 4]
+
+
+def _can_mount_tmpfs(where: Path) -> bool:
+    """A private mount namespace with a tmpfs (root or unprivileged user namespaces)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    where.mkdir()
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {where}"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def test_really_full_disk_during_save(tmp_path, one_thread, capsys):
+    """A real full filesystem (a tmpfs sized for 1.5 checkpoints, in a private mount
+    namespace): safetensors and torch.save report ENOSPC in their own exception types;
+    it is still the typed error, and the previous checkpoint is intact."""
+    import subprocess
+    import sys
+
+    from lisa_kit.cli import main
+
+    mnt = tmp_path / "mnt"
+    if not _can_mount_tmpfs(mnt):
+        pytest.skip("cannot mount a tmpfs in a private mount namespace here")
+    ov = QUICK + ["train.steps=3", "train.save_every=1"]
+    probe = tmp_path / "probe"
+    from lisa_kit.train.loop import Trainer
+
+    Trainer(RECIPE, probe, overrides=ov, stop_after=1, progress=False).fit()
+    one = sum(f.stat().st_size for f in probe.rglob("*") if f.is_file())
+    size_k = int(1.5 * one) // 1024  # the run files and one checkpoint fit, a second checkpoint does not
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                          os.environ.get("PYTHONPATH", "")])}
+    run, copy = mnt / "run", tmp_path / "copy"
+    train = " ".join([sys.executable, "-m", "lisa_kit", "train", RECIPE, *ov, "--out", str(run), "--no-progress",
+                      "--device", "cpu"])
+    script = f"mount -t tmpfs -o size={size_k}k tmpfs {mnt} && {{ {train}; rc=$?; cp -a {run} {copy}; exit $rc; }}"
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert (f"error: the disk is full: cannot write the checkpoint step_000002 of step 2 "
+            f"({run / 'checkpoints/step_000002.tmp'}") in proc.stderr, proc.stderr[-3000:]
+    assert f"the previous checkpoint {run / 'checkpoints/step_000001'} (step 1) is intact" in proc.stderr
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step_000001"]
+    ckpt.verify_checkpoint(copy / "checkpoints/step_000001")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(copy), "--no-progress", "--device", "cpu"]) == 0
+    assert "resumed from" in capsys.readouterr().err and _steps(copy) == [1, 2, 3]

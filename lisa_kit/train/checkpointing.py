@@ -59,6 +59,7 @@ META_FILE = "trainer.json"  # with the weights: marks a complete checkpoint
 MANIFEST_FILE = "manifest.json"  # written last: {file: {"size", "sha256"}} of every other file
 HASH_CHUNK = 1 << 20  # bytes read at a time when hashing
 RESUME_KEYS = ("step", "epoch", "position")  # what a trainer needs from trainer.json to go on
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust std::io::Error) reports errno
 
 
 def step_name(step: int) -> str:
@@ -175,9 +176,10 @@ def _sha256(path: Path) -> str:
 
 
 def write_checkpoint(root: str | os.PathLike, name: str, data: CheckpointData) -> Path:
-    """Write ``data`` as ``root/name`` atomically (see the module docstring). An
-    ``OSError`` (full disk, ...) removes the partial ``.tmp`` and propagates with the
-    file being written as its ``filename``; existing checkpoints are untouched."""
+    """Write ``data`` as ``root/name`` atomically (see the module docstring). A failed
+    write (full disk, ...) removes the partial ``.tmp`` and raises an ``OSError`` (also
+    when torch or safetensors wrapped it) with the file being written as its
+    ``filename``; existing checkpoints are untouched."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     recover(root)
@@ -200,11 +202,14 @@ def write_checkpoint(root: str | os.PathLike, name: str, data: CheckpointData) -
         current = tmp / MANIFEST_FILE
         _write_text(json.dumps({"format": FORMAT, "files": manifest}, indent=1), current)
         _fsync_dir(tmp)
-    except OSError as e:
+    except Exception as e:
+        os_error = _os_error(e)
+        if os_error is None:  # not an I/O failure: a bug to see as it is
+            raise
         shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial copy took
-        if e.filename is None:
-            e.filename = str(current)
-        raise
+        if os_error.filename is None:
+            os_error.filename = str(current)
+        raise os_error from (None if os_error is e else e)
     final = root / name
     old = root / f"{name}.old"
     if final.exists():
@@ -216,6 +221,23 @@ def write_checkpoint(root: str | os.PathLike, name: str, data: CheckpointData) -
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``exc``: itself, one it was raised from or during (torch.save
+    on a full disk raises ``RuntimeError("... unexpected pos ...")`` while handling the
+    file's ``OSError``), or the errno in a safetensors message; ``None`` if there is none."""
+    seen, e = set(), exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    m = RUST_OS_ERROR.search(str(exc))
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code))
+    return None
 
 
 def recover(root: str | os.PathLike) -> list[str]:

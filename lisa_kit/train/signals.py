@@ -11,6 +11,7 @@ and the previous one is untouched (:mod:`lisa_kit.train.checkpointing` writes at
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -45,8 +46,10 @@ class StopSignals:
         self.count = 0
         self._announce = announce or (lambda text: print(text, file=sys.stderr, flush=True))
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> StopSignals:
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for s in HANDLED:
                 self._previous[s] = signal.signal(s, self._handle)
@@ -58,6 +61,8 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: the trainer process decides
+            return
         self.count += 1
         name = signal.Signals(signum).name
         if self.received is None:
