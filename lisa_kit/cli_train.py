@@ -94,7 +94,8 @@ add_subcommand(
                 "checkpoints/step_*/ (atomic; the newest train.keep_last kept) plus checkpoints/best/ (best "
                 "validation gIoU). SIGINT (Ctrl-C) or SIGTERM stops at the next step with a checkpoint and exit "
                 "status 130 or 143; --resume checks the checkpoint's manifest (sizes, sha256) and falls back to the "
-                "previous intact checkpoint. Several processes: launch with torchrun (train.strategy: ddp, fsdp2 or zero2 = FSDP2 keeping gathered parameters, LISA's ZeRO-2).",
+                "previous intact checkpoint. Several processes: launch with torchrun (train.strategy: ddp, fsdp2 or "
+                "zero2 = FSDP2 keeping gathered parameters, LISA's ZeRO-2).",
     epilog="examples:\n"
            "  lisa-kit train lisa-tiny-synthetic --out runs/tiny\n"
            "  lisa-kit train lisa-tiny-synthetic train.lr=3e-3 train.batch_size=8 --steps 500\n"

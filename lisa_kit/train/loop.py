@@ -35,6 +35,7 @@ import errno
 import json
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -515,14 +516,16 @@ class Trainer:
                 path = self._write(name, weights, optim, rngs)
         except OSError as e:
             failure = e
-        # instead of a barrier: every rank learns whether rank 0's write failed, so none
-        # goes on to a collective that rank 0 never joins
-        if all_reduce_sum([float(failure is not None)], env)[0]:
-            what = f"the checkpoint {name or ckpt.step_name(self.step)} of step {self.step}"
+        self._agree_on_failure(failure, f"the checkpoint {name or ckpt.step_name(self.step)} of step {self.step}")
+        return path
+
+    def _agree_on_failure(self, failure: OSError | None, what: str) -> None:
+        """In place of a barrier after rank 0 wrote ``what``: every rank learns whether the
+        write failed and raises, so none waits in a collective that rank 0 never joins."""
+        if all_reduce_sum([float(failure is not None)], self.env)[0]:
             if failure is not None:
                 raise self._write_error(failure, what) from failure
             raise TrainingError(f"rank 0 could not write {what} (its error says why)")
-        return path
 
     def _write(self, name, weights, optim, rngs) -> Path:
         """rank 0: write the checkpoint ``name`` (default ``step_XXXXXX``, then prune)."""
@@ -597,27 +600,29 @@ class Trainer:
                                   "directory", file=self.out)
         main = env.is_main
         barrier(env)  # every rank has read its checkpoint before rank 0 tidies the directory
-        if main:
-            try:
+        failure = None
+        try:
+            if main:
                 for note in ckpt.recover(self.ckpt_root):
                     warnings.warn(note, stacklevel=2)
                 self._set_aside_damaged()
                 self._start_run_files()
-            except OSError as e:
-                raise self._write_error(e, "the run files") from e
-        barrier(env)
+        except OSError as e:
+            failure = e
+        self._agree_on_failure(failure, "the run files")
         announce = (lambda text: print(text, file=sys.stderr, flush=True)) if main else (lambda text: None)
         with StopSignals(announce) as signals:  # also while saying where it stopped: torchrun may signal again
             saved = self._fit(signals)
-            if self.stopped_by is not None and main:
+            stopped = signal.Signals(self.stopped_by).name if self.stopped_by is not None else None
+            if stopped and main:
                 where = f"checkpoint {saved}" if saved else "no checkpoint"
-                print(f"stopped by {_signal_name(self.stopped_by)} at step {self.step} (epoch {self.epoch}, sample "
-                      f"{self.position} of the epoch per rank); {where}; continue with "
-                      f"`lisa-kit train --resume {self.out}`", file=sys.stderr, flush=True)
+                print(f"stopped by {stopped} at step {self.step} (epoch {self.epoch}, sample {self.position} of the "
+                      f"epoch per rank); {where}; continue with `lisa-kit train --resume {self.out}`",
+                      file=sys.stderr, flush=True)
         summary = {"step": self.step, "last": self._last_record, "val": self.last_val, "best_giou": self.best_giou,
                    "checkpoint": str(saved) if saved else None, "out": str(self.out)}
-        if self.stopped_by is not None:
-            summary.update(signal=_signal_name(self.stopped_by), exit_code=exit_code(self.stopped_by))
+        if stopped:
+            summary.update(signal=stopped, exit_code=exit_code(self.stopped_by))
         return summary
 
     def _fit(self, signals: StopSignals) -> Path | None:
@@ -686,8 +691,6 @@ class Trainer:
         """Agree across ranks, once per step, on stopping: the signal to stop for (SIGTERM
         before SIGINT when ranks got different ones) or ``None``; a failed log write on
         rank 0 is a :class:`TrainingError` on every rank."""
-        import signal
-
         got = signals.received
         flags = [float(got == signal.SIGINT), float(got == signal.SIGTERM), float(self._log_failure is not None)]
         n_int, n_term, n_failed = all_reduce_sum(flags, self.env)
@@ -715,12 +718,6 @@ class Trainer:
             self.best_giou = res["giou"]
             self.save(ckpt.BEST)
         return res
-
-
-def _signal_name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
 
 
 def train(recipe=None, out_dir=None, **kwargs) -> dict:
