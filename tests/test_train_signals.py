@@ -46,6 +46,24 @@ def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture
+def spawn():
+    """``Popen`` in a new session; whatever is left of it is killed at the end."""
+    procs = []
+
+    def start(cmd, cwd):
+        proc = subprocess.Popen(cmd, env=_env(), cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
 def _wait_for_steps(run: Path, proc: subprocess.Popen, n: int) -> None:
     """Until ``run/train.jsonl`` has ``n`` lines (the run is inside its loop)."""
     deadline = time.monotonic() + WAIT_S
@@ -56,7 +74,6 @@ def _wait_for_steps(run: Path, proc: subprocess.Popen, n: int) -> None:
         if proc.poll() is not None:
             pytest.fail(f"the run ended (rc {proc.returncode}) before step {n}: {proc.stderr.read()[-3000:]}")
         time.sleep(POLL_S)
-    proc.kill()
     pytest.fail(f"no step {n} within {WAIT_S} s")
 
 
@@ -67,15 +84,14 @@ def _compare(a: list[dict], b: list[dict]) -> None:
             assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-7), (ra["step"], key)
 
 
-def test_sigterm_then_resume_replays_an_uninterrupted_run(tmp_path, one_thread, capsys):
+def test_sigterm_then_resume_replays_an_uninterrupted_run(tmp_path, one_thread, capsys, spawn):
     from lisa_kit.cli import main
     from lisa_kit.train.loop import Trainer
 
     ov = QUICK + [f"train.steps={STEPS}", "train.save_every=0"]
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "lisa_kit", "train", RECIPE, *ov, "--out", str(cut),
-                             "--no-progress", "--device", "cpu"], env=_env(), cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = spawn([sys.executable, "-m", "lisa_kit", "train", RECIPE, *ov, "--out", str(cut), "--no-progress",
+                  "--device", "cpu"], tmp_path)
     _wait_for_steps(cut, proc, 2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=WAIT_S)
@@ -181,15 +197,13 @@ def _worker_of_rank(launcher: int, rank: int) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the workers")
-def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, one_thread):
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, one_thread, spawn):
     """SIGTERM to rank 1 alone: the stop flag is all-reduced at the step boundary, so rank
     0 stops at the same step and writes the checkpoint (no rank left in a collective)."""
     ov = QUICK + [f"train.steps={STEPS}", "train.save_every=0", "train.strategy=ddp", "train.lora.dropout=0.0"]
     run = tmp_path / "ddp"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "lisa_kit", "train", RECIPE, *ov, "--out", str(run), "--no-progress",
-                             "--device", "cpu"], env=_env(), cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = spawn([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                  "lisa_kit", "train", RECIPE, *ov, "--out", str(run), "--no-progress", "--device", "cpu"], tmp_path)
     _wait_for_steps(run, proc, 2)
     rank1 = _worker_of_rank(proc.pid, 1)
     assert rank1 is not None
@@ -202,5 +216,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, one_thr
     data = ckpt.read_checkpoint(run / "checkpoints" / ckpt.step_name(step))
     assert data.meta["step"] == step and data.meta["world_size"] == 2 and len(data.rng) == 2
     assert [r["step"] for r in _log(run)] == list(range(1, step + 1))
-    # both workers ended with SIGTERM's code, which torchrun reports per rank
-    assert len(re.findall(r"exitcode\s*:\s*143\b", err)) == 2, err[-4000:]
+    # torchrun's per-rank report: the workers ended through the stop (143) -- or, for the
+    # one still exiting when the launcher saw the other end, by the launcher's SIGTERM
+    # (-15) -- never by an error
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+) \(pid", err)
+    assert "143" in codes and set(codes) <= {"143", str(-signal.SIGTERM)}, err[-4000:]
