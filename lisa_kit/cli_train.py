@@ -62,8 +62,15 @@ def _run(args: argparse.Namespace) -> int:
         resume = out
     if recipe is None and resume is None:
         raise InputError("give a RECIPE (or --resume DIR)")
-    summary = train(recipe, out, overrides=overrides, resume=resume, stop_after=args.stop_after,
-                    progress=not args.no_progress, device=args.device)
+    from lisa_kit.train.signals import Interrupted, exit_code
+
+    try:
+        summary = train(recipe, out, overrides=overrides, resume=resume, stop_after=args.stop_after,
+                        progress=not args.no_progress, device=args.device)
+    except Interrupted as e:  # signalled again while stopping: out without the last checkpoint
+        print(f"error: {e}: aborted; a checkpoint being written is left as a .tmp directory and the previous "
+              "checkpoints are intact (continue with --resume)", file=sys.stderr)
+        return exit_code(e.signum)
     if int(os.environ.get("RANK", "0")) == 0:
         last = summary.get("last") or {}
         print(f"step {summary['step']}: loss {last.get('loss', float('nan')):.4f} "
@@ -73,8 +80,9 @@ def _run(args: argparse.Namespace) -> int:
             v = summary["val"]
             print(f"val gIoU {v['giou']:.4f} cIoU {v['ciou']:.4f} (best gIoU {summary['best_giou']:.4f})",
                   file=sys.stderr)
-        print(json.dumps({"out": summary["out"], "checkpoint": summary["checkpoint"], "step": summary["step"]}))
-    return 0
+        print(json.dumps({"out": summary["out"], "checkpoint": summary["checkpoint"], "step": summary["step"],
+                          **({"signal": summary["signal"]} if summary.get("signal") else {})}))
+    return summary.get("exit_code", 0)  # 130/143 after a SIGINT/SIGTERM stop, as if killed by it
 
 
 add_subcommand(
@@ -84,7 +92,10 @@ add_subcommand(
                 "accumulation, clip 1.0, bf16, LoRA r=8 on q_proj/v_proj). The run directory gets recipe.yaml, "
                 "env.json, train.jsonl (one line per step), val.jsonl, tb/ (with tensorboard) and "
                 "checkpoints/step_*/ (atomic; the newest train.keep_last kept) plus checkpoints/best/ (best "
-                "validation gIoU). Several processes: launch with torchrun (train.strategy: ddp, fsdp2 or zero2 = FSDP2 keeping gathered parameters, LISA's ZeRO-2).",
+                "validation gIoU). SIGINT (Ctrl-C) or SIGTERM stops at the next step with a checkpoint and exit "
+                "status 130 or 143; --resume checks the checkpoint's manifest (sizes, sha256) and falls back to the "
+                "previous intact checkpoint. Several processes: launch with torchrun (train.strategy: ddp, fsdp2 or "
+                "zero2 = FSDP2 keeping gathered parameters, LISA's ZeRO-2).",
     epilog="examples:\n"
            "  lisa-kit train lisa-tiny-synthetic --out runs/tiny\n"
            "  lisa-kit train lisa-tiny-synthetic train.lr=3e-3 train.batch_size=8 --steps 500\n"

@@ -5,8 +5,9 @@ head trained; AdamW with warmup and linear decay; CE + BCE + Dice) on lisa_kit m
 * :mod:`~lisa_kit.train.lora`: :func:`apply_lora` / :func:`merge_lora`
 * :mod:`~lisa_kit.train.trainable`: which parameters train
 * :mod:`~lisa_kit.train.loop`: :class:`Trainer` (``lisa-kit train``)
-* :mod:`~lisa_kit.train.checkpointing`: atomic, resumable checkpoints;
-  :func:`load_trained_model` for export
+* :mod:`~lisa_kit.train.checkpointing`: atomic, resumable checkpoints with a manifest
+  (size, sha256 per file), recovery of interrupted saves; :func:`load_trained_model` for export
+* :mod:`~lisa_kit.train.signals`: SIGINT/SIGTERM stop at a step boundary with a checkpoint
 * :mod:`~lisa_kit.train.distributed`: torchrun, DDP, FSDP2
 """
 from __future__ import annotations

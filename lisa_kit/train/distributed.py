@@ -61,6 +61,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank under ``torchrun`` (0 otherwise), known before the group is joined."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(strategy: str = "ddp", device: str | None = None) -> DistEnv:
     """Detect a ``torchrun`` launch and join the process group (``nccl`` on CUDA, ``gloo``
     otherwise). A single process returns ``DistEnv(strategy="single")``."""

@@ -22,12 +22,20 @@ The run directory gets ``recipe.yaml`` (resolved) and ``env.json`` (library vers
 commit) at start, ``train.jsonl`` (one line per optimizer step: step, loss, ce, bce, dice,
 lr, grad_norm, samples_per_s, time), ``val.jsonl``, ``tb/`` (TensorBoard, when
 installed) and ``checkpoints/`` (:mod:`lisa_kit.train.checkpointing`).
+
+Faults: SIGINT/SIGTERM stop the run at the next step boundary with a checkpoint
+(:mod:`lisa_kit.train.signals`; ranks agree on the step through an all-reduce); a resume
+verifies the checkpoint and falls back to the previous intact one, and drops a torn last
+line of the logs; a failed write (full disk) is a :class:`~lisa_kit.errors.TrainingError`
+naming the file and the checkpoint that is still intact.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -38,12 +46,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from lisa_kit.errors import CheckpointError, DataError, InputError, RecipeError
+from lisa_kit.errors import CheckpointError, DataError, InputError, RecipeError, TrainingError
 from lisa_kit.provenance import git_state, versions
 from lisa_kit.train import checkpointing as ckpt
 from lisa_kit.train.config import TrainConfig
 from lisa_kit.train.distributed import (DistEnv, all_gather_object, all_reduce_sum, barrier, full_state,
-                                        init_distributed, load_optimizer_state, optimizer_state, wrap_model)
+                                        init_distributed, launched_rank, load_optimizer_state, optimizer_state,
+                                        wrap_model)
+from lisa_kit.train.signals import StopSignals, exit_code
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -106,6 +116,54 @@ class LossModule(torch.nn.Module):
         return parts
 
 
+def _append_line(path: Path, record: dict) -> None:
+    """Append ``record`` as one JSON line in one ``write`` (a kill leaves at most a torn
+    last line, which a resume drops). An ``OSError`` carries ``path`` as its filename."""
+    data = (json.dumps(record) + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+    except OSError as e:
+        e.filename = e.filename or str(path)
+        raise
+
+
+def _read_log(path: Path, upto: int) -> list[str]:
+    """The lines of the JSON-lines log ``path`` of steps ``<= upto``. Lines that are not
+    a JSON object with an integer ``step`` (the torn last line of a killed run, damage)
+    are dropped with a warning naming them."""
+    keep, bad = [], []
+    for no, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            step = None
+        if not isinstance(step, int):
+            bad.append(no)
+        elif step <= upto:
+            keep.append(line)
+    if bad:
+        warnings.warn(f"{path}: dropped {len(bad)} unreadable line(s) (line {', '.join(map(str, bad))}; a torn "
+                      "last line is what a killed run leaves)", stacklevel=3)
+    return keep
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _flatten(d, prefix=""):
     out = {}
     if isinstance(d, dict):
@@ -140,17 +198,22 @@ class Trainer:
 
         self.progress = progress
         self.stop_after = stop_after
-        resume_from = None
+        self.stopped_by: int | None = None  # the signal that stopped fit()
+        resume_from, resumed, damaged = None, None, []
         if resume is not None:
-            resume_from = ckpt.latest_checkpoint(resume)
-            if resume_from is None:
-                raise CheckpointError("nothing to resume: no complete checkpoint", file=resume)
+            resume_from, resumed, damaged = ckpt.find_resumable(resume)
+            for path, why in damaged if launched_rank() == 0 else ():
+                warnings.warn(f"checkpoint {path} is damaged, passed over: {why}", stacklevel=2)
+            if damaged and launched_rank() == 0:
+                warnings.warn(f"resuming from {resume_from}, the newest intact checkpoint", stacklevel=2)
         if recipe is None:
             if resume_from is None:
                 raise InputError("a recipe is needed (or resume= a run to take it from)")
             import yaml
 
-            recipe = yaml.safe_load((resume_from / ckpt.RECIPE_FILE).read_text())
+            recipe = yaml.safe_load(resumed.recipe_yaml)
+            if not isinstance(recipe, dict):
+                raise CheckpointError("the checkpoint holds no recipe; give one", file=resume_from / ckpt.RECIPE_FILE)
         self.recipe = load_recipe(recipe if not hasattr(recipe, "cfg") else OmegaConf.to_container(recipe.cfg),
                                   overrides)
         check_recipe(self.recipe, registry=registry)
@@ -165,7 +228,6 @@ class Trainer:
         self.env: DistEnv = init_distributed(cfg.strategy, device)
         env = self.env
 
-        resumed = ckpt.read_checkpoint(resume_from) if resume_from is not None else None
         if resumed is not None and resumed.recipe_yaml:
             import yaml
 
@@ -226,9 +288,15 @@ class Trainer:
         self.skipped = 0  # steps dropped for a non-finite loss (train.nonfinite: skip)
         self.best_giou: float | None = None
         self.last_val: dict | None = None
+        self._last_record: dict | None = None  # train.jsonl's last line
+        self._log_failure: tuple[OSError, str] | None = None  # rank 0's first failed log write and the log
         self.resumed_from = resume_from
+        self.damaged = [p for p, _ in damaged]  # newer checkpoints passed over, set aside by fit()
         if resumed is not None:
             self._restore(resumed)
+            if env.is_main:
+                print(f"resumed from {resume_from}: step {self.step}, epoch {self.epoch}, sample {self.position} of "
+                      f"the epoch on each of {env.world_size} rank(s)", file=sys.stderr, flush=True)
         else:
             import random
 
@@ -238,6 +306,13 @@ class Trainer:
 
     # -- resume ------------------------------------------------------------------------------
     def _restore(self, data: ckpt.CheckpointData) -> None:
+        try:
+            self._restore_state(data)
+        except (KeyError, IndexError, TypeError, ValueError) as e:  # a checkpoint of another layout
+            raise CheckpointError(f"the checkpoint's training state does not fit this run: {e!r}",
+                                  file=self.resumed_from) from e
+
+    def _restore_state(self, data: ckpt.CheckpointData) -> None:
         meta, env = data.meta, self.env
         fmt = "fqn" if env.sharded else "index"
         if meta.get("optimizer_format", "index") != fmt:
@@ -435,23 +510,63 @@ class Trainer:
         weights = full_state(self.model, self.trainable_names, env)
         optim = optimizer_state(self.model, self.optimizer, env)
         rngs = all_gather_object(ckpt.rng_state(), env)
-        path = None
-        if env.is_main:
-            meta = {"step": self.step, "epoch": self.epoch, "position": self.position,
-                    "world_size": env.world_size, "batch_size": self.cfg.batch_size, "strategy": env.strategy,
-                    "optimizer_format": "fqn" if env.sharded else "index",
-                    "best_giou": self.best_giou, "val": self.last_val, "trainable": self.trainable_names,
-                    "frozen_fingerprint": self.fingerprint}
-            state = {"optimizer": optim, "scheduler": self.scheduler.state_dict(),
-                     "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
-            data = ckpt.CheckpointData(weights, state, rngs, meta, self.recipe_yaml)
-            path = ckpt.write_checkpoint(self.ckpt_root, name or ckpt.step_name(self.step), data)
-            if name is None:
-                ckpt.prune_checkpoints(self.ckpt_root, self.cfg.keep_last)
-        barrier(env)
+        path, failure = None, None
+        try:
+            if env.is_main:
+                path = self._write(name, weights, optim, rngs)
+        except OSError as e:
+            failure = e
+        self._agree_on_failure(failure, f"the checkpoint {name or ckpt.step_name(self.step)} of step {self.step}")
         return path
 
+    def _agree_on_failure(self, failure: OSError | None, what: str) -> None:
+        """In place of a barrier after rank 0 wrote ``what``: every rank learns whether the
+        write failed and raises, so none waits in a collective that rank 0 never joins."""
+        if all_reduce_sum([float(failure is not None)], self.env)[0]:
+            if failure is not None:
+                raise self._write_error(failure, what) from failure
+            raise TrainingError(f"rank 0 could not write {what} (its error says why)")
+
+    def _write(self, name, weights, optim, rngs) -> Path:
+        """rank 0: write the checkpoint ``name`` (default ``step_XXXXXX``, then prune)."""
+        env = self.env
+        meta = {"step": self.step, "epoch": self.epoch, "position": self.position,
+                "world_size": env.world_size, "batch_size": self.cfg.batch_size, "strategy": env.strategy,
+                "optimizer_format": "fqn" if env.sharded else "index",
+                "best_giou": self.best_giou, "val": self.last_val, "trainable": self.trainable_names,
+                "frozen_fingerprint": self.fingerprint}
+        state = {"optimizer": optim, "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+        data = ckpt.CheckpointData(weights, state, rngs, meta, self.recipe_yaml)
+        path = ckpt.write_checkpoint(self.ckpt_root, name or ckpt.step_name(self.step), data)
+        if name is None:
+            ckpt.prune_checkpoints(self.ckpt_root, self.cfg.keep_last)
+        return path
+
+    def _write_error(self, e: OSError, what: str) -> TrainingError:
+        """The error for a failed write of ``what``: a full disk said as such, the file,
+        and the newest checkpoint, which the failed write left intact."""
+        reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}.get(
+            e.errno, f"the write failed ({e.strerror or e})")
+        found = ckpt.list_checkpoints(self.ckpt_root)
+        kept = (f"the previous checkpoint {found[-1][1]} (step {found[-1][0]}) is intact" if found
+                else "no checkpoint had been written yet")
+        return TrainingError(f"{reason}: cannot write {what} ({e.filename}); {kept}; free space, then continue with "
+                             f"`lisa-kit train --resume {self.out}`")
+
     # -- run files -------------------------------------------------------------------------------
+    def _set_aside_damaged(self) -> None:
+        """Rename this run's damaged checkpoints that the resume passed over to
+        ``<name>.damaged`` (kept for a look): left as ``step_*`` they would count as the
+        newest when pruning, which could delete the intact ones."""
+        for path in self.damaged:
+            if path.parent == self.ckpt_root and path.is_dir():
+                aside, n = path.with_name(path.name + ".damaged"), 1
+                while aside.exists():
+                    aside, n = path.with_name(f"{path.name}.damaged{n}"), n + 1
+                os.replace(path, aside)
+                warnings.warn(f"damaged checkpoint {path} renamed to {aside.name}", stacklevel=3)
+
     def _start_run_files(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "recipe.yaml").write_text(self.recipe_yaml)
@@ -465,9 +580,7 @@ class Trainer:
         for log in ("train.jsonl", "val.jsonl"):  # drop lines of steps after the checkpoint we resume from
             path = self.out / log
             if path.exists():
-                keep = [ln for ln in path.read_text().splitlines()
-                        if ln.strip() and json.loads(ln)["step"] <= self.step]
-                path.write_text("".join(ln + "\n" for ln in keep))
+                _write_atomic(path, "".join(ln + "\n" for ln in _read_log(path, self.step)))
 
     def _tensorboard(self):
         try:
@@ -478,39 +591,71 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        """Train until ``train.steps`` (or ``stop_after``); returns a summary."""
-        from tqdm import tqdm
-
+        """Train until ``train.steps`` (or ``stop_after``, or a SIGINT/SIGTERM: then with
+        a checkpoint at the step boundary, and ``signal``/``exit_code`` in the summary);
+        returns a summary."""
         cfg, env = self.cfg, self.env
         if self.ckpt_root.is_dir() and ckpt.list_checkpoints(self.ckpt_root) and self.resumed_from is None:
             raise CheckpointError("the run directory already has checkpoints; resume it or choose another output "
                                   "directory", file=self.out)
+        main = env.is_main
+        barrier(env)  # every rank has read its checkpoint before rank 0 tidies the directory
+        failure = None
+        try:
+            if main:
+                for note in ckpt.recover(self.ckpt_root):
+                    warnings.warn(note, stacklevel=2)
+                self._set_aside_damaged()
+                self._start_run_files()
+        except OSError as e:
+            failure = e
+        self._agree_on_failure(failure, "the run files")
+        announce = (lambda text: print(text, file=sys.stderr, flush=True)) if main else (lambda text: None)
+        with StopSignals(announce) as signals:  # also while saying where it stopped: torchrun may signal again
+            saved = self._fit(signals)
+            stopped = signal.Signals(self.stopped_by).name if self.stopped_by is not None else None
+            if stopped and main:
+                where = f"checkpoint {saved}" if saved else "no checkpoint"
+                print(f"stopped by {stopped} at step {self.step} (epoch {self.epoch}, sample {self.position} of the "
+                      f"epoch per rank); {where}; continue with `lisa-kit train --resume {self.out}`",
+                      file=sys.stderr, flush=True)
+        summary = {"step": self.step, "last": self._last_record, "val": self.last_val, "best_giou": self.best_giou,
+                   "checkpoint": str(saved) if saved else None, "out": str(self.out)}
+        if stopped:
+            summary.update(signal=stopped, exit_code=exit_code(self.stopped_by))
+        return summary
+
+    def _fit(self, signals: StopSignals) -> Path | None:
+        """The loop of :meth:`fit`; returns the checkpoint written at the last step done."""
+        from tqdm import tqdm
+
+        cfg, env = self.cfg, self.env
         end = cfg.steps if self.stop_after is None else min(cfg.steps, self.stop_after)
         main = env.is_main
-        if main:
-            self._start_run_files()
-        barrier(env)
         writer = self._tensorboard() if main else None
-        log = open(self.out / "train.jsonl", "a") if main else None
         bar = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=not (self.progress and main))
         batches = self._micro_batches()
-        record, saved = None, None
+        saved = None
         try:
             while self.step < end:
                 t0 = time.perf_counter()
                 drawn = [next(batches) for _ in range(cfg.grad_accumulation)]
                 stats = self.train_step([m for m, _ in drawn], [w for _, w in drawn])
-                if stats.get("skipped"):
+                if stats.get("skipped"):  # no optimizer step, but a boundary: a signal still stops here
+                    stop = self._step_boundary(signals)
+                    if stop is not None:
+                        saved, self.stopped_by = self.save(), stop
+                        break
                     continue
                 dt = time.perf_counter() - t0
                 record = {"step": stats["step"], "loss": stats["loss"], "ce": stats["ce"], "bce": stats["bce"],
                           "dice": stats["dice"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
                           "samples_per_s": stats["samples"] / dt, "time": time.time(), "epoch": self.epoch}
+                self._last_record = record
                 saved = None
                 if main:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    self._log(self.out / "train.jsonl", record)
                     bar.update(1)
                     if self.step % cfg.log_every == 0 or self.step == end:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['ce']:.3f}",
@@ -523,16 +668,38 @@ class Trainer:
                     self.step % cfg.val_every == 0 or self.step == cfg.steps)
                 if val_due:
                     self._run_validation(writer, bar)
-                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == end:
+                stop = self._step_boundary(signals)
+                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == end or stop is not None:
                     saved = self.save()
+                if stop is not None:
+                    self.stopped_by = stop
+                    break
         finally:
             bar.close()
-            if log is not None:
-                log.close()
             if writer is not None:
                 writer.close()
-        return {"step": self.step, "last": record, "val": self.last_val, "best_giou": self.best_giou,
-                "checkpoint": str(saved) if saved else None, "out": str(self.out)}
+        return saved
+
+    def _log(self, path: Path, record: dict) -> None:
+        """rank 0: append ``record`` to a log; a failed write is raised at the step boundary."""
+        try:
+            _append_line(path, record)
+        except OSError as e:
+            self._log_failure = self._log_failure or (e, path.name)
+
+    def _step_boundary(self, signals: StopSignals) -> int | None:
+        """Agree across ranks, once per step, on stopping: the signal to stop for (SIGTERM
+        before SIGINT when ranks got different ones) or ``None``; a failed log write on
+        rank 0 is a :class:`TrainingError` on every rank."""
+        got = signals.received
+        flags = [float(got == signal.SIGINT), float(got == signal.SIGTERM), float(self._log_failure is not None)]
+        n_int, n_term, n_failed = all_reduce_sum(flags, self.env)
+        if n_failed:
+            if self._log_failure is not None:
+                e, what = self._log_failure
+                raise self._write_error(e, what) from e
+            raise TrainingError(f"rank 0 could not write its log at step {self.step} (its error says why)")
+        return signal.SIGTERM if n_term else signal.SIGINT if n_int else None
 
     def _run_validation(self, writer=None, bar=None) -> dict | None:
         res = self.validate()
@@ -540,8 +707,7 @@ class Trainer:
             return None
         self.last_val = res
         if self.env.is_main:
-            with open(self.out / "val.jsonl", "a") as f:
-                f.write(json.dumps(res) + "\n")
+            self._log(self.out / "val.jsonl", res)
             if writer is not None:
                 writer.add_scalar("val/giou", res["giou"], self.step)
                 writer.add_scalar("val/ciou", res["ciou"], self.step)

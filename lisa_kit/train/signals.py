@@ -1,0 +1,75 @@
+"""Stopping a training run on SIGINT (Ctrl-C) or SIGTERM (a scheduler's pre-emption).
+
+While :class:`StopSignals` is active the first signal only sets a flag: the trainer
+finishes the optimizer step it is in, all ranks agree on stopping at that step boundary,
+a checkpoint is written and the process exits with ``128 + signal number`` (130 for
+SIGINT, 143 for SIGTERM; the shells' convention). A second signal is acknowledged and
+does not interrupt the checkpoint: under ``torchrun`` a Ctrl-C reaches every worker
+twice, from the terminal and forwarded by the launcher. A third signal aborts at once
+with :class:`Interrupted`; the checkpoint being written then stays a ``.tmp`` leftover
+and the previous one is untouched (:mod:`lisa_kit.train.checkpointing` writes atomically).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+ABORT_AFTER = 3  # signals: the first stops at the step boundary, the second is acknowledged
+
+
+def exit_code(signum: int) -> int:
+    """The conventional exit status of a process ended by ``signum``: 128 + its number."""
+    return 128 + int(signum)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised by the :data:`ABORT_AFTER`-th signal: stop now, without the checkpoint.
+    ``signum``: the signal of the first one (it decides the exit code)."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        super().__init__(f"{signal.Signals(signum).name} received {ABORT_AFTER} times")
+
+
+class StopSignals:
+    """Context manager: SIGINT/SIGTERM set :attr:`received` instead of ending the process.
+
+    ``announce(text)`` reports each signal (rank 0 prints it on stderr). Outside the main
+    thread (where Python cannot install handlers) it does nothing and the signals keep
+    their usual effect."""
+
+    def __init__(self, announce=None):
+        self.received: int | None = None  # the first signal's number
+        self.count = 0
+        self._announce = announce or (lambda text: print(text, file=sys.stderr, flush=True))
+        self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def __enter__(self) -> StopSignals:
+        self._pid = os.getpid()
+        if threading.current_thread() is threading.main_thread():
+            for s in HANDLED:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: the trainer process decides
+            return
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signum
+            self._announce(f"{name} received: stopping after the current step with a checkpoint")
+        elif self.count < ABORT_AFTER:
+            self._announce(f"{name} received again: still stopping with a checkpoint "
+                           f"(signal {ABORT_AFTER - self.count} more time(s) to abort without it)")
+        else:
+            raise Interrupted(self.received)
