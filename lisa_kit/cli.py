@@ -6,12 +6,14 @@ under a group made with :func:`add_command_group`, e.g. ``"recipe show"``); each
 are imported inside ``run`` so ``--help`` stays fast.
 
 Exit codes: 0 success, 1 a checked thing failed (e.g. ``validate``), 2 usage error or
-a :class:`~lisa_kit.errors.LisaKitError` (printed as one ``error: ...`` line).
+a :class:`~lisa_kit.errors.LisaKitError` (printed as one ``error: ...`` line), 130
+interrupted, 141 stdout closed early (``lisa-kit plugins --json | head``; no traceback).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 import warnings
@@ -118,12 +120,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            return int(run(args) or 0)
+            code = int(run(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows up here for buffered output
+            return code
+        except BrokenPipeError:
+            return _stdout_closed()
         except LisaKitError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             return 130
+
+
+# Exit status of a process ended by SIGPIPE in a shell (128 + 13), as `yes | head` gives.
+EXIT_BROKEN_PIPE = 141
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``lisa-kit plugins --json | head``): stop quietly.
+
+    Python's documented recipe: point stdout at devnull, so the interpreter's final
+    flush of what is still buffered cannot raise again at exit.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 # -- plugins --------------------------------------------------------------------
@@ -139,6 +163,7 @@ def _plugin_record(info) -> dict:
         "version": info.version, "status": "skipped" if info.skipped else ("failed" if info.error else "ok"),
         "error": info.error, "skipped": info.skipped,
         "components": [f"{kind}:{name}" for kind, name in info.components],
+        "clashes": list(info.clashes),
     }
 
 
@@ -169,11 +194,13 @@ def _run_plugins(args: argparse.Namespace) -> int:
             table.add_column(header, overflow="fold")  # never hide part of an error
         for row in rows:
             status = row[3]
-            style = "green" if status == "ok" else ("yellow" if status == "skipped" else "red")
+            style = "green" if status == "ok" else ("red" if status.startswith("FAILED") else "yellow")
             table.add_row(*(escape(c) for c in row[:3]), f"[{style}]{escape(status)}[/{style}]", escape(row[4]))
         # Piped output would otherwise be squeezed to 80 columns.
         console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)
-        console.print(table)
+        with console.capture() as captured:  # rich would turn a closed pipe into exit 1 itself
+            console.print(table)
+        sys.stdout.write(captured.get())
     if not plugins:
         print("no plugins found in the 'lisa_kit' entry-point group")
     if args.verbose:

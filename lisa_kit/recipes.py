@@ -44,7 +44,7 @@ from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseExce
 
 import lisa_kit
 from lisa_kit import registry as _registry
-from lisa_kit.errors import RecipeError, UnknownComponentError
+from lisa_kit.errors import DuplicateComponentError, RecipeError, UnknownComponentError
 from lisa_kit.interfaces import KINDS, SEG_HIDDEN_CHOICES, SIZE_LINKS
 
 __all__ = [
@@ -527,6 +527,12 @@ class _Checker:
             return
         if not isinstance(name, str):
             self.report(f"{path}.name", f"expected a component name (str), got {_short(name)}")
+            return
+        if (kind, name) in self.registry.ambiguous:  # two installed plugins provide it
+            try:
+                self.registry.get(kind, name)
+            except DuplicateComponentError as exc:
+                self.report(f"{path}.name", str(exc))
             return
         if (kind, name) not in self.registry:
             if _looks_like_code(name):
