@@ -215,8 +215,11 @@ def _setup_validate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe name or path to a .yaml file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override applied to every recipe (repeatable): key=value, ~key")
+    parser.add_argument("--strict", action="store_true",
+                        help="also fail on ??? values still to be set (e.g. weights.path of a shipped recipe); "
+                             "by default they are listed as warnings")
     parser.add_argument("--allow-missing", action="store_true",
-                        help="accept ??? values (e.g. weights.path of a shipped recipe); list them as warnings")
+                        help="the default (??? values are warnings); kept so that existing scripts keep working")
 
 
 def _run_validate(args: argparse.Namespace) -> int:
@@ -228,14 +231,14 @@ def _run_validate(args: argparse.Namespace) -> int:
     for name in args.recipes:
         try:
             recipe = recipes.load_recipe(name, args.overrides)
-            problems = recipes.validate_recipe(recipe, registry, allow_missing=args.allow_missing)
+            problems = recipes.validate_recipe(recipe, registry, allow_missing=not args.strict)
         except LisaKitError as exc:  # cannot even load it: a failed recipe, not a usage error
             recipe, problems = None, [str(exc)]
         label = recipe.path if recipe is not None else name
         print(f"{'FAIL' if problems else 'OK'} {label}")
         for problem in problems:
             print(f"  {problem}")
-        if recipe is not None and args.allow_missing:
+        if recipe is not None and not args.strict:
             for key in recipes.missing_keys(recipe):
                 print(f"  warning: {recipe.source_of(key)}: {key}: value is missing (???)")
         failed += bool(problems)
@@ -279,9 +282,13 @@ add_subcommand(
                 "without building anything: all components named and registered, build arguments "
                 "known and of the right type, no ??? values left, and written sizes (e.g. "
                 "model.projector.in_dim) equal to what the connected components give, read from their "
-                "configs. Exit code 1 if any recipe fails.",
+                "configs; the generation, conversation, data and train sections by type and choice. "
+                "Values still to be set (???, e.g. the checkpoint paths of a shipped recipe) are "
+                "warnings: they depend on the machine, not on the recipe; --strict makes them failures "
+                "(e.g. before launching a job). Exit code 1 if any recipe fails.",
     epilog="examples:\n  lisa-kit validate lisa-7b\n"
-           "  lisa-kit validate recipes/*.yaml --allow-missing\n"
+           "  lisa-kit validate recipes/*.yaml\n"
+           "  lisa-kit validate my-run.yaml --strict\n"
            "  lisa-kit validate lisa-7b --set model.llm.pretrained=/ckpt/llm --set weights.path=/ckpt",
 )
 add_command_group("recipe", "inspect recipes", description="Inspect recipes (show, list).")
