@@ -102,6 +102,13 @@ def _is_override(arg: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lisa-kit`` and ``python -m lisa_kit``; returns the exit code."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the reader of stdout went away (argparse's own --help output copes by itself)
+        return _stdout_closed()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -123,8 +130,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = int(run(args) or 0)
             sys.stdout.flush()  # a closed pipe shows up here for buffered output
             return code
-        except BrokenPipeError:
-            return _stdout_closed()
         except LisaKitError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
