@@ -227,7 +227,7 @@ class Registry:
         try:
             with _plugin_code():
                 specs = self._call_hook(plugin)
-            specs = self._place(specs, info, strict)
+            specs, listed = self._place(specs, info, strict)
         except _BadPlugin as exc:
             info.error = str(exc)
         except (DuplicateComponentError, KeyboardInterrupt):
@@ -242,7 +242,7 @@ class Registry:
             return
         for spec in specs:
             self._table[spec.kind][spec.name] = (spec, info)
-        info.components.extend((spec.kind, spec.name) for spec in specs)
+        info.components.extend((spec.kind, spec.name) for spec in listed)
 
     def _forget(self, info: PluginInfo) -> None:
         self._plugins = [p for p in self._plugins if p is not info]
@@ -274,8 +274,11 @@ class Registry:
             raise _BadPlugin("; ".join(problems))
         return specs
 
-    def _place(self, specs: list[ComponentSpec], info: PluginInfo, strict: bool) -> list[ComponentSpec]:
-        """The specs of ``info`` to index, after handling name clashes (module doc)."""
+    def _place(self, specs: list[ComponentSpec], info: PluginInfo,
+               strict: bool) -> tuple[list[ComponentSpec], list[ComponentSpec]]:
+        """``(specs to index, specs to list as provided by info)`` after handling name
+        clashes (module doc): a name shared with another third-party plugin is listed
+        by both and indexed by neither; one shadowed by a built-in is neither."""
         seen: set[tuple[str, str]] = set()
         for spec in specs:
             key = (spec.kind, spec.name)
@@ -289,17 +292,19 @@ class Registry:
                 others = self._providers(spec.kind, spec.name)
                 if others:
                     raise DuplicateComponentError(spec.kind, spec.name, others[0].describe(), info.describe())
-            return specs
-        keep = []
+            return specs, specs
+        keep, listed = [], []
         for spec in specs:
             key = (spec.kind, spec.name)
             others = self._providers(*key)
             if not others:
                 keep.append(spec)
+                listed.append(spec)
             elif any(_is_builtin(o) for o in others):
                 self._clash(info, f"{spec.kind}:{spec.name} is ignored; the built-in one "
                             f"from {others[0].describe()} is used")
             else:
+                listed.append(spec)
                 self._table[spec.kind].pop(spec.name, None)
                 self._ambiguous[key] = [*others, info]
                 names = " and ".join(o.describe() for o in self._ambiguous[key])
@@ -307,7 +312,7 @@ class Registry:
                     provider.clashes = [c for c in provider.clashes if not c.startswith(f"{spec.kind}:{spec.name} ")]
                     self._clash(provider, f"{spec.kind}:{spec.name} is provided by {names}; using it is an error "
                                 "until one is uninstalled", warn=provider is info)
-        return keep
+        return keep, listed
 
     def _providers(self, kind: str, name: str) -> list[PluginInfo]:
         if (kind, name) in self._ambiguous:

@@ -170,6 +170,7 @@ def test_two_plugins_clashing_fail_only_where_the_name_is_used(site):
     site("gamma", GOOD.format(name="single"))
     reg, _ = discover()
     assert reg.origin("projector", "single").distribution == "gamma"
+    assert all(("projector", "twin") in info_of(reg, n).components for n in ("alpha", "beta"))
     assert validate_recipe(tiny(), reg) == []
     with pytest.raises(DuplicateComponentError, match="alpha 1.0.*beta 1.0"):
         reg.get("projector", "twin")
