@@ -6,12 +6,14 @@ under a group made with :func:`add_command_group`, e.g. ``"recipe show"``); each
 are imported inside ``run`` so ``--help`` stays fast.
 
 Exit codes: 0 success, 1 a checked thing failed (e.g. ``validate``), 2 usage error or
-a :class:`~lisa_kit.errors.LisaKitError` (printed as one ``error: ...`` line).
+a :class:`~lisa_kit.errors.LisaKitError` (printed as one ``error: ...`` line), 130
+interrupted, 141 stdout closed early (``lisa-kit plugins --json | head``; no traceback).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 import warnings
@@ -100,6 +102,13 @@ def _is_override(arg: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lisa-kit`` and ``python -m lisa_kit``; returns the exit code."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the reader of stdout went away (argparse's own --help output copes by itself)
+        return _stdout_closed()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -118,12 +127,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            return int(run(args) or 0)
+            code = int(run(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows up here for buffered output
+            return code
         except LisaKitError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             return 130
+
+
+# Exit status of a process ended by SIGPIPE in a shell (128 + 13), as `yes | head` gives.
+EXIT_BROKEN_PIPE = 141
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``lisa-kit plugins --json | head``): stop quietly.
+
+    Python's documented recipe: point stdout at devnull, so the interpreter's final
+    flush of what is still buffered cannot raise again at exit.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 # -- plugins --------------------------------------------------------------------
@@ -139,6 +168,7 @@ def _plugin_record(info) -> dict:
         "version": info.version, "status": "skipped" if info.skipped else ("failed" if info.error else "ok"),
         "error": info.error, "skipped": info.skipped,
         "components": [f"{kind}:{name}" for kind, name in info.components],
+        "clashes": list(info.clashes),
     }
 
 
@@ -169,11 +199,13 @@ def _run_plugins(args: argparse.Namespace) -> int:
             table.add_column(header, overflow="fold")  # never hide part of an error
         for row in rows:
             status = row[3]
-            style = "green" if status == "ok" else ("yellow" if status == "skipped" else "red")
+            style = "green" if status == "ok" else ("red" if status.startswith("FAILED") else "yellow")
             table.add_row(*(escape(c) for c in row[:3]), f"[{style}]{escape(status)}[/{style}]", escape(row[4]))
         # Piped output would otherwise be squeezed to 80 columns.
         console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)
-        console.print(table)
+        with console.capture() as captured:  # rich would turn a closed pipe into exit 1 itself
+            console.print(table)
+        sys.stdout.write(captured.get())
     if not plugins:
         print("no plugins found in the 'lisa_kit' entry-point group")
     if args.verbose:
@@ -188,8 +220,11 @@ def _setup_validate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe name or path to a .yaml file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override applied to every recipe (repeatable): key=value, ~key")
+    parser.add_argument("--strict", action="store_true",
+                        help="also fail on ??? values still to be set (e.g. weights.path of a shipped recipe); "
+                             "by default they are listed as warnings")
     parser.add_argument("--allow-missing", action="store_true",
-                        help="accept ??? values (e.g. weights.path of a shipped recipe); list them as warnings")
+                        help="the default (??? values are warnings); kept so that existing scripts keep working")
 
 
 def _run_validate(args: argparse.Namespace) -> int:
@@ -201,14 +236,14 @@ def _run_validate(args: argparse.Namespace) -> int:
     for name in args.recipes:
         try:
             recipe = recipes.load_recipe(name, args.overrides)
-            problems = recipes.validate_recipe(recipe, registry, allow_missing=args.allow_missing)
+            problems = recipes.validate_recipe(recipe, registry, allow_missing=not args.strict)
         except LisaKitError as exc:  # cannot even load it: a failed recipe, not a usage error
             recipe, problems = None, [str(exc)]
         label = recipe.path if recipe is not None else name
         print(f"{'FAIL' if problems else 'OK'} {label}")
         for problem in problems:
             print(f"  {problem}")
-        if recipe is not None and args.allow_missing:
+        if recipe is not None and not args.strict:
             for key in recipes.missing_keys(recipe):
                 print(f"  warning: {recipe.source_of(key)}: {key}: value is missing (???)")
         failed += bool(problems)
@@ -252,9 +287,13 @@ add_subcommand(
                 "without building anything: all components named and registered, build arguments "
                 "known and of the right type, no ??? values left, and written sizes (e.g. "
                 "model.projector.in_dim) equal to what the connected components give, read from their "
-                "configs. Exit code 1 if any recipe fails.",
+                "configs; the generation, conversation, data and train sections by type and choice. "
+                "Values still to be set (???, e.g. the checkpoint paths of a shipped recipe) are "
+                "warnings: they depend on the machine, not on the recipe; --strict makes them failures "
+                "(e.g. before launching a job). Exit code 1 if any recipe fails.",
     epilog="examples:\n  lisa-kit validate lisa-7b\n"
-           "  lisa-kit validate recipes/*.yaml --allow-missing\n"
+           "  lisa-kit validate recipes/*.yaml\n"
+           "  lisa-kit validate my-run.yaml --strict\n"
            "  lisa-kit validate lisa-7b --set model.llm.pretrained=/ckpt/llm --set weights.path=/ckpt",
 )
 add_command_group("recipe", "inspect recipes", description="Inspect recipes (show, list).")

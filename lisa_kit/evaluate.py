@@ -22,8 +22,9 @@ rejection; the mask of that ``[SEG]`` is scored against the empty ground truth (
 Predictions are ``mask_logits > 0`` at the original image size; metrics are
 :class:`lisa_kit.metrics.SegMetrics` (bit-exact with ``validate()``). Under ``torchrun``
 each rank scores records ``rank, rank + world, ...`` and the per-query statistics are
-gathered, so every query counts exactly once and the numbers do not depend on the
-number of ranks.
+gathered (one ``all_gather_object`` per :meth:`Evaluator.run`, entered identically on
+every rank whatever its share holds), so every query counts exactly once and the numbers
+do not depend on the number of ranks.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from lisa_kit.conversation import IMAGE, Conversation, encode, get_template
 from lisa_kit.data import Sample, collate
 from lisa_kit.datasets.base import DatasetReader, Record
 from lisa_kit.errors import UnknownComponentError
-from lisa_kit.metrics import SegMetrics, all_gather_metrics
+from lisa_kit.metrics import SegMetrics
 from lisa_kit.prompts import EVAL_ANSWER, eval_question
 
 EVAL_SPLITS = {
@@ -139,10 +140,25 @@ class Evaluator:
         return next(self.model.parameters()).device
 
     def run(self) -> dict:
-        """Score this rank's share, gather every rank's per-query statistics, reduce."""
-        metrics = self.collect(*_rank_world())
-        return {mode: {name: all_gather_metrics(m).result() for name, m in sorted(subsets.items())}
-                for mode, subsets in metrics.items()}
+        """Score this rank's share, gather every rank's per-query statistics, reduce.
+
+        Under ``torch.distributed`` this is exactly one collective per call, whatever
+        this rank's share holds: which subsets (ReasonSeg's short/long) a rank saw
+        depends on its records, so the subsets are unioned after the gather instead of
+        being gathered one by one (ranks would disagree on the number of calls).
+        """
+        rank, world = _rank_world()
+        local = self.collect(rank, world)
+        states = {mode: {name: m.state() for name, m in subsets.items()} for mode, subsets in local.items()}
+        merged: dict[str, dict[str, SegMetrics]] = {mode: {} for mode in self.modes}
+        for part in _all_gather_object(states, world):
+            for mode, subsets in part.items():
+                for name, state in subsets.items():
+                    shard = SegMetrics.from_state(state)
+                    target = merged[mode].setdefault(
+                        name, SegMetrics(ignore_index=shard.ignore_index, on_duplicate=shard.on_duplicate))
+                    target.merge(shard)
+        return {mode: {name: m.result() for name, m in sorted(subsets.items())} for mode, subsets in merged.items()}
 
     def collect(self, rank: int = 0, world: int = 1) -> dict[str, dict[str, SegMetrics]]:
         """Per-query statistics of records ``rank, rank + world, ...`` (keyed by record
@@ -172,6 +188,17 @@ class Evaluator:
                             [preds[k] for k in idx], [gts[k] for k in idx], keys=[qs[k].key for k in idx],
                             sample_key=i)
         return metrics
+
+
+def _all_gather_object(obj, world: int) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (collective; ``[obj]`` in one process)."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def _rank_world() -> tuple[int, int]:

@@ -20,6 +20,17 @@ The result is a :class:`Recipe`: the merged ``cfg`` plus where every key was set
 
 Validation (:func:`validate_recipe`, :func:`check_recipe`) checks a recipe against the
 registry's ``build`` signatures without building anything or reading weights.
+
+Reading YAML from files (:func:`load_yaml_safely`: recipes, their bases, a checkpoint's
+``recipe.yaml``) checks the document's events before anything is built: a document that
+would expand (through anchors and aliases) past :data:`MAX_YAML_NODES` nodes, or is larger
+than :data:`MAX_YAML_BYTES`, is refused, and errors give the file, line and problem, never
+the file's content (a ``base:`` may point at any file).
+
+Writing: values that came from the environment (``${oc.env:NAME}``, e.g. tokens) must
+not end up in files. :func:`env_free` turns them back into their ``${oc.env:NAME}`` text
+in any data derived from a loaded recipe; :func:`persisted_yaml` is the recipe as written
+to a run's or checkpoint's ``recipe.yaml``.
 """
 from __future__ import annotations
 
@@ -44,12 +55,13 @@ from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseExce
 
 import lisa_kit
 from lisa_kit import registry as _registry
-from lisa_kit.errors import RecipeError, UnknownComponentError
+from lisa_kit.errors import DuplicateComponentError, RecipeError, UnknownComponentError
 from lisa_kit.interfaces import KINDS, SEG_HIDDEN_CHOICES, SIZE_LINKS
 
 __all__ = [
     "Recipe", "recipe_dirs", "list_recipes", "find_recipe", "load_recipe", "validate_recipe",
     "check_recipe", "missing_keys", "resolved_yaml", "RECIPE_PATH_ENV", "TOP_LEVEL_KEYS", "MODEL_KEYS",
+    "load_yaml_safely", "env_free", "persisted_yaml", "MAX_YAML_NODES", "MAX_YAML_BYTES",
 ]
 
 RECIPE_PATH_ENV = "LISA_KIT_RECIPE_PATH"
@@ -69,8 +81,102 @@ _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _FLOW_MISSING = re.compile(r"(?P<pre>[:\[,]\s*)\?\?\?(?P<post>\s*[,}\]])")
 
 
+# A recipe is a few hundred nodes; anchors and aliases may repeat parts of it, but a
+# document expanding past this many nodes is an alias bomb ("billion laughs").
+MAX_YAML_NODES = 10_000
+# Recipes are a few KiB; this bounds what is read before parsing at all.
+MAX_YAML_BYTES = 4 * 1024 * 1024
+
+
 def _quote_flow_missing(text: str) -> str:
     return _FLOW_MISSING.sub(r"\g<pre>'???'\g<post>", text)
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML error as ``line L, column C: <problem>``: PyYAML's own message quotes the
+    offending line, which must not be printed (the file may be anything, even a secret)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
+def _check_yaml(text: str, origin: str, *, mapping: bool, invalid: str = "cannot read recipe") -> None:
+    """Parse ``text`` to events only (nothing is constructed) and refuse it when its root
+    is not a mapping (``mapping``) or it expands past :data:`MAX_YAML_NODES` nodes.
+
+    Each node counts 1, an alias counts the expanded size of its anchor's node, so the
+    count is the size of the data that loading would build."""
+    anchors: dict[str, int] = {}
+    open_nodes: list[tuple[int, str | None]] = []  # (count before the node, its anchor)
+    expanded = 0
+    root_seen = False
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.NodeEvent) and not root_seen:
+                root_seen = True
+                if mapping and not isinstance(event, yaml.MappingStartEvent):
+                    kind = {yaml.SequenceStartEvent: "a list", yaml.AliasEvent: "an alias"}.get(type(event), "a scalar")
+                    raise RecipeError(f"a recipe must be a YAML mapping, this document is {kind}", file=origin)
+            if isinstance(event, yaml.CollectionStartEvent):
+                open_nodes.append((expanded, event.anchor))
+                expanded += 1
+            elif isinstance(event, yaml.CollectionEndEvent):
+                before, anchor = open_nodes.pop()
+                if anchor is not None:
+                    anchors[anchor] = expanded - before
+            elif isinstance(event, yaml.ScalarEvent):
+                expanded += 1
+                if event.anchor is not None:
+                    anchors[event.anchor] = 1
+            elif isinstance(event, yaml.AliasEvent):
+                expanded += anchors.get(event.anchor, 1)
+            if expanded > MAX_YAML_NODES:
+                raise RecipeError(f"YAML document expands past {MAX_YAML_NODES} nodes through its anchors "
+                                  "and aliases; refused before loading it", file=origin)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{invalid}: not valid YAML: {_yaml_problem(exc)}", file=origin) from None
+
+
+def load_yaml_safely(source: str | os.PathLike, *, origin: str | None = None) -> dict:
+    """The YAML mapping in ``source`` as plain data, interpolations left as text.
+
+    ``source``: a path (``pathlib.Path`` or any ``os.PathLike``) to read, or the YAML text
+    itself (``str``). For recipe files and a checkpoint's ``recipe.yaml``: refuses
+    (:class:`RecipeError` naming ``origin`` or the path) documents over
+    :data:`MAX_YAML_BYTES`, expanding past :data:`MAX_YAML_NODES` nodes (alias bombs),
+    invalid YAML and non-mappings -- before building anything, and without quoting
+    the content. Numbers such as ``1e-4`` are floats and ``{path: ???}`` is allowed, as
+    in recipe files.
+    """
+    if isinstance(source, os.PathLike):
+        path = Path(source)
+        origin = origin or str(path)
+        try:
+            if path.stat().st_size > MAX_YAML_BYTES:
+                raise RecipeError(f"file is larger than {MAX_YAML_BYTES} bytes; not a recipe", file=origin)
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"cannot read recipe: not UTF-8 text (undecodable byte at offset {exc.start})",
+                              file=origin) from None
+        except OSError as exc:
+            raise RecipeError(f"cannot read recipe: {exc.strerror or type(exc).__name__}", file=origin) from None
+    else:
+        text, origin = str(source), origin or "<yaml text>"
+        if len(text) > MAX_YAML_BYTES:
+            raise RecipeError(f"text is larger than {MAX_YAML_BYTES} characters; not a recipe", file=origin)
+    text = _quote_flow_missing(text)
+    _check_yaml(text, origin, mapping=True)
+    try:
+        raw = OmegaConf.load(io.StringIO(text))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"cannot read recipe: not valid YAML: {_yaml_problem(exc)}", file=origin) from None
+    except OmegaConfBaseException as exc:  # e.g. duplicate keys; messages name keys, not values
+        raise RecipeError(f"cannot read recipe: {str(exc).splitlines()[0]}", file=origin) from None
+    if raw is None:  # an empty document
+        return {}
+    if not isinstance(raw, DictConfig):
+        raise RecipeError("a recipe must be a YAML mapping", file=origin)
+    return OmegaConf.to_container(raw, resolve=False)
 
 
 @dataclass
@@ -161,14 +267,13 @@ def _find_base(base: str, child: Path | None, origin: str) -> Path:
 
 
 # -- loading and merging ------------------------------------------------------------
-def _read(path: Path) -> dict:
-    try:
-        raw = OmegaConf.load(io.StringIO(_quote_flow_missing(path.read_text(encoding="utf-8"))))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException) as exc:
-        raise RecipeError(f"cannot read recipe: {exc}", file=str(path)) from None
-    if not isinstance(raw, DictConfig):
-        raise RecipeError("a recipe must be a YAML mapping", file=str(path))
-    return OmegaConf.to_container(raw, resolve=False)
+def _read(path: Path, *, base: bool = False) -> dict:
+    data = load_yaml_safely(path)
+    if base and data and not any(key in TOP_LEVEL_KEYS for key in data):
+        # Name no key: a base: may point at any file; its keys are not ours to print.
+        raise RecipeError(f"base file is not a recipe (none of its top-level keys is a recipe key: "
+                          f"{', '.join(TOP_LEVEL_KEYS)})", file=str(path))
+    return data
 
 
 def _chain(data: dict, path: Path | None, origin: str, seen: list[Path]) -> list[tuple[str, dict]]:
@@ -183,7 +288,7 @@ def _chain(data: dict, path: Path | None, origin: str, seen: list[Path]) -> list
     if resolved in seen:
         cycle = " -> ".join(str(p) for p in [*seen, resolved])
         raise RecipeError(f"base recipes form a cycle: {cycle}", key="base", file=origin)
-    return _chain(_read(base_path), base_path, str(base_path), [*seen, resolved]) + [(origin, data)]
+    return _chain(_read(base_path, base=True), base_path, str(base_path), [*seen, resolved]) + [(origin, data)]
 
 
 def _record(sources: dict[str, str], path: str, value: Any, origin: str) -> None:
@@ -228,10 +333,11 @@ def _parse_value(raw: str, origin: str) -> Any:
     raw = raw.strip()
     if not raw:
         return ""
+    _check_yaml(_quote_flow_missing(raw), origin, mapping=False, invalid=f"cannot parse value {raw!r} as YAML")
     try:
         value = yaml.safe_load(_quote_flow_missing(raw))
     except yaml.YAMLError as exc:
-        raise RecipeError(f"cannot parse value {raw!r} as YAML: {exc}", file=origin) from None
+        raise RecipeError(f"cannot parse value {raw!r} as YAML: {_yaml_problem(exc)}", file=origin) from None
     return _normalize(value)
 
 
@@ -298,6 +404,7 @@ def load_recipe(source: str | os.PathLike | Mapping, overrides: Iterable[str] = 
     overrides = tuple(overrides)
     for text in overrides:
         _apply_override(merged, text, sources)
+    _note_env(merged)
     try:
         cfg = OmegaConf.create(merged)
     except OmegaConfBaseException as exc:
@@ -308,6 +415,52 @@ def load_recipe(source: str | os.PathLike | Mapping, overrides: Iterable[str] = 
 
 def _as_recipe(recipe: Recipe | DictConfig | Mapping | str | os.PathLike) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+
+
+# -- values from the environment ----------------------------------------------------
+_ENV_INTERPOLATION = re.compile(r"\$\{\s*oc\.env\s*:\s*([A-Za-z_][A-Za-z0-9_]*)")
+# Environment values recipes of this process interpolate -> their ``${oc.env:NAME}`` text.
+_ENV_VALUES: dict[str, str] = {}
+# Shorter values are replaced only where they are a whole value: inside longer text they
+# would match unrelated characters (and are no secret worth hiding).
+_MIN_EMBEDDED_ENV_VALUE = 6
+
+
+def _note_env(data: Any) -> None:
+    """Remember the environment values that ``${oc.env:NAME}`` in ``data`` resolves to."""
+    if isinstance(data, dict):
+        for value in data.values():
+            _note_env(value)
+    elif isinstance(data, list):
+        for value in data:
+            _note_env(value)
+    elif isinstance(data, str):
+        for name in _ENV_INTERPOLATION.findall(data):
+            value = os.environ.get(name)
+            if value:
+                _ENV_VALUES[value] = f"${{oc.env:{name}}}"
+
+
+def env_free(data: Any) -> Any:
+    """A copy of ``data`` (a recipe's resolved form, a model's ``recipe``, anything made
+    from them) in which every value a recipe took from the environment is written back
+    as its ``${oc.env:NAME}`` text: what may be written to files.
+
+    Values are matched, not keys, so copies made by interpolations or by components
+    (``export_config``) are caught too; an environment value inside longer text (a path
+    under ``${oc.env:DATA}``) is replaced in place, which stays a valid interpolation.
+    """
+    if isinstance(data, dict):
+        return {key: env_free(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [env_free(value) for value in data]
+    if isinstance(data, str) and _ENV_VALUES:
+        if data in _ENV_VALUES:
+            return _ENV_VALUES[data]
+        for value in sorted(_ENV_VALUES, key=len, reverse=True):
+            if len(value) >= _MIN_EMBEDDED_ENV_VALUE and value in data:
+                data = data.replace(value, _ENV_VALUES[value])
+    return data
 
 
 # -- resolving ------------------------------------------------------------------
@@ -371,6 +524,20 @@ def resolved_yaml(recipe: Recipe | DictConfig) -> str:
         file = recipe.source_of(key) if isinstance(recipe, Recipe) else None
         raise RecipeError(f"cannot resolve interpolation: {message}", key=key, file=file)
     return OmegaConf.to_yaml(OmegaConf.create(data))
+
+
+def persisted_yaml(recipe: Recipe | DictConfig) -> str:
+    """:func:`resolved_yaml` with environment values kept as ``${oc.env:NAME}`` (see
+    :func:`env_free`): what a run or a checkpoint writes as ``recipe.yaml``. Loading it
+    again through :func:`load_recipe` resolves them from the environment of that time."""
+    cfg = recipe.cfg if isinstance(recipe, Recipe) else recipe
+    _note_env(OmegaConf.to_container(cfg, resolve=False))
+    data, _, errors = _resolve(cfg)
+    if errors:
+        key, message = errors[0]
+        file = recipe.source_of(key) if isinstance(recipe, Recipe) else None
+        raise RecipeError(f"cannot resolve interpolation: {message}", key=key, file=file)
+    return OmegaConf.to_yaml(OmegaConf.create(env_free(data)))
 
 
 # -- validation -----------------------------------------------------------------
@@ -478,6 +645,7 @@ class _Checker:
             for key, value in data["loss"].items():
                 if value not in (MISSING, _UNRESOLVED) and not _type_ok(value, float):
                     self.report(f"loss.{key}", f"expected a number, got {_short(value)}")
+        self.check_sections(data)
         model = data.get("model")
         if model is None:
             self.report("model", f"missing; a recipe names its components under model: ({', '.join(KINDS)})")
@@ -487,6 +655,46 @@ class _Checker:
         elif model not in (MISSING, _UNRESOLVED):
             self.report("model", "must be a mapping of component kind -> {name: ..., <build arguments>}")
         return self.problems
+
+    # -- the sections other loaders read (generation, conversation, data, train) ------------------
+    def check_sections(self, data: dict) -> None:
+        """Every key the loaders of these sections read, by type and choice: a value that
+        would crash a command at load time (``generation.max_new_tokens: lots``) is
+        reported here, naming the key and file."""
+        for section, fields in _section_fields().items():
+            node = data.get(section)
+            if not isinstance(node, dict):
+                continue  # absent, or "must be a mapping" reported above
+            for key, value in node.items():
+                path = f"{section}.{key}"
+                if key not in fields:
+                    self.report(path, f"unknown key; {section} takes: {', '.join(fields)}")
+                elif _complete(value) and not (value is None and fields[key][1]):
+                    problem = fields[key][0](value, path)
+                    if problem is not None:
+                        self.report(*problem)
+        self.check_train(data)
+
+    def check_train(self, data: dict) -> None:
+        """``train:`` and ``precision`` through the training loop's own reader
+        (:meth:`lisa_kit.train.config.TrainConfig.from_recipe`, no model built)."""
+        from lisa_kit.train.config import PRECISIONS, TrainConfig
+
+        top = data.get("precision")  # the training default when train.precision is unset: wrong either way
+        if top is not None and _complete(top) and top not in PRECISIONS:
+            self.report("precision", f"must be one of {', '.join(PRECISIONS)}, got {_short(top)}")
+            return
+        node = {key: data[key] for key in ("train", "precision") if key in data}
+        if not node or not _complete(node) or ("train" in node and not isinstance(node["train"], (dict, type(None)))):
+            return
+
+        try:
+            TrainConfig.from_recipe(node)
+        except RecipeError as exc:
+            key = exc.key or "train"
+            message = str(exc)
+            prefix = f"{key}: "
+            self.report(key, message[len(prefix):] if message.startswith(prefix) else message)
 
     def check_model(self, model: dict) -> None:
         for key in model:
@@ -527,6 +735,12 @@ class _Checker:
             return
         if not isinstance(name, str):
             self.report(f"{path}.name", f"expected a component name (str), got {_short(name)}")
+            return
+        if (kind, name) in self.registry.ambiguous:  # two installed plugins provide it
+            try:
+                self.registry.get(kind, name)
+            except DuplicateComponentError as exc:
+                self.report(f"{path}.name", str(exc))
             return
         if (kind, name) not in self.registry:
             if _looks_like_code(name):
@@ -635,6 +849,100 @@ class _Checker:
             self.report(f"model.{kind}", f"{kind} {name!r}: its sizes() returned {_short(sizes)}, not a dict")
             return {}
         return {k: v for k, v in sizes.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+# -- checks of single values in the generation, conversation and data sections ---------------
+# Each check takes (value, key) and returns None (fine) or (key at fault, message).
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(value, key):
+    return None if _is_int(value) and value > 0 else (key, f"expected a positive int, got {_short(value)}")
+
+
+def _boolean(value, key):
+    return None if isinstance(value, bool) else (key, f"expected true or false, got {_short(value)}")
+
+
+def _text(value, key):
+    return None if isinstance(value, str) and value else (key, f"expected a non-empty string, got {_short(value)}")
+
+
+def _probability_or_off(value, key):
+    ok = _type_ok(value, float) and value <= 1
+    return None if ok else (key, f"expected a probability (<= 1; negative: none), got {_short(value)}")
+
+
+def _template(value, key):
+    from lisa_kit.conversation import TEMPLATE_NAMES
+
+    if isinstance(value, str) and value in TEMPLATE_NAMES:
+        return None
+    return key, f"unknown conversation template {_short(value)}; templates: {', '.join(TEMPLATE_NAMES)}"
+
+
+def _multi_seg(value, key):
+    from lisa_kit.prompts import MultiSeg
+
+    try:
+        MultiSeg.from_config(value, key=key)
+    except RecipeError as exc:
+        message = str(exc)
+        return exc.key or key, message.split(": ", 1)[1] if message.startswith(f"{exc.key}: ") else message
+    return None
+
+
+_SOURCE_KEYS = ("datasets", "rate", "split", "options")
+
+
+def _sources(value, key):
+    """``data.sources``: ``{group: {datasets: [registered reader names], rate, split, options}}``."""
+    from lisa_kit.datasets import dataset_names
+
+    if not isinstance(value, dict) or not value:
+        return key, f"expected a mapping of source groups, got {_short(value)}"
+    known = dataset_names()
+    for group, node in value.items():
+        path = f"{key}.{group}"
+        if not isinstance(node, dict):
+            return path, f"expected a mapping with {', '.join(_SOURCE_KEYS)}, got {_short(node)}"
+        unknown = [k for k in node if k not in _SOURCE_KEYS]
+        if unknown:
+            return f"{path}.{unknown[0]}", f"unknown key; a source takes: {', '.join(_SOURCE_KEYS)}"
+        names = node.get("datasets", [group])
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            return f"{path}.datasets", f"expected a list of dataset names, got {_short(names)}"
+        for name in names:
+            if name not in known:
+                return f"{path}.datasets", f"unknown dataset {name!r}; datasets: {', '.join(known)}"
+        rate = node.get("rate", 1)
+        if not (_type_ok(rate, float) and rate >= 0):
+            return f"{path}.rate", f"expected a number >= 0, got {_short(rate)}"
+        if node.get("split") is not None and not isinstance(node["split"], str):
+            return f"{path}.split", f"expected a split name (str) or null, got {_short(node['split'])}"
+        if node.get("options") is not None and not isinstance(node["options"], dict):
+            return f"{path}.options", f"expected a mapping of reader options, got {_short(node['options'])}"
+    return None
+
+
+def _section_fields() -> dict[str, dict[str, tuple]]:
+    """section -> key -> (check, null allowed): the keys the loaders read
+    (``generation``: api/cli_segment/cli_eval; ``conversation``: every template user;
+    ``data``: :func:`lisa_kit.datasets.hybrid.hybrid_from_config`)."""
+    return {
+        "generation": {"max_new_tokens": (_positive_int, False)},
+        "conversation": {"template": (_template, False)},
+        "data": {
+            "root": (_text, True),
+            "samples_per_epoch": (_positive_int, False),
+            "classes_per_sample": (_positive_int, False),
+            "explanatory": (_probability_or_off, False),
+            "explain_first": (_boolean, False),
+            "multi_seg": (_multi_seg, True),
+            "sources": (_sources, True),
+        },
+    }
 
 
 # The parts a checkpoint of each weights.format supplies in place of the recipe's nodes

@@ -1,15 +1,21 @@
 """Tiny, offline building blocks for tests and plugin authors.
 
 ``tiny_tokenizer_dir()`` trains a LLaMA-style SentencePiece model on a few sentences
-(no download; cached per process); ``tiny_recipe()`` is a complete recipe of tiny
+(no download); ``tiny_hf_tokenizer_dir()`` a byte-level BPE one. Both are built once per
+content into :func:`cache_dir` (see there) and reused by every later process, so building
+tiny recipes leaves no temporary directories behind; ``tiny_recipe()`` is a complete recipe of tiny
 built-in components; ``resolve_tiny()`` fills the ``@tiny_tokenizer`` placeholder used in
 ``ComponentSpec.tiny``.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +32,79 @@ _SENTENCES = [
 ]
 
 
+CACHE_DIR_ENV = "LISA_KIT_CACHE_DIR"
+_COMPLETE = ".complete"  # written last: a directory without it is not a finished asset
+_SHARED_DIR_MODE = 0o755
+
+
+def cache_dir() -> Path:
+    """Where built assets live: ``$LISA_KIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lisa_kit``
+    (default ``~/.cache/lisa_kit``); a per-user directory under the system temp directory
+    when that cannot be created (read-only home)."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+    root = Path(xdg) / "lisa_kit"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"lisa_kit-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+
+def _cached_build(kind: str, key: dict, build: Callable[[Path], None]) -> Path:
+    """``<cache>/<kind>-<sha of key>``, built by ``build(tmp_dir)`` the first time.
+
+    The build happens in a private directory next to the target, which is then renamed
+    into place in one step: concurrent processes either see a complete asset or none,
+    and the loser of a race removes its copy and uses the winner's. ``key`` must name
+    everything the output depends on (inputs and library versions)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    root = cache_dir()
+    final = root / f"{kind}-{digest}"
+    if (final / _COMPLETE).is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-{digest}.tmp-", dir=root))
+    try:
+        os.chmod(tmp, _SHARED_DIR_MODE)  # mkdtemp makes it private; a cache is readable like ~/.cache
+        build(tmp)
+        (tmp / _COMPLETE).write_text(json.dumps(key, sort_keys=True))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first (or left an unfinished one behind)
+            if not (final / _COMPLETE).is_file():
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _version(module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module)
+    except PackageNotFoundError:
+        return "?"
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_tokenizer_dir(vocab_size: int = 384) -> Path:
     """A directory with ``tokenizer.model`` (+ config files) of a tiny LLaMA-style BPE
-    tokenizer (byte fallback, unk/bos/eos = 0/1/2)."""
+    tokenizer (byte fallback, unk/bos/eos = 0/1/2); built once into :func:`cache_dir`."""
+    key = {"sentences": _SENTENCES, "vocab_size": vocab_size, "sentencepiece": _version("sentencepiece"),
+           "layout": 1}
+    return _cached_build("tiny_tok", key, functools.partial(_train_sentencepiece, vocab_size=vocab_size))
+
+
+def _train_sentencepiece(out: Path, vocab_size: int) -> None:
     import sentencepiece as spm
 
-    out = Path(tempfile.mkdtemp(prefix="lisa_kit_tiny_tok_"))
     corpus = out / "corpus.txt"
     corpus.write_text("\n".join(_SENTENCES * 4))
     spm.SentencePieceTrainer.train(
@@ -44,7 +116,6 @@ def tiny_tokenizer_dir(vocab_size: int = 384) -> Path:
     (out / "tokenizer.vocab").unlink(missing_ok=True)
     (out / "tokenizer_config.json").write_text(
         '{"tokenizer_class": "LlamaTokenizer", "legacy": true, "add_bos_token": true, "model_max_length": 512}')
-    return out
 
 
 def resolve_tiny(node: dict) -> dict:
@@ -139,12 +210,20 @@ def tiny_hf_tokenizer_dir(vocab_size: int = 400, family: str = "chatml") -> Path
     ``mistral`` (``[INST] … [/INST]``, ``</s>``) or ``phi3`` (``<|user|>``, ``<|end|>``)
     — ``@tiny_hf_tokenizer:<family>``. Only the specials and the template differ: every
     family gets the same byte-level BPE (the real Mistral/Phi-3 ones are SentencePiece),
-    and a BOS appears only where the template writes it (Llama-3, Mistral)."""
+    and a BOS appears only where the template writes it (Llama-3, Mistral). Built once
+    into :func:`cache_dir`."""
+    if family not in CHAT_FAMILIES:
+        raise ValueError(f"unknown tiny tokenizer family {family!r}; available: {', '.join(CHAT_FAMILIES)}")
+    key = {"sentences": _SENTENCES, "vocab_size": vocab_size, "family": CHAT_FAMILIES[family],
+           "tokenizers": _version("tokenizers"), "transformers": _version("transformers"), "layout": 1}
+    return _cached_build(f"tiny_hf_tok_{family}", key,
+                         functools.partial(_train_byte_bpe, vocab_size=vocab_size, family=family))
+
+
+def _train_byte_bpe(out: Path, vocab_size: int, family: str) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if family not in CHAT_FAMILIES:
-        raise ValueError(f"unknown tiny tokenizer family {family!r}; available: {', '.join(CHAT_FAMILIES)}")
     fam = CHAT_FAMILIES[family]
     roles = {"bos_token": fam["bos"], "eos_token": fam["eos"], "pad_token": fam["pad"], "unk_token": fam["unk"]}
     named = {v for v in roles.values() if v}
@@ -157,9 +236,7 @@ def tiny_hf_tokenizer_dir(vocab_size: int = 400, family: str = "chatml") -> Path
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in roles.items() if v},
                                    additional_special_tokens=[t for t in fam["specials"] if t not in named],
                                    chat_template=fam["template"], model_max_length=1024)
-    out = Path(tempfile.mkdtemp(prefix=f"lisa_kit_tiny_hf_tok_{family}_"))
     fast.save_pretrained(str(out))
-    return out
 
 
 def uncompressed_rle(mask: np.ndarray) -> dict:

@@ -100,15 +100,16 @@ def test_validate_ok_and_failures(reg, capsys, recipe, tmp_path):
     code, out, _ = run(capsys, "validate", str(recipe), "--set", "model.llm.pretrained=/llm")
     assert (code, out) == (0, f"OK {recipe}\n")
 
-    code, out, _ = run(capsys, "validate", str(recipe))
+    code, out, _ = run(capsys, "validate", str(recipe), "--strict")
     assert code == 1
     assert out.splitlines() == [f"FAIL {recipe}",
                                 f"  {recipe}: model.llm.pretrained: value is missing (???); "
                                 "set it in the recipe or with key=value"]
 
-    code, out, _ = run(capsys, "validate", str(recipe), "--allow-missing")
-    assert code == 0 and out.startswith(f"OK {recipe}\n")
-    assert f"warning: {recipe}: model.llm.pretrained: value is missing" in out
+    for flags in ((), ("--allow-missing",)):  # ??? values are warnings by default (the old flag still works)
+        code, out, _ = run(capsys, "validate", str(recipe), *flags)
+        assert code == 0 and out.startswith(f"OK {recipe}\n")
+        assert f"warning: {recipe}: model.llm.pretrained: value is missing" in out
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"base: {recipe.name}\nmodel:\n  seg_head: {{size: big}}\n")

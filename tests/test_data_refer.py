@@ -7,6 +7,7 @@ what LISA's own code produced (``eval_seed0``).
 """
 from __future__ import annotations
 
+import collections
 import json
 import pickle
 from pathlib import Path
@@ -356,3 +357,53 @@ def test_fixture_parity_training_reader():
         assert tuple(draw["masks_shape"][1:]) == rec.targets[0].mask.shape
         for cls, png in zip(draw["sampled_classes"], draw["mask_png"]):
             np.testing.assert_array_equal(texts[cls.strip()].mask, _png(d / png))
+
+
+# -- hostile refs pickles -----------------------------------------------------------------------
+
+
+class _RunsCommand:
+    """A pickle payload: unpickling it calls ``os.system(command)``."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+class _Builds:
+    """A payload that rebuilds an arbitrary object through a class (``find_class`` too)."""
+
+    def __reduce__(self):
+        return collections.OrderedDict, ()
+
+
+@pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
+def test_hostile_refs_pickle_runs_nothing(tmp_path, protocol):
+    marker = tmp_path / "pwned"
+    write_refer(tmp_path)
+    refs = ref_dicts()
+    refs[0]["sentences"][0]["sent"] = _RunsCommand(f"touch {marker}")  # nested deep inside plain data
+    with open(tmp_path / "refer_seg/refcoco/refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=protocol)
+    with pytest.raises(DataError) as e:
+        open_dataset("refcoco", tmp_path, "val")
+    assert not marker.exists()
+    assert "posix.system" in str(e.value) or "os.system" in str(e.value)
+    assert e.value.path == str(tmp_path / "refer_seg/refcoco/refs(unc).p")
+
+
+def test_refs_pickle_with_any_class_or_garbage_is_refused(tmp_path):
+    write_refer(tmp_path)
+    path = tmp_path / "refer_seg/refcoco/refs(unc).p"
+    with open(path, "wb") as f:
+        pickle.dump([_Builds()], f, protocol=2)
+    with pytest.raises(DataError, match="OrderedDict"):
+        open_dataset("refcoco", tmp_path, "val")
+    path.write_bytes(b"\x80\x02not a pickle at all")
+    with pytest.raises(DataError, match="cannot read refs"):
+        open_dataset("refcoco", tmp_path, "val")
+

@@ -102,7 +102,7 @@ model:
   seg_hidden: previous
 loss: {ce_weight: 1.0, bce_weight: 2.0, dice_weight: 0.5}
 generation: {max_new_tokens: 512}
-data: {datasets: [a, b]}
+eval: {datasets: [a, b]}  # a free-form section: list merging below
 """
 
 
@@ -166,7 +166,7 @@ def test_three_level_base_chain(tmp_path, tiny):
           vision_encoder: {select_layer: -1}
           llm: {name: causal_lm, dtype: bfloat16}
         loss: {ce_weight: 3.0}
-        data: {datasets: [c]}
+        eval: {datasets: [c]}
         """)
     child = write(tmp_path, "sub/child.yaml", """
         base: middle
@@ -183,7 +183,7 @@ def test_three_level_base_chain(tmp_path, tiny):
     assert cfg.model.llm == {"name": "causal_lm", "pretrained": "/llm", "dtype": "bfloat16"}
     assert cfg.model.mask_decoder.variant == "vit_l" and cfg.model.mask_decoder.checkpoint == "/sam.pth"
     assert cfg.loss == {"ce_weight": 3.0, "bce_weight": 2.0, "dice_weight": 0.5}
-    assert cfg.data.datasets == ["c"]  # lists are replaced, not concatenated
+    assert cfg.eval.datasets == ["c"]  # lists are replaced, not concatenated
     assert recipe.files == (child, middle, tiny)
     assert recipe.source_of("model.mask_decoder.variant") == str(child)
     assert recipe.source_of("model.llm.dtype") == str(middle)
@@ -254,9 +254,9 @@ def test_scalar_overrides(tiny):
 
 
 def test_list_and_dict_overrides(tiny):
-    cfg = load_recipe(tiny, ["data.datasets=[x, y, z]", "loss={ce_weight: 5}",
+    cfg = load_recipe(tiny, ["eval.datasets=[x, y, z]", "loss={ce_weight: 5}",
                              "model.vision_encoder={name: clip, select_layer: -1}"]).cfg
-    assert cfg.data.datasets == ["x", "y", "z"]
+    assert cfg.eval.datasets == ["x", "y", "z"]
     assert cfg.loss == {"ce_weight": 5, "bce_weight": 2.0, "dice_weight": 0.5}  # dicts merge
     assert cfg.model.vision_encoder == {"name": "clip", "pretrained": "/enc", "select_layer": -1}
 
@@ -281,7 +281,7 @@ def test_delete_override(tiny):
 @pytest.mark.parametrize("override, match", [
     ("model.llm.pretrained", "key=value"),
     ("base=other", "base cannot be overridden"),
-    ("data.datasets.0=x", "inside a list"),
+    ("eval.datasets.0=x", "inside a list"),
     ("loss..x=1", "bad key"),
     ("~loss=1", "takes no value"),
     ("name=[unclosed", "cannot parse value"),
@@ -327,9 +327,9 @@ def test_missing_values_reported_by_key(tmp_path, tiny, reg):
     only(problems, "eval.out")  # an interpolation to a missing value counts as missing
     assert missing_keys(recipe) == ["eval.out", "model.llm.pretrained", "weights.path"]
     assert validate_recipe(recipe, reg, allow_missing=True) == []
-    listed = load_recipe(child, ["data.datasets=[a, ???]"])
-    assert "data.datasets[1]" in missing_keys(listed)
-    assert listed.source_of("data.datasets[1]") == "override 'data.datasets=[a, ???]'"
+    listed = load_recipe(child, ["eval.datasets=[a, ???]"])
+    assert "eval.datasets[1]" in missing_keys(listed)
+    assert listed.source_of("eval.datasets[1]") == "override 'eval.datasets=[a, ???]'"
 
 
 def test_type_errors_name_key_and_file(tmp_path, tiny, reg):

@@ -271,9 +271,13 @@ def test_duplicate_across_distributions_names_both(make_dist):
               {"fakeone_mod": PLUGIN_SOURCE.format(kind="projector", name="clash")})
     make_dist("faketwo", "2.5", {"two": "faketwo_mod"},
               {"faketwo_mod": PLUGIN_SOURCE.format(kind="projector", name="clash")})
+    reg, warned = discover()  # discovery survives the clash; only using the name fails
     with pytest.raises(DuplicateComponentError) as info:
-        discover()
+        reg.get("projector", "clash")
     assert "fakeone 1.0" in str(info.value) and "faketwo 2.5" in str(info.value)
+    assert "clash" not in reg.names("projector") and ("projector", "clash") in reg.ambiguous
+    assert any("projector:clash" in w and "fakeone 1.0" in w and "faketwo 2.5" in w for w in warned)
+    assert all("projector:clash" in plugin(reg, n).status for n in ("one", "two"))
 
 
 def test_same_entry_point_name_in_two_distributions(make_dist):

@@ -16,6 +16,7 @@ import yaml
 from lisa_kit.checkpoint.io import load_into, save_safetensors
 from lisa_kit.errors import CheckpointError
 from lisa_kit.interfaces import KINDS
+from lisa_kit.recipes import env_free
 
 FORMAT_VERSION = 1
 
@@ -58,7 +59,7 @@ def save_model(model, path: str | os.PathLike) -> Path:
     model.tokenizer.save(path / "tokenizer")
     recipe["lisa_kit_format"] = FORMAT_VERSION
     tmp = path / "recipe.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    tmp.write_text(yaml.safe_dump(env_free(recipe), sort_keys=False))  # no ${oc.env:...} values in files
     os.replace(tmp, path / "recipe.yaml")
     return path
 

@@ -25,8 +25,9 @@ the annotation's polygons (or RLEs) are decoded one map each and **summed**, the
 a target nor ignored for LISA's metric, a BCE/dice target of 2.0 in training. Pass
 ``overlap="union"`` to clip such pixels to ``1`` instead. LISA decodes RLE only as a list of
 compressed dicts (refclef); a bare COCO RLE dict (crowd annotations) or uncompressed
-``counts`` make it crash, here they decode. Refs files are pickles: open only datasets you
-trust.
+``counts`` make it crash, here they decode. Refs files are pickles; they hold only dicts,
+lists, strings and numbers, so they are read by :class:`DataOnlyUnpickler`, which refuses
+every class and callable: a tampered file raises :class:`DataError` and runs nothing.
 
 gRefCOCO follows LISA's training reader (``ReferSegDataset`` with ``G_REFER``; LISA's
 ``ValDataset`` cannot open it): a ref's ``ann_id`` may be a list, whose masks are OR-ed
@@ -58,6 +59,28 @@ LAYOUT = {
 }
 # Split names REFER.getRefIds accepts (utils/refer.py); anything else makes it sys.exit.
 REFER_SPLITS = ("train", "val", "test", "testA", "testB", "testC", "testAB", "testBC", "testAC")
+
+
+class DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (dict, list, tuple, str, bytes, numbers, bool, None).
+
+    Those are built by pickle opcodes alone; anything else (a class, a function such as
+    ``os.system`` named by ``__reduce__``) needs :meth:`find_class`, which is refused here,
+    so a hostile pickle raises before any of its code could run.
+    """
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: refs files hold plain data only")
+
+
+def load_data_pickle(path: Path) -> Any:
+    """The plain data in the pickle ``path`` (:class:`DataOnlyUnpickler`; :class:`DataError` if
+    refused or unreadable). Decoding options are pickle's defaults, as LISA's ``pickle.load``."""
+    try:
+        with open(path, "rb") as f:
+            return DataOnlyUnpickler(f).load()
+    except Exception as e:  # UnpicklingError, EOFError, ValueError ... from arbitrary bytes
+        raise DataError(f"cannot read refs: {type(e).__name__}: {e}", path=path) from None
 
 
 def _in_split(ref_split: str, split: str) -> bool:
@@ -197,14 +220,13 @@ class ReferReader(DatasetReader):
         self.refs_file = path
         if not path.is_file():
             raise DataError("refs file not found", path=pkl if path.suffix == ".p" else f"{pkl} (or .json)")
-        try:
-            if path.suffix == ".json":
+        if path.suffix == ".json":
+            try:
                 refs = json.loads(path.read_bytes())
-            else:
-                with open(path, "rb") as f:
-                    refs = pickle.load(f)
-        except Exception as e:
-            raise DataError(f"cannot read refs: {e}", path=path) from e
+            except Exception as e:
+                raise DataError(f"cannot read refs: {e}", path=path) from e
+        else:
+            refs = load_data_pickle(path)
         if not isinstance(refs, list):
             raise DataError(f"refs must be a list of refs, got {type(refs).__name__}", path=path)
         for k, ref in enumerate(refs):

@@ -192,7 +192,7 @@ class Trainer:
         from lisa_kit.conversation import get_template
         from lisa_kit.datasets.hybrid import hybrid_from_config
         from lisa_kit.loss import LossWeights
-        from lisa_kit.recipes import check_recipe, load_recipe, resolved_yaml
+        from lisa_kit.recipes import check_recipe, env_free, load_recipe, persisted_yaml
         from lisa_kit.train.lora import apply_lora
         from lisa_kit.train.trainable import cast_frozen, set_trainable, trainable_parameters
 
@@ -217,7 +217,7 @@ class Trainer:
         self.recipe = load_recipe(recipe if not hasattr(recipe, "cfg") else OmegaConf.to_container(recipe.cfg),
                                   overrides)
         check_recipe(self.recipe, registry=registry)
-        self.recipe_yaml = resolved_yaml(self.recipe)
+        self.recipe_yaml = persisted_yaml(self.recipe)  # environment values stay ${oc.env:...}
         self.plain = OmegaConf.to_container(self.recipe.cfg, resolve=True)
         self.cfg = cfg = TrainConfig.from_recipe(self.plain)
         name = self.plain.get("name") or (self.recipe.path.stem if self.recipe.path else "run")
@@ -232,7 +232,7 @@ class Trainer:
             import yaml
 
             old = _flatten((yaml.safe_load(resumed.recipe_yaml) or {}).get("model", {}))
-            new = _flatten(self.plain.get("model", {}))
+            new = _flatten(env_free(self.plain).get("model", {}))
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if diff:
                 raise CheckpointError("the recipe's model differs from the one the checkpoint was trained with",
