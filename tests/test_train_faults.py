@@ -259,3 +259,32 @@ def test_really_full_disk_during_save(tmp_path, one_thread, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", str(copy), "--no-progress", "--device", "cpu"]) == 0
     assert "resumed from" in capsys.readouterr().err and _steps(copy) == [1, 2, 3]
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")) \
+    + "model: *i\n"  # 9**9 strings once expanded: memory would run out long before a model is built
+
+
+def test_alias_bomb_recipe_in_a_checkpoint_is_refused_on_resume_and_export(run3):
+    """A checkpoint's recipe.yaml (someone else's run, a tampered copy) goes through the
+    bounded recipe loader: a typed error before anything is expanded. The manifest is
+    rewritten to match, so the refusal comes from the YAML, not the hash."""
+    import hashlib
+
+    from lisa_kit.errors import RecipeError
+
+    root = run3 / "checkpoints"
+    for ck in (root / ckpt.step_name(s) for s in (1, 2, 3)):
+        (ck / ckpt.RECIPE_FILE).write_text(ALIAS_BOMB)
+        manifest_path = ck / ckpt.MANIFEST_FILE
+        manifest = json.loads(manifest_path.read_text())
+        data = ALIAS_BOMB.encode()
+        manifest["files"][ckpt.RECIPE_FILE] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        manifest_path.write_text(json.dumps(manifest))
+    from lisa_kit.train.loop import Trainer
+
+    with pytest.raises(RecipeError, match="alias|nodes"):
+        Trainer(None, run3, resume=run3, progress=False)
+    with pytest.raises(RecipeError, match="alias|nodes"):
+        ckpt.load_trained_model(root / ckpt.step_name(3))

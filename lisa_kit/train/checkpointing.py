@@ -448,9 +448,10 @@ def load_trained_model(path: str | os.PathLike, merge: bool = False, registry=No
     applied, the run's seed for random initialisations), LoRA applied, the trained
     parameters loaded; ``merge=True`` folds LoRA into the LLM. ``path``: a checkpoint or
     a run directory (its newest checkpoint). Returned in eval mode, fp32, on CPU."""
-    import yaml
+    from omegaconf import OmegaConf
 
     from lisa_kit.builder import load
+    from lisa_kit.recipes import load_recipe, load_yaml_safely
     from lisa_kit.train.config import TrainConfig
     from lisa_kit.train.lora import apply_lora, merge_lora
     from lisa_kit.train.trainable import set_trainable
@@ -459,8 +460,9 @@ def load_trained_model(path: str | os.PathLike, merge: bool = False, registry=No
     if ck is None:
         raise CheckpointError("no training checkpoint found", file=path)
     data = read_checkpoint(ck)  # verified: a damaged checkpoint is an error, not a model
-    recipe = yaml.safe_load(data.recipe_yaml)
-    cfg = TrainConfig.from_recipe(recipe)
+    # Bounded and typed (alias bombs, size); ${oc.env:...} resolved from this environment.
+    recipe = load_recipe(load_yaml_safely(data.recipe_yaml, origin=str(ck / RECIPE_FILE)))
+    cfg = TrainConfig.from_recipe(OmegaConf.to_container(recipe.cfg, resolve=True))
     torch.manual_seed(cfg.seed)
     model = load(recipe, registry=registry)
     if cfg.uses_lora:

@@ -192,7 +192,7 @@ class Trainer:
         from lisa_kit.conversation import get_template
         from lisa_kit.datasets.hybrid import hybrid_from_config
         from lisa_kit.loss import LossWeights
-        from lisa_kit.recipes import check_recipe, env_free, load_recipe, persisted_yaml
+        from lisa_kit.recipes import check_recipe, env_free, load_recipe, load_yaml_safely, persisted_yaml
         from lisa_kit.train.lora import apply_lora
         from lisa_kit.train.trainable import cast_frozen, set_trainable, trainable_parameters
 
@@ -209,11 +209,10 @@ class Trainer:
         if recipe is None:
             if resume_from is None:
                 raise InputError("a recipe is needed (or resume= a run to take it from)")
-            import yaml
-
-            recipe = yaml.safe_load(resumed.recipe_yaml)
-            if not isinstance(recipe, dict):
+            if not resumed.recipe_yaml:
                 raise CheckpointError("the checkpoint holds no recipe; give one", file=resume_from / ckpt.RECIPE_FILE)
+            # Bounded (alias bombs, size) and typed; ${oc.env:...} resolved by load_recipe below.
+            recipe = load_yaml_safely(resumed.recipe_yaml, origin=str(resume_from / ckpt.RECIPE_FILE))
         self.recipe = load_recipe(recipe if not hasattr(recipe, "cfg") else OmegaConf.to_container(recipe.cfg),
                                   overrides)
         check_recipe(self.recipe, registry=registry)
@@ -229,9 +228,8 @@ class Trainer:
         env = self.env
 
         if resumed is not None and resumed.recipe_yaml:
-            import yaml
-
-            old = _flatten((yaml.safe_load(resumed.recipe_yaml) or {}).get("model", {}))
+            old = _flatten(load_yaml_safely(resumed.recipe_yaml, origin=str(resume_from / ckpt.RECIPE_FILE))
+                           .get("model", {}))
             new = _flatten(env_free(self.plain).get("model", {}))
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if diff:
