@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -64,7 +65,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -521,6 +522,16 @@ def write_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, safet
     return write_shards([plan(k, v, dtype) for k, v in state.items()], path, safetensors, max_shard_size, prefix)
 
 
+def with_fill(tensors: list[PlannedTensor], fill: Callable[[PlannedTensor], torch.Tensor] | None
+              ) -> list[PlannedTensor]:
+    """``tensors`` made by ``fill(planned)`` instead of from the model (``None``: unchanged).
+    For generators: a model built on the meta device has every key, shape and config but no
+    values. Rotary ``inv_freq`` buffers are computed from the config, never filled."""
+    if fill is None:
+        return tensors
+    return [t if t.key.endswith("inv_freq") else replace(t, make=functools.partial(fill, t)) for t in tensors]
+
+
 def stored_dtype(path: str | os.PathLike) -> torch.dtype | None:
     """The one floating dtype every weight file directly in ``path`` (a checkpoint
     directory, or one file) stores, from safetensors headers and memory-mapped ``.bin``
@@ -558,8 +569,8 @@ def _json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_vision_tower(encoder, path: str | os.PathLike, safetensors: bool = True, dtype: torch.dtype | None = None
-                       ) -> Path:
+def write_vision_tower(encoder, path: str | os.PathLike, safetensors: bool = True, dtype: torch.dtype | None = None,
+                       fill: Callable[[PlannedTensor], torch.Tensor] | None = None) -> Path:
     """A ``CLIPVisionModel`` directory for an ``hf_clip`` encoder: ``config.json``, weights
     in transformers 4's key layout (``vision_model.*``, which 4.x and 5.x both load) and a
     ``CLIPImageProcessor`` ``preprocessor_config.json`` matching :meth:`preprocess`."""
@@ -577,7 +588,7 @@ def write_vision_tower(encoder, path: str | os.PathLike, safetensors: bool = Tru
                 "torch_dtype": _dtype_name(dtype if dtype is not None else first.dtype),
                 "transformers_version": transformers.__version__})
     _json(path / "config.json", cfg)
-    write_weights(state, path, safetensors, dtype=dtype)
+    write_shards(with_fill([plan(k, v, dtype) for k, v in state.items()], fill), path, safetensors)
     _json(path / "preprocessor_config.json", {
         "crop_size": {"height": encoder.crop_size, "width": encoder.crop_size},
         "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
@@ -635,11 +646,13 @@ def _tower_reference(model, vision_tower: str | os.PathLike | None, out: Path | 
 def write_lisa_hf(model, path: str | os.PathLike, *, vision_tower: str | os.PathLike | None = None,
                   safetensors: bool = True, dtype: str | torch.dtype | None = None, merge_lora: str = "copy",
                   max_shard_size: int = DEFAULT_MAX_SHARD, rotary_inv_freq: bool = True,
-                  final_path: str | os.PathLike | None = None) -> list[str]:
+                  final_path: str | os.PathLike | None = None,
+                  fill: Callable[[PlannedTensor], torch.Tensor] | None = None) -> list[str]:
     """Write the LISA directory into ``path`` (created; not atomic, see :func:`export_lisa_hf`).
     ``final_path``: where the directory will end up (to keep a tower reference out of a
-    directory being replaced). Returns the compatibility notes (also warned as
-    :class:`ExportWarning`)."""
+    directory being replaced); ``fill``: see :func:`with_fill` (``benchmarks/scale.py``
+    generates real-size checkpoints from a meta-device model with it). Returns the
+    compatibility notes (also warned as :class:`ExportWarning`)."""
     _check_reference(model)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -650,7 +663,7 @@ def write_lisa_hf(model, path: str | os.PathLike, *, vision_tower: str | os.Path
     notes = compatibility_notes(model)
     tower = _tower_reference(model, vision_tower, Path(final_path) if final_path else None)
     if tower is None:
-        write_vision_tower(model.vision_encoder, path / TOWER_DIR, safetensors)
+        write_vision_tower(model.vision_encoder, path / TOWER_DIR, safetensors, fill=fill)
         tower = TOWER_DIR
         notes.append(f"the CLIP tower was written to {TOWER_DIR}/ and config.json names it relatively: LISA's "
                      f"code resolves it from the working directory, so pass vision_tower=<this dir>/{TOWER_DIR}")
@@ -659,7 +672,7 @@ def write_lisa_hf(model, path: str | os.PathLike, *, vision_tower: str | os.Path
     # copy mode with plain LoRA needs no merged copy of the LLM: layers merge as they are written
     streaming = merge_lora == "copy" and has_lora(model) and _lora_layers(model.llm.model) is not None
     with contextlib.nullcontext(model.llm.model) if streaming else lora_merged(model, merge_lora) as hf_llm:
-        tensors = lisa_tensors(model, hf_llm, dtype, rotary_inv_freq)
+        tensors = with_fill(lisa_tensors(model, hf_llm, dtype, rotary_inv_freq), fill)
         weights_dtype = next(t.dtype for t in tensors if t.key == "model.embed_tokens.weight")
         base = hf_llm.get_base_model() if streaming else hf_llm
         cfg = lisa_config(model, tower, _dtype_name(weights_dtype), base)
