@@ -8,8 +8,9 @@ Not a test: a measurement to run by hand and commit with the device named.
     python benchmarks/scale.py --widths tiny --layers 1 2 --out /tmp/scale_tiny     # seconds (what CI runs)
 
 For each depth (number of LLM layers) it **generates** a released-LISA checkpoint at real
-widths with random bf16 weights -- LLaMA-7B (hidden 4096, intermediate 11008, 32 heads,
-vocabulary 32000 + LISA's ``[SEG]``, ``<im_start>``, ``<im_end>``), CLIP ViT-L/14 at 224 px
+widths with random bf16 weights -- LLaMA-7B (hidden 4096, intermediate 11008, 32 heads;
+vocabulary 32000 + LLaVA's pad + LISA's ``[SEG]``, ``<im_start>``, ``<im_end>`` = 32004 rows
+as in LISA-7B-v1), CLIP ViT-L/14 at 224 px
 (its own fp32 directory, as ``openai/clip-vit-large-patch14``), SAM ViT-H, projector
 1024 -> 4096, seg head 4096 -> 256 -- in three forms: sharded ``pytorch_model-*.bin`` + index
 (the released files), sharded ``model-*.safetensors`` + index, and lisa_kit's own directory.
@@ -37,7 +38,7 @@ to LISA-7B (32 layers) and LISA-13B (40 layers, hidden 5120, intermediate 13824,
 with the original ``LISAForCausalLM.from_pretrained(low_cpu_mem_usage=True,
 torch_dtype=bfloat16)`` in ``--original-python`` (its own environment, transformers 4.31).
 
-Disk: about 3 bytes x params per depth for the three forms, plus 1.2 GB of CLIP; each
+Disk: about 6 bytes x params per depth for the three forms, plus 1.2 GB of CLIP; each
 depth's files are removed after its measurements unless ``--keep``.
 """
 from __future__ import annotations
@@ -69,7 +70,9 @@ LLAMA = {"model_type": "llama", "max_position_embeddings": 2048, "rms_norm_eps":
 LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32}
 LLAMA_13B = {"hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40, "num_key_value_heads": 40}
 FULL_DEPTH = {"LISA-7B": (LLAMA_7B, 32), "LISA-13B": (LLAMA_13B, 40)}
-LLAMA_VOCAB = 32000  # LLaMA's SentencePiece model; LISA adds its tokens after these
+LLAMA_VOCAB = 32000  # LLaMA's SentencePiece model
+LISA_ROWS = 32004  # LISA-7B-v1's embedding / lm_head rows: LLaVA's pad token, then [SEG], <im_start>, <im_end>
+LISA_ADDED = ("[SEG]", "<im_start>", "<im_end>")  # what lisa_kit's build adds to the tokenizer
 SHARD = {"real": "2GB", "tiny": "100KB"}  # several shards even at a few layers, as a 7B release has
 
 
@@ -450,7 +453,9 @@ def run(a) -> dict:
     work = Path(a.workdir or tempfile.mkdtemp(prefix="lisa_scale_"))
     work.mkdir(parents=True, exist_ok=True)
     shard = _size(a.max_shard_size or SHARD[a.widths])
-    tokenizer = padded_tokenizer(LLAMA_VOCAB, work / "tokenizer") if a.widths == "real" else None
+    # the pieces LISA's tokenizer holds before lisa_kit adds its tokens (LLaMA's + LLaVA's pad)
+    pieces = LISA_ROWS - len(LISA_ADDED)
+    tokenizer = padded_tokenizer(pieces, work / "tokenizer") if a.widths == "real" else None
     clip = work / "clip-vit-large-patch14" if a.widths == "real" else work / "clip-vit-tiny-patch14"
     wanted = a.measure or list(MEASUREMENTS)
     notes = []
@@ -459,6 +464,8 @@ def run(a) -> dict:
     try:
         for layers in sorted(set(a.layers)):
             model = meta_model(a.widths, layers, tokenizer)
+            if a.widths == "real" and model.llm.vocab_size != LISA_ROWS:
+                raise SystemExit(f"the model has {model.llm.vocab_size} vocabulary rows, LISA-7B {LISA_ROWS}")
             widths = _llm_widths(model)
             n = lisa_params(model, widths, layers)
             counted = sum(count(getattr(model, k)) for k in ("vision_encoder", "projector", "llm", "mask_decoder",
