@@ -294,6 +294,7 @@ def measure(name: str, dirs: dict, clip: str, device: str, answer_tokens: int, w
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     action()
     if cuda:
@@ -303,7 +304,9 @@ def measure(name: str, dirs: dict, clip: str, device: str, answer_tokens: int, w
     out = {"measurement": name, "wall_s": wall, "setup_s": setup_s, "rss_start_bytes": rss0,
            "rss_before_bytes": before,
            "peak_rss_bytes": max(hwm, peak_before),  # the whole process: loading included
-           "action_peak_growth_bytes": hwm - before if growth_known else None}
+           "action_peak_growth_bytes": hwm - before if growth_known else None,
+           # 1-minute load averages around the action: times from a busy machine are inflated
+           "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0]}
     if cuda:
         out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     return out
@@ -348,7 +351,7 @@ def fit(params: list[int], values: list[float]) -> dict | None:
     pred = a + b * x
     ss = float(((y - y.mean()) ** 2).sum())
     return {"a": float(a), "b": float(b), "r2": 1.0 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else 1.0,
-            "max_abs_residual": float(np.abs(y - pred).max())}
+            "max_abs_residual": float(np.abs(y - pred).max()), "depths": int(len(np.unique(x)))}
 
 
 def fits_and_extrapolation(points: list[dict], targets: dict[str, int]) -> tuple[dict, dict]:
@@ -433,11 +436,18 @@ def markdown(res: dict) -> str:
     names = list(res["extrapolated"])
     lines += ["| measurement | metric | a | b (per param) | r2 | " + " | ".join(f"{n} (extrapolated)" for n in names)
               + " |", "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
+    two = False
     for m, per in res["fits"].items():
         for metric, f in per.items():
             unit = (lambda v: f"{v:.1f} s") if metric == "wall_s" else _gib
-            lines.append(f"| {m} | {metric} | {unit(f['a'])} | {f['b']:.3g} | {f['r2']:.4f} | "
-                         + " | ".join(unit(res["extrapolated"][n][m][metric]) for n in names) + " |")
+            two |= f.get("depths", 3) == 2
+            # a cost that falls as the model grows is noise (a busy machine), not a trend
+            ext = (["n/a (b < 0)"] * len(names) if f["b"] < 0 else
+                   [unit(res["extrapolated"][n][m][metric]) for n in names])
+            lines.append(f"| {m} | {metric} | {unit(f['a'])} | {f['b']:.3g} | {f['r2']:.4f} | " + " | ".join(ext) + " |")
+    if two:
+        lines += ["", "With two depths the line passes through both points: r2 = 1 by construction, and the "
+                  "fit cannot show curvature or noise. Measure three or more depths for a check."]
     lines += ["", "params: " + ", ".join(f"{n} {_count(res['extrapolated'][n]['params'])}" for n in names)
               + " (computed from the widths, CLIP tower and SAM included)."]
     if res.get("notes"):
@@ -528,6 +538,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", help="where checkpoints are generated (kept; default a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
+    ap.add_argument("--report", metavar="RESULTS_JSON",
+                    help="measure nothing: refit and rewrite results.json/.md (in --out) from this file")
+    ap.add_argument("--note", action="append", default=[], help="a line added to the results' notes")
     ap.add_argument("--_measure", help=argparse.SUPPRESS)
     ap.add_argument("--_dirs", help=argparse.SUPPRESS)
     ap.add_argument("--_clip", help=argparse.SUPPRESS)
@@ -537,7 +550,13 @@ def main(argv=None) -> int:
         dirs = {k: Path(v) for k, v in json.loads(a._dirs).items()}
         print(json.dumps(measure(a._measure, dirs, a._clip, a.device, a.answer_tokens, Path(a._work))))
         return 0
-    res = run(a)
+    if a.report:
+        res = json.loads(Path(a.report).read_text())
+        res["fits"], res["extrapolated"] = fits_and_extrapolation(
+            res["points"], {n: v["params"] for n, v in res["extrapolated"].items()})
+    else:
+        res = run(a)
+    res["notes"] = list(dict.fromkeys([*res.get("notes", []), *a.note]))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")

@@ -94,6 +94,7 @@ def test_measurements_run(scale, generated, tmp_path, name):
     r = scale.measure(name, dirs, str(work / "clip-vit-tiny-patch14"), "cpu", 3, tmp_path)
     assert r["measurement"] == name and r["wall_s"] > 0 and r["setup_s"] > 0
     assert r["peak_rss_bytes"] >= r["rss_before_bytes"] > 0
+    assert r["loadavg_before"] >= 0 and r["loadavg_after"] >= 0  # how busy the machine was
     if name == "export":
         assert load_state_dict(tmp_path / "export").keys() == load_state_dict(dirs["lisa_hf_safetensors"]).keys()
 
@@ -124,3 +125,12 @@ def test_tiny_run_writes_results(tmp_path):
     md = (out / "results.md").read_text()
     assert "extrapolated" in md and "LISA-13B" in md
     assert not list(tmp_path.glob("lisa_scale_*"))  # generated checkpoints are cleaned up
+
+    again = subprocess.run([sys.executable, str(SCRIPT), "--report", str(out / "results.json"), "--out",
+                            str(tmp_path / "again"), "--note", "measured on a busy machine"],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    r2 = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert r2["points"] == r["points"] and r2["fits"] == r["fits"]  # refitted from the same measurements
+    assert r2["notes"][-1] == "measured on a busy machine"
+    assert "measured on a busy machine" in (tmp_path / "again" / "results.md").read_text()
