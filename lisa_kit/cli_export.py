@@ -30,9 +30,13 @@ def _setup(p: argparse.ArgumentParser) -> None:
                    help="LISA weights as model.safetensors (default; transformers 4.31 reads it) or "
                         "pytorch_model.bin")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="cast the LISA weights (default: as loaded)")
+                   help="cast the LISA weights (default: the precision the loaded checkpoint stores, e.g. "
+                        "bfloat16 for a released LISA directory; a training run or a recipe without weights "
+                        "keeps the model's own, float32)")
     p.add_argument("--max-shard-size", default="10GB", metavar="SIZE",
-                   help="split LISA weights into shards of at most SIZE (e.g. 5GB, 500MB; default 10GB)")
+                   help="split LISA weights into shards of at most SIZE (e.g. 5GB, 500MB; default 10GB, "
+                        "transformers 4.31's, which wrote the released checkpoints); export holds at most one "
+                        "shard in memory beyond the model")
     p.add_argument("--sam", metavar="VARIANT|JSON",
                    help="with --checkpoint of a LISA HF dir: SAM sizes (vit_h default, or a sizes .json; "
                         "the dir's sam_config.json is used when present)")
@@ -40,13 +44,18 @@ def _setup(p: argparse.ArgumentParser) -> None:
 
 
 def _size(text: str) -> int:
+    """Bytes in ``10GB`` / ``500MB`` / ``2GiB`` / ``1000000``, as transformers'
+    ``max_shard_size`` reads them (KB/MB/GB decimal, KiB/MiB/GiB binary)."""
     from lisa_kit.errors import InputError
 
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?)B?)?\s*", text, re.IGNORECASE)
     if not m:
-        raise InputError(f"--max-shard-size: cannot read {text!r} (e.g. 10GB, 500MB, 1000000)")
-    unit = (m.group(2) or "").upper().replace("I", "").rstrip("B")
-    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit])
+        raise InputError(f"--max-shard-size: cannot read {text!r} (e.g. 10GB, 500MB, 2GiB, 1000000)")
+    power = "KMGT".index(m.group(2).upper()) + 1 if m.group(2) else 0
+    n = int(float(m.group(1)) * (2**10 if m.group(3) else 10**3) ** power)
+    if n <= 0:
+        raise InputError(f"--max-shard-size must be positive, got {text!r}")
+    return n
 
 
 def _training_checkpoint(path: Path) -> Path | None:
@@ -59,6 +68,27 @@ def _training_checkpoint(path: Path) -> Path | None:
     if not hasattr(checkpointing, "load_trained_model") or not hasattr(checkpointing, "latest_checkpoint"):
         return None
     return checkpointing.latest_checkpoint(path)
+
+
+def source_weights(args: argparse.Namespace) -> Path | None:
+    """The checkpoint directory whose files hold every weight the LISA export writes (a
+    ``--checkpoint`` LISA HF or lisa_kit directory, or a recipe's ``weights.path`` of those
+    formats); ``None`` for training runs, random weights and composed sources (``llava_hf``
+    takes SAM from elsewhere)."""
+    if args.checkpoint is not None:
+        ckpt = Path(args.checkpoint)
+        if _training_checkpoint(ckpt) is not None:
+            return None  # trained in the model's own precision (float32 masters)
+        return ckpt if (ckpt / "recipe.yaml").exists() or (ckpt / "config.json").exists() else None
+    from omegaconf import OmegaConf
+
+    from lisa_kit.recipes import load_recipe
+
+    cfg = load_recipe(args.recipe, args.overrides).cfg
+    weights = OmegaConf.to_container(cfg.weights, resolve=True) if "weights" in cfg else {}
+    if weights.get("format") in ("lisa_hf", "lisa_kit") and weights.get("path"):
+        return Path(weights["path"])
+    return None
 
 
 def load_for_export(args: argparse.Namespace):
@@ -107,6 +137,15 @@ def _run(args: argparse.Namespace) -> int:
     ex.check_output_dir(out, args.overwrite)  # fail before loading a large model
     shard = _size(args.max_shard_size)
     model = load_for_export(args)
+    dtype = args.dtype
+    if dtype is None and args.format != "lisa_kit":
+        # Write the precision of what was loaded (a bf16 release stays bf16, lossless: its
+        # values came from bf16), whatever precision the loader built the model in.
+        src = source_weights(args)
+        stored = ex.stored_dtype(src) if src is not None else None
+        if stored is not None and stored in ex.DTYPES.values():
+            dtype = ex._dtype_name(stored)
+            print(f"weights: {dtype} (as stored in {src})", file=sys.stderr)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ex.ExportWarning)
         with ex.atomic_dir(out, args.overwrite) as tmp:
@@ -114,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
             hf_dir = tmp / "lisa_hf" if args.format == "both" else tmp
             if args.format in ("lisa_hf", "both"):
                 ex.write_lisa_hf(model, hf_dir, vision_tower=args.vision_tower,
-                                 safetensors=args.weights_format == "safetensors", dtype=args.dtype,
+                                 safetensors=args.weights_format == "safetensors", dtype=dtype,
                                  merge_lora="inplace", max_shard_size=shard,
                                  final_path=out / "lisa_hf" if args.format == "both" else out)
             if args.format in ("lisa_kit", "both"):

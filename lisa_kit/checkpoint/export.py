@@ -31,25 +31,41 @@ The CLIP tower is not inside the weights (as in the released checkpoints). ``vis
 is written as given, else the recipe's ``hf_clip`` ``pretrained`` (made absolute when it is a
 local directory), else the tower is written to ``clip_vision_tower/``.
 
-A peft-wrapped LLM (``model.llm.model = peft.get_peft_model(...)``) is merged first:
-``merge_lora="copy"`` (default) merges a deep copy and leaves the model as it was (costs a
-second copy of the LLM in memory); ``"inplace"`` replaces ``model.llm.model`` by the merged
-model (the adapters are gone afterwards; what the CLI does).
+Weights are written the way ``save_pretrained`` writes them, in the precision of the model
+(``dtype`` casts floating tensors; ``lisa-kit export`` defaults to the precision the loaded
+checkpoint stores, so a bf16 release exports as bf16): ``model.safetensors`` or
+``pytorch_model.bin``, and above ``max_shard_size`` (10GB, transformers 4.31's default)
+``model-0000i-of-0000N.safetensors`` / ``pytorch_model-0000i-of-0000N.bin`` with the
+``*.index.json`` that ``from_pretrained`` reads. Memory: the tensors are planned (key, shape,
+dtype) first, then one shard at a time is built (cast, LoRA folded in), written and dropped,
+so an export needs at most one shard beyond the model; no second state dict exists.
+
+A peft-wrapped LLM (``model.llm.model = peft.get_peft_model(...)``) is merged:
+``merge_lora="copy"`` (default) leaves the model as it was; plain LoRA on linear layers is
+merged one layer at a time as its shard is written (``W + ΔW`` with peft's own arithmetic,
+bit-identical to ``merge_and_unload``), any other adapter (DoRA, ``modules_to_save``, ...)
+through a merged deep copy of the LLM. ``"inplace"`` replaces ``model.llm.model`` by the
+merged model (the adapters are gone afterwards; what the CLI does).
 
 Writing is atomic: everything goes to a temporary sibling ``<out>.tmp-XXXX`` that is
-renamed to ``<out>`` at the end; a failure leaves nothing at ``<out>``. An existing
-non-empty ``<out>`` is refused unless ``overwrite=True``.
+renamed to ``<out>`` at the end; a failure leaves nothing at ``<out>`` (and a previous
+export there intact). An existing non-empty ``<out>`` is refused unless ``overwrite=True``.
+Files and directories get ordinary modes (0644 / 0755 under umask 022), not the 0600 / 0700
+of ``tempfile`` and safetensors.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
+import math
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -58,7 +74,7 @@ from lisa_kit.errors import CheckpointError
 
 TOWER_DIR = "clip_vision_tower"
 SAM_CONFIG = "sam_config.json"
-DEFAULT_MAX_SHARD = 10 * 2**30  # transformers 4.31's save_pretrained default (10GB)
+DEFAULT_MAX_SHARD = 10 * 10**9  # transformers 4.31's save_pretrained default ("10GB", decimal)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # transformers 4.31 computed this buffer itself and saved it (persistent); released LISA
 # checkpoints therefore carry one per layer.
@@ -93,11 +109,9 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
     try:
         yield tmp
+        ordinary_modes(tmp)  # mkdtemp's 0700 and safetensors' 0600 are no modes for a result
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
@@ -228,28 +242,86 @@ def _inv_freq(cfg) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
 
 
-def lisa_state_dict(model, hf_llm=None, rotary_inv_freq: bool = True) -> dict[str, torch.Tensor]:
-    """The model's weights in the released-LISA key layout (the inverse of
-    :func:`~lisa_kit.checkpoint.lisa_hf.split_lisa_state`), without the CLIP tower.
-    ``hf_llm``: the (LoRA-merged) transformers LLM to read; default ``model.llm.model``."""
-    hf_llm = hf_llm if hf_llm is not None else model.llm.model
-    out: dict[str, torch.Tensor] = {}
-    for k, v in hf_llm.state_dict().items():
+def _lora_layers(peft_model) -> dict[str, object] | None:
+    """``{module name inside the base model: peft LoRA Linear}`` when every adapter of
+    ``peft_model`` is plain LoRA on a linear layer (no DoRA or other variant, no LoRA bias,
+    no ``modules_to_save`` copies), so that merged weights can be formed one layer at a
+    time; ``None`` otherwise."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = {}
+    for name, m in peft_model.get_base_model().named_modules():
+        if "modules_to_save" in name or "original_module" in name:
+            return None
+        if isinstance(m, BaseTunerLayer):
+            if type(m) is not LoraLinear or any(a in m.lora_variant or m.lora_bias.get(a) for a in m.active_adapters):
+                return None
+            layers[name] = m
+    return layers
+
+
+def _merged_weight(layer) -> torch.Tensor:
+    """``W + ΔW`` of one LoRA linear layer, computed as peft's ``merge`` does it (the same
+    operations in the same order, so the result is bit-identical to ``merge_and_unload``),
+    into a new tensor: the model keeps its adapters."""
+    with torch.no_grad():
+        w = layer.get_base_layer().weight.detach().clone()
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A and adapter not in layer.merged_adapters:
+                w += layer.get_delta_weight(adapter)
+    return w
+
+
+def _llm_tensors(hf_llm, dtype: torch.dtype | None) -> list[PlannedTensor]:
+    """The LLM's tensors in LlamaForCausalLM's key layout. A peft model (streamable LoRA,
+    see :func:`_lora_layers`) is merged layer by layer as its tensors are written."""
+    layers = _lora_layers(hf_llm) if hasattr(hf_llm, "merge_and_unload") else None
+    source = hf_llm.get_base_model() if layers is not None else hf_llm
+    out = []
+    for k, v in source.state_dict().items():
+        if layers is not None and ".lora_" in k:
+            continue  # folded into its base weight below
+        if layers is not None and ".base_layer." in k:
+            module, param = k.split(".base_layer.", 1)
+            k = f"{module}.{param}"
+            if param == "weight":
+                layer = layers[module]
+                out_dtype = dtype if dtype is not None else v.dtype
+                out.append(PlannedTensor(k, tuple(v.shape), out_dtype,
+                                         lambda layer=layer, d=out_dtype: _cast(_merged_weight(layer), d)))
+                continue
         if not k.startswith(("model.", "lm_head.")) or "lora_" in k or ".base_layer." in k:
             raise CheckpointError("unexpected LLM key for LISA's layout (an unmerged adapter?)",
                                   component="llm", key=k)
-        out[k] = v
-    if rotary_inv_freq:
-        inv = _inv_freq(hf_llm.config)
-        for i in range(hf_llm.config.num_hidden_layers):
-            out[INV_FREQ.format(i)] = inv.clone()
-    for k, v in model.projector.state_dict().items():
-        out["model.mm_projector." + k.removeprefix("proj.")] = v
-    for k, v in model.mask_decoder.state_dict().items():
-        out["model.visual_model." + k] = v
-    for k, v in model.seg_head.state_dict().items():
-        out["model.text_hidden_fcs.0." + k.removeprefix("layers.")] = v
+        out.append(plan(k, v, dtype))
     return out
+
+
+def lisa_tensors(model, hf_llm=None, dtype: torch.dtype | None = None,
+                 rotary_inv_freq: bool = True) -> list[PlannedTensor]:
+    """The model's weights in the released-LISA key layout (the inverse of
+    :func:`~lisa_kit.checkpoint.lisa_hf.split_lisa_state`), without the CLIP tower, as
+    planned tensors: nothing is copied until a shard is written. ``hf_llm``: the transformers
+    LLM to read (default ``model.llm.model``; plain LoRA adapters are merged on the fly);
+    ``dtype``: cast floating tensors (rotary ``inv_freq`` stays float32, as released)."""
+    hf_llm = hf_llm if hf_llm is not None else model.llm.model
+    out = _llm_tensors(hf_llm, dtype)
+    if rotary_inv_freq:
+        cfg = _base_config(model) if hf_llm is model.llm.model else hf_llm.config
+        inv = _inv_freq(cfg)
+        out += [plan(INV_FREQ.format(i), inv) for i in range(cfg.num_hidden_layers)]
+    for prefix, strip, module in (("model.mm_projector.", "proj.", model.projector),
+                                  ("model.visual_model.", "", model.mask_decoder),
+                                  ("model.text_hidden_fcs.0.", "layers.", model.seg_head)):
+        out += [plan(prefix + k.removeprefix(strip), v, dtype) for k, v in module.state_dict().items()]
+    return out
+
+
+def lisa_state_dict(model, hf_llm=None, rotary_inv_freq: bool = True) -> dict[str, torch.Tensor]:
+    """:func:`lisa_tensors` as one dict (the model's own tensors; LoRA-merged ones are new).
+    Export does not use it: it never holds a second full state dict."""
+    return {t.key: t.make() for t in lisa_tensors(model, hf_llm, None, rotary_inv_freq)}
 
 
 def _llama_fields(model, cfg) -> dict:
@@ -324,65 +396,181 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _prepare(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, cast floating tensors, and no two tensors sharing memory (tied
-    embeddings are stored twice, as in lisa_kit's own files)."""
-    out = {}
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def ordinary_modes(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes ``open()`` / ``mkdir`` would (0666 /
+    0777 less the umask). safetensors' ``save_file`` and ``tempfile`` create files as
+    0600 / 0700: an export shared with others must not depend on which writer made a file."""
+    umask = _umask()
+    root = Path(root)
+    if root.is_file():
+        os.chmod(root, 0o666 & ~umask)
+        return
+    os.chmod(root, 0o777 & ~umask)
+    for parent, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(parent, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(parent, f), 0o666 & ~umask)
+
+
+@dataclass
+class PlannedTensor:
+    """One tensor of an export, known by its size before it exists: ``make()`` builds it
+    (reads the model, folds LoRA in, casts) only when its shard is written, so shards can
+    be planned and named ``-of-N`` up front and only one shard is ever materialised."""
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _cast(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """CPU, contiguous, ``dtype``; no copy when ``v`` already is all three."""
+    return v.detach().to(device="cpu", dtype=dtype).contiguous()
+
+
+def plan(key: str, v: torch.Tensor, dtype: torch.dtype | None = None) -> PlannedTensor:
+    """A model tensor as written: floating tensors cast to ``dtype`` (``None``: as they are)."""
+    out = dtype if dtype is not None and v.is_floating_point() else v.dtype
+    return PlannedTensor(key, tuple(v.shape), out, lambda: _cast(v, out))
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
+    """transformers' rule: in order, a new shard when the next tensor would push the current
+    one past ``max_shard_size`` bytes (a larger tensor gets a shard of its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _materialise(shard: list[PlannedTensor]) -> dict[str, torch.Tensor]:
+    """The shard's tensors. A tensor sharing memory with another one of the shard (tied
+    embeddings), or a view of a larger buffer (``torch.save`` would write the whole
+    buffer), is copied: each tensor is stored once, by itself."""
+    out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for k, v in state.items():
-        v = v.detach()
-        if dtype is not None and v.is_floating_point() and not k.endswith("inv_freq"):
-            v = v.to(dtype)
-        v = v.cpu().contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen or v.untyped_storage().nbytes() != v.numel() * v.element_size():
+    for t in shard:
+        v = t.make()
+        if tuple(v.shape) != t.shape or v.dtype != t.dtype:  # the plan named the file sizes
+            raise CheckpointError(f"tensor changed while exporting: planned {t.shape} {t.dtype}, "
+                                  f"got {tuple(v.shape)} {v.dtype}", key=t.key)
+        storage = v.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != v.numel() * v.element_size():
             v = v.clone()
         seen.add(v.untyped_storage().data_ptr())
-        out[k] = v
+        out[t.key] = v
     return out
 
 
-def write_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, safetensors: bool = True,
-                  max_shard_size: int = DEFAULT_MAX_SHARD, prefix: str | None = None) -> list[str]:
-    """Write ``state`` into directory ``path`` the way transformers' ``save_pretrained``
-    does: ``model.safetensors`` (metadata ``format: pt``, which transformers requires) or
-    ``pytorch_model.bin``; above ``max_shard_size`` bytes ``*-0000i-of-0000n.*`` shards and
-    the ``*.index.json``. Returns the file names."""
+def write_shards(tensors: list[PlannedTensor], path: str | os.PathLike, safetensors: bool = True,
+                 max_shard_size: int = DEFAULT_MAX_SHARD, prefix: str | None = None) -> list[str]:
+    """Write ``tensors`` into directory ``path`` as transformers' ``save_pretrained`` lays
+    them out: ``model.safetensors`` (metadata ``format: pt``, which transformers requires)
+    or ``pytorch_model.bin``; above ``max_shard_size`` bytes ``*-0000i-of-0000N.*`` shards
+    and the ``*.index.json`` that ``from_pretrained`` reads. One shard at a time is built,
+    written (to a temporary name, then renamed) and dropped, so the memory needed beyond the
+    model is at most one shard. Files get ordinary modes. Returns the file names."""
     from safetensors.torch import save_file
 
+    if max_shard_size <= 0:
+        raise CheckpointError(f"max_shard_size must be positive, got {max_shard_size}")
     path = Path(path)
     stem = prefix or ("model" if safetensors else "pytorch_model")
     ext = ".safetensors" if safetensors else ".bin"
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in state.items():
-        n = v.numel() * v.element_size()
-        if shards[-1] and size + n > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += n
+    shards = plan_shards(tensors, max_shard_size)
     names = ([stem + ext] if len(shards) == 1 else
              [f"{stem}-{i + 1:05d}-of-{len(shards):05d}{ext}" for i in range(len(shards))])
-    for name, shard in zip(names, shards):
+    for name, planned in zip(names, shards):
+        shard = _materialise(planned)
+        tmp = path / (name + ".tmp")
         if safetensors:
-            save_file(shard, str(path / name), metadata={"format": "pt"})
+            save_file(shard, str(tmp), metadata={"format": "pt"})
         else:
-            torch.save(shard, str(path / name))
+            torch.save(shard, str(tmp))
+        del shard
+        ordinary_modes(tmp)
+        os.replace(tmp, path / name)
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-        (path / f"{stem}{ext}.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
+                 "weight_map": {t.key: name for name, planned in zip(names, shards) for t in planned}}
+        _json(path / f"{stem}{ext}.index.json", index)
         names.append(f"{stem}{ext}.index.json")
     return names
+
+
+def write_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, safetensors: bool = True,
+                  max_shard_size: int = DEFAULT_MAX_SHARD, prefix: str | None = None,
+                  dtype: torch.dtype | None = None) -> list[str]:
+    """:func:`write_shards` of a state dict (floating tensors cast to ``dtype`` one shard at
+    a time; ``None`` keeps each tensor's own)."""
+    return write_shards([plan(k, v, dtype) for k, v in state.items()], path, safetensors, max_shard_size, prefix)
+
+
+def with_fill(tensors: list[PlannedTensor], fill: Callable[[PlannedTensor], torch.Tensor] | None
+              ) -> list[PlannedTensor]:
+    """``tensors`` made by ``fill(planned)`` instead of from the model (``None``: unchanged).
+    For generators: a model built on the meta device has every key, shape and config but no
+    values. Rotary ``inv_freq`` buffers are computed from the config, never filled."""
+    if fill is None:
+        return tensors
+    return [t if t.key.endswith("inv_freq") else replace(t, make=functools.partial(fill, t)) for t in tensors]
+
+
+def stored_dtype(path: str | os.PathLike) -> torch.dtype | None:
+    """The one floating dtype every weight file directly in ``path`` (a checkpoint
+    directory, or one file) stores, from safetensors headers and memory-mapped ``.bin``
+    files (no tensor data is read); ``None`` when they mix dtypes or hold none. Rotary
+    ``inv_freq`` buffers (fp32 in every release) do not count."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(
+        f for f in path.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin", ".pth", ".pt"))
+    found: set[torch.dtype] = set()
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt") as st:
+                    items = [(k, st.get_slice(k).get_dtype()) for k in st.keys()]
+                found |= {_SAFETENSORS_FLOAT[d] for k, d in items if d in _SAFETENSORS_FLOAT
+                          and not k.endswith("inv_freq")}
+            else:
+                sd = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+                if isinstance(sd, dict):
+                    found |= {v.dtype for k, v in sd.items() if isinstance(v, torch.Tensor)
+                              and v.is_floating_point() and not k.endswith("inv_freq")}
+                del sd
+        except Exception:  # unreadable here: the loader reports it properly
+            return None
+    return found.pop() if len(found) == 1 else None
+
+
+_SAFETENSORS_FLOAT = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def _json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_vision_tower(encoder, path: str | os.PathLike, safetensors: bool = True, dtype: torch.dtype | None = None
-                       ) -> Path:
+def write_vision_tower(encoder, path: str | os.PathLike, safetensors: bool = True, dtype: torch.dtype | None = None,
+                       fill: Callable[[PlannedTensor], torch.Tensor] | None = None) -> Path:
     """A ``CLIPVisionModel`` directory for an ``hf_clip`` encoder: ``config.json``, weights
     in transformers 4's key layout (``vision_model.*``, which 4.x and 5.x both load) and a
     ``CLIPImageProcessor`` ``preprocessor_config.json`` matching :meth:`preprocess`."""
@@ -394,13 +582,13 @@ def write_vision_tower(encoder, path: str | os.PathLike, safetensors: bool = Tru
     path.mkdir(parents=True, exist_ok=True)
     state = {(k if k.startswith("vision_model.") else "vision_model." + k): v
              for k, v in encoder.model.state_dict().items()}
-    state = _prepare(state, dtype)
     cfg = hf_config_dict(encoder.model.config)
+    first = next(iter(state.values()))
     cfg.update({"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model",
-                "torch_dtype": _dtype_name(next(iter(state.values())).dtype),
+                "torch_dtype": _dtype_name(dtype if dtype is not None else first.dtype),
                 "transformers_version": transformers.__version__})
     _json(path / "config.json", cfg)
-    write_weights(state, path, safetensors)
+    write_shards(with_fill([plan(k, v, dtype) for k, v in state.items()], fill), path, safetensors)
     _json(path / "preprocessor_config.json", {
         "crop_size": {"height": encoder.crop_size, "width": encoder.crop_size},
         "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
@@ -458,11 +646,13 @@ def _tower_reference(model, vision_tower: str | os.PathLike | None, out: Path | 
 def write_lisa_hf(model, path: str | os.PathLike, *, vision_tower: str | os.PathLike | None = None,
                   safetensors: bool = True, dtype: str | torch.dtype | None = None, merge_lora: str = "copy",
                   max_shard_size: int = DEFAULT_MAX_SHARD, rotary_inv_freq: bool = True,
-                  final_path: str | os.PathLike | None = None) -> list[str]:
+                  final_path: str | os.PathLike | None = None,
+                  fill: Callable[[PlannedTensor], torch.Tensor] | None = None) -> list[str]:
     """Write the LISA directory into ``path`` (created; not atomic, see :func:`export_lisa_hf`).
     ``final_path``: where the directory will end up (to keep a tower reference out of a
-    directory being replaced). Returns the compatibility notes (also warned as
-    :class:`ExportWarning`)."""
+    directory being replaced); ``fill``: see :func:`with_fill` (``benchmarks/scale.py``
+    generates real-size checkpoints from a meta-device model with it). Returns the
+    compatibility notes (also warned as :class:`ExportWarning`)."""
     _check_reference(model)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -473,15 +663,21 @@ def write_lisa_hf(model, path: str | os.PathLike, *, vision_tower: str | os.Path
     notes = compatibility_notes(model)
     tower = _tower_reference(model, vision_tower, Path(final_path) if final_path else None)
     if tower is None:
-        write_vision_tower(model.vision_encoder, path / TOWER_DIR, safetensors)
+        write_vision_tower(model.vision_encoder, path / TOWER_DIR, safetensors, fill=fill)
         tower = TOWER_DIR
         notes.append(f"the CLIP tower was written to {TOWER_DIR}/ and config.json names it relatively: LISA's "
                      f"code resolves it from the working directory, so pass vision_tower=<this dir>/{TOWER_DIR}")
-    with lora_merged(model, merge_lora) as hf_llm:
-        state = _prepare(lisa_state_dict(model, hf_llm, rotary_inv_freq), dtype)
-        cfg = lisa_config(model, tower, _dtype_name(state["model.embed_tokens.weight"].dtype), hf_llm)
-    write_weights(state, path, safetensors, max_shard_size)
-    del state
+    if merge_lora not in ("copy", "inplace"):
+        raise ValueError(f"merge_lora must be 'copy' or 'inplace', got {merge_lora!r}")
+    # copy mode with plain LoRA needs no merged copy of the LLM: layers merge as they are written
+    streaming = merge_lora == "copy" and has_lora(model) and _lora_layers(model.llm.model) is not None
+    with contextlib.nullcontext(model.llm.model) if streaming else lora_merged(model, merge_lora) as hf_llm:
+        tensors = with_fill(lisa_tensors(model, hf_llm, dtype, rotary_inv_freq), fill)
+        weights_dtype = next(t.dtype for t in tensors if t.key == "model.embed_tokens.weight")
+        base = hf_llm.get_base_model() if streaming else hf_llm
+        cfg = lisa_config(model, tower, _dtype_name(weights_dtype), base)
+        write_shards(tensors, path, safetensors, max_shard_size)
+        del tensors
     _write_tokenizer(model.tokenizer, path)
     _json(path / SAM_CONFIG, dict(model.mask_decoder.cfg))
     gen = {"_from_model_config": True, "bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],

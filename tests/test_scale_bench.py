@@ -1,0 +1,136 @@
+"""``benchmarks/scale.py`` at tiny widths: the generator writes loadable checkpoints in all
+three forms, every measurement runs, the fit and the extrapolation are what they say, and
+a whole run writes the documented results (in seconds; the real widths are run by hand)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lisa_kit.checkpoint.io import load_state_dict
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
+
+
+@pytest.fixture(scope="module")
+def scale():
+    spec = importlib.util.spec_from_file_location("scale_bench", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def generated(scale, tmp_path_factory):
+    work = tmp_path_factory.mktemp("scale")
+    model = scale.meta_model("tiny", 1, None)
+    dirs = scale.generate(model, work / "layers_1", work / "clip-vit-tiny-patch14", "tiny", 100_000)
+    return model, dirs, work
+
+
+def test_fit_and_extrapolation(scale):
+    f = scale.fit([1e6, 2e6, 4e6], [3.0 + 2e-6 * x for x in (1e6, 2e6, 4e6)])
+    assert f["a"] == pytest.approx(3.0) and f["b"] == pytest.approx(2e-6) and f["r2"] == pytest.approx(1.0)
+    noisy = scale.fit([1, 2, 3], [1.0, 2.5, 2.9])
+    assert noisy["r2"] < 1 and noisy["max_abs_residual"] > 0
+    assert scale.fit([5, 5], [1.0, 2.0]) is None  # one depth cannot make a line
+    points = [{"params": n, "measurements": {"export": {"wall_s": 1 + n / 100, "peak_rss_bytes": 10 * n}}}
+              for n in (100, 300)]
+    fits, ext = scale.fits_and_extrapolation(points, {"big": 1000})
+    assert set(fits) == {"export"} and set(fits["export"]) == {"wall_s", "peak_rss_bytes"}
+    assert ext["big"]["params"] == 1000
+    assert ext["big"]["export"]["wall_s"] == pytest.approx(11.0)
+    assert ext["big"]["export"]["peak_rss_bytes"] == pytest.approx(10_000)
+
+
+def test_parameter_formula_counts_the_model(scale, generated):
+    model = generated[0]
+    widths = scale._llm_widths(model)
+    for layers in (1, 3):
+        m = model if layers == 1 else scale.meta_model("tiny", layers, None)
+        held = sum(scale.count(getattr(m, k)) for k in ("vision_encoder", "projector", "llm", "mask_decoder",
+                                                          "seg_head", "fusion"))
+        assert scale.lisa_params(model, widths, layers) == held
+    # LLaMA's published sizes (vocabulary 32000): 6,738,415,616 and 13,015,864,320
+    assert scale.llama_params(scale.LLAMA_7B, 32, 32000) == 6_738_415_616
+    assert scale.llama_params(scale.LLAMA_13B, 40, 32000) == 13_015_864_320
+
+
+def test_generated_forms_load_to_the_same_model(scale, generated):
+    from lisa_kit.checkpoint.lisa_hf import import_lisa_hf
+    from lisa_kit.checkpoint.native import load_model
+
+    model, dirs, work = generated
+    assert sorted(dirs) == sorted(scale.FORMS)
+    index = json.loads((dirs["lisa_hf_bin"] / "pytorch_model.bin.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded as a release is
+    assert (dirs["lisa_hf_safetensors"] / "model.safetensors.index.json").exists()
+    a, b = load_state_dict(dirs["lisa_hf_bin"]), load_state_dict(dirs["lisa_hf_safetensors"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same key, same tensor
+    assert {v.dtype for k, v in a.items() if not k.endswith("inv_freq")} == {torch.bfloat16}
+    assert all(torch.isfinite(v.float()).all() for v in a.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = import_lisa_hf(dirs["lisa_hf_bin"], vision_tower=str(work / "clip-vit-tiny-patch14"))
+        native = load_model(dirs["lisa_kit"])
+    for kind in ("vision_encoder", "projector", "llm", "mask_decoder", "seg_head"):
+        assert getattr(hf, kind).state_dict().keys() == getattr(model, kind).state_dict().keys()
+        assert getattr(native, kind).state_dict().keys() == getattr(model, kind).state_dict().keys()
+    emb = native.llm.model.get_input_embeddings().weight
+    assert emb.shape == hf.llm.model.get_input_embeddings().weight.shape and emb.abs().sum() > 0
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable:FutureWarning")
+@pytest.mark.parametrize("name", ["seg", "export", "train"])
+def test_measurements_run(scale, generated, tmp_path, name):
+    _, dirs, work = generated
+    r = scale.measure(name, dirs, str(work / "clip-vit-tiny-patch14"), "cpu", 3, tmp_path)
+    assert r["measurement"] == name and r["wall_s"] > 0 and r["setup_s"] > 0
+    assert r["peak_rss_bytes"] >= r["rss_before_bytes"] > 0
+    assert r["loadavg_before"] >= 0 and r["loadavg_after"] >= 0  # how busy the machine was
+    if name == "export":
+        assert load_state_dict(tmp_path / "export").keys() == load_state_dict(dirs["lisa_hf_safetensors"]).keys()
+
+
+def test_tiny_run_writes_results(tmp_path):
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, str(SCRIPT), "--widths", "tiny", "--layers", "1", "2", "--measure",
+                          "load_lisa_hf_safetensors", "--out", str(out)], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    assert {"widths", "device", "dtype", "layers", "env", "points", "fits", "extrapolated", "notes"} <= set(r)
+    assert r["widths"] == "tiny" and r["layers"] == [1, 2] and r["dtype"] == "bfloat16"
+    assert [p["layers"] for p in r["points"]] == [1, 2] and r["points"][0]["params"] < r["points"][1]["params"]
+    for p in r["points"]:
+        m = p["measurements"]["load_lisa_hf_safetensors"]
+        assert "error" not in m, m
+        assert m["wall_s"] > 0 and m["peak_rss_bytes"] > 0
+        assert set(p["checkpoint_bytes"]) == {"lisa_hf_bin", "lisa_hf_safetensors", "lisa_kit"}
+    f = r["fits"]["load_lisa_hf_safetensors"]["peak_rss_bytes"]
+    for p in r["points"]:  # two depths: the line goes through both
+        y = p["measurements"]["load_lisa_hf_safetensors"]["peak_rss_bytes"]
+        assert f["a"] + f["b"] * p["params"] == pytest.approx(y, rel=1e-9)
+    for name in ("LISA-7B", "LISA-13B"):
+        e = r["extrapolated"][name]
+        assert e["load_lisa_hf_safetensors"]["peak_rss_bytes"] == pytest.approx(f["a"] + f["b"] * e["params"])
+    assert r["extrapolated"]["LISA-13B"]["params"] > r["extrapolated"]["LISA-7B"]["params"]
+    md = (out / "results.md").read_text()
+    assert "extrapolated" in md and "LISA-13B" in md
+    assert not list(tmp_path.glob("lisa_scale_*"))  # generated checkpoints are cleaned up
+
+    again = subprocess.run([sys.executable, str(SCRIPT), "--report", str(out / "results.json"), "--out",
+                            str(tmp_path / "again"), "--note", "measured on a busy machine"],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    r2 = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert r2["points"] == r["points"] and r2["fits"] == r["fits"]  # refitted from the same measurements
+    assert r2["notes"][-1] == "measured on a busy machine"
+    assert "measured on a busy machine" in (tmp_path / "again" / "results.md").read_text()
