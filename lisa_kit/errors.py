@@ -136,3 +136,8 @@ class InputError(LisaKitError, ValueError):
 
 class TrainingError(LisaKitError):
     """Training cannot go on as configured (e.g. a non-finite loss under ``train.nonfinite: stop``)."""
+
+
+class InsufficientMemoryError(CheckpointError):
+    """A checkpoint would not fit the free memory of the device it is to be loaded on
+    (estimated from its headers before anything is read)."""

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import lisa_kit
-from lisa_kit.components._util import hf_config_dict, read_json
+from lisa_kit.components._util import hf_config_dict, read_json, resolve_dtype
 from lisa_kit.interfaces import ComponentSpec, VisionEncoder
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -89,19 +89,22 @@ class HFClipVisionEncoder(VisionEncoder):
 
 def build_hf_clip(pretrained: str | None = None, config: dict | None = None, select_layer: int = -2,
                   select_feature: str = "patch", image_size: int | None = None, crop_size: int | None = None,
-                  mean: list | None = None, std: list | None = None) -> HFClipVisionEncoder:
-    """``pretrained``: a local ``CLIPVisionModel``/``CLIPModel`` directory (weights loaded);
-    ``config``: a ``CLIPVisionConfig`` dict (random weights; for tests and imports that
-    load weights afterwards). Preprocessing values come from ``preprocessor_config.json``
-    when present."""
+                  mean: list | None = None, std: list | None = None, dtype: str | None = None) -> HFClipVisionEncoder:
+    """``pretrained``: a local ``CLIPVisionModel``/``CLIPModel`` directory (weights loaded,
+    in ``dtype`` when given, else as transformers loads them); ``config``: a ``CLIPVisionConfig`` dict (random
+    weights; for tests and imports that load weights afterwards). Preprocessing values come
+    from ``preprocessor_config.json`` when present."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from lisa_kit.checkpoint.safe import hf_load
 
     pre = {}
     if pretrained is not None:
         p = Path(pretrained)
-        if (p / "preprocessor_config.json").exists():
+        model = hf_load(CLIPVisionModel.from_pretrained, p, component="vision_encoder:hf_clip",
+                        **({"dtype": resolve_dtype(dtype)} if dtype is not None else {}))
+        if (p / "preprocessor_config.json").exists():  # readable JSON: checked by hf_load
             pre = read_json(p / "preprocessor_config.json")
-        model = CLIPVisionModel.from_pretrained(str(p), local_files_only=True)
     elif config is not None:
         cfg = dict(config)
         cfg.pop("model_type", None)
