@@ -9,8 +9,8 @@ Loading never holds more than the final model plus one tensor in flight:
 * :func:`iter_tensors` streams a checkpoint (one file, or a HF directory with
   ``model.safetensors`` / ``pytorch_model.bin`` / a sharded ``*.index.json``) shard by
   shard: safetensors tensor by tensor with plain reads (header checked against the file
-  size), ``.bin`` with ``torch.load(mmap=True, weights_only=True)``. Nothing here
-  unpickles code.
+  size), ``.bin`` with ``torch.load(mmap=True, weights_only=True)``, each tensor copied
+  out of the mapping and its pages released. Nothing here unpickles code.
 * :class:`Placer` casts each tensor once to its target dtype and device and assigns it
   to the parameter or buffer it names (ties between parameters are kept); at the end it
   reports missing and unexpected keys. :func:`load_into` is the same for a dict.
@@ -19,8 +19,11 @@ Loading never holds more than the final model plus one tensor in flight:
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -111,16 +114,17 @@ def _weight_map(index: Path) -> dict[str, str]:
     return wm
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """A torch pickle of tensors, memory-mapped (no copy until a tensor is used); files in
-    torch's legacy (pre-zip) format cannot be mapped and are read whole."""
+def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """A torch pickle of tensors and whether it is memory-mapped (no copy until a tensor is
+    used); files in torch's legacy (pre-zip) format cannot be mapped and are read whole."""
+    mapped = True
     try:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e) and "zip" not in str(e):
                 raise
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            sd, mapped = torch.load(str(path), map_location="cpu", weights_only=True), False
     except Exception as e:  # pickles with code, truncated or corrupt files
         raise CheckpointError(f"cannot read {path} as a tensor checkpoint (weights_only): "
                               f"{type(e).__name__}: {e}", file=path) from e
@@ -128,7 +132,41 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} does not hold a flat dict of tensors", file=path)
-    return sd
+    return sd, mapped
+
+
+_MADV_DONTNEED = 4  # <sys/mman.h>
+
+
+def _drop_pages(t: torch.Tensor) -> None:
+    """Let the kernel drop the resident pages of a memory-mapped tensor that has been read
+    (they are the file's, unmodified: a later read would fetch them again). Keeps the
+    process's resident memory at the model plus one tensor while a large shard is read."""
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, end // page * page  # whole pages inside this tensor only
+    if hi > lo and _libc is not None:
+        _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+try:
+    _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+except OSError:  # pragma: no cover
+    _libc = None
+
+
+def _bin_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a torch pickle, each copied out of the file mapping into its own memory
+    (aligned, independent of the file), the mapping's pages released as it goes."""
+    sd, mapped = _torch_load(path)
+    for k, v in sd.items():
+        if not mapped:
+            yield k, v
+            continue
+        own = v.clone()
+        _drop_pages(v)
+        yield k, own
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -192,7 +230,7 @@ def _file_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if path.suffix == ".safetensors":
         yield from _read_safetensors(path)
     else:
-        yield from _torch_load(path).items()
+        yield from _bin_tensors(path)
 
 
 def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor, Path]]:
@@ -218,7 +256,7 @@ def _header_entries(path: str | os.PathLike) -> Iterator[tuple[str, tuple[int, .
             for k, (dtype, shape, _, _) in _safetensors_header(f)[1].items():
                 yield k, shape, dtype
         else:
-            for k, v in _torch_load(f).items():
+            for k, v in _torch_load(f)[0].items():
                 yield k, tuple(v.shape), v.dtype
 
 
@@ -304,8 +342,8 @@ class Placer:
     slot was built with), everything to ``device`` (``None``: the slot's device, CPU for a
     meta slot). Parameters shared under several names (tied embeddings) stay shared.
     ``copy``: never keep the given tensors themselves (they belong to the caller, e.g. another
-    module's state dict); tensors read from a file are kept when already in the target dtype
-    (memory-mapped ``.bin`` tensors are private mappings: writes never reach the file).
+    module's state dict); tensors read by :func:`iter_tensors` are the loader's own and are
+    kept when already in the target dtype and device.
     ``put`` checks shapes and dtypes; :meth:`finish` reports (strict: raises on) missing
     and unexpected keys and refuses a module left with meta tensors."""
 
@@ -346,7 +384,7 @@ class Placer:
         device = self.device or (old.device if old.device.type != "meta" else torch.device("cpu"))
         with torch.no_grad():
             new = value.to(device=device, dtype=dtype, copy=self.copy)
-            if new.data_ptr() % _ALIGNMENT:  # a tensor inside a memory-mapped file
+            if new.data_ptr() % _ALIGNMENT:  # e.g. a view into someone's memory-mapped file
                 new = new.clone()
         if is_param:
             param = nn.Parameter(new, requires_grad=old.requires_grad)

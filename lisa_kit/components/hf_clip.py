@@ -87,6 +87,42 @@ class HFClipVisionEncoder(VisionEncoder):
                 "mean": self.mean.tolist(), "std": self.std.tolist()}
 
 
+COMPONENT = "vision_encoder:hf_clip"
+
+
+def _load_tower(path: Path, dtype: torch.dtype | None) -> "CLIPVisionModel":
+    """A ``CLIPVisionModel`` from a ``CLIPVisionModel`` or whole ``CLIPModel`` directory,
+    through lisa_kit's loader: built without memory, the vision tensors streamed in, each
+    cast once to ``dtype`` (default: the dtype the config names, else float32, as
+    transformers' ``from_pretrained``). Text-tower tensors and buffers of transformers 4.x
+    (``position_ids``) are skipped; a missing vision tensor is an error."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from lisa_kit.checkpoint.io import Placer, empty_weights, iter_tensors
+    from lisa_kit.checkpoint.safe import hf_load
+
+    config = hf_load(CLIPVisionConfig.from_pretrained, path, component=COMPONENT)
+    if dtype is None:
+        named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = resolve_dtype(named) if isinstance(named, str) and named != "auto" else named
+    with empty_weights():
+        model = CLIPVisionModel(config)
+    placer = Placer(model, COMPONENT, dtype=dtype or torch.float32, file=path)
+    for k, v, f in iter_tensors(path):
+        # transformers 4.x names the tower `vision_model.X` (also inside a CLIPModel); 5.x `X`
+        key = k if k in placer.expected else k.removeprefix("vision_model.")
+        if k.startswith("vision_model.") or k in placer.expected:
+            placer.put(key, v, f)
+    placer.finish(strict=False)  # unexpected keys: text tower and old buffers, as transformers skips them
+    missing = sorted(placer.expected - placer.seen)
+    if missing:
+        from lisa_kit.errors import CheckpointError
+
+        raise CheckpointError(f"the CLIP tower in {path} lacks {len(missing)} weights (e.g. {', '.join(missing[:5])})",
+                              component=COMPONENT, key=missing[0], file=path)
+    return model
+
+
 def build_hf_clip(pretrained: str | None = None, config: dict | None = None, select_layer: int = -2,
                   select_feature: str = "patch", image_size: int | None = None, crop_size: int | None = None,
                   mean: list | None = None, std: list | None = None, dtype: str | None = None) -> HFClipVisionEncoder:
@@ -96,13 +132,10 @@ def build_hf_clip(pretrained: str | None = None, config: dict | None = None, sel
     from ``preprocessor_config.json`` when present."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from lisa_kit.checkpoint.safe import hf_load
-
     pre = {}
     if pretrained is not None:
         p = Path(pretrained)
-        model = hf_load(CLIPVisionModel.from_pretrained, p, component="vision_encoder:hf_clip",
-                        **({"dtype": resolve_dtype(dtype)} if dtype is not None else {}))
+        model = _load_tower(p, resolve_dtype(dtype))
         if (p / "preprocessor_config.json").exists():  # readable JSON: checked by hf_load
             pre = read_json(p / "preprocessor_config.json")
     elif config is not None:
