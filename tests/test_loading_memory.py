@@ -137,8 +137,9 @@ CLIP_VIT_L_14 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_lay
 
 @pytest.mark.skipif(not REAL, reason="real-width load (~6 GB, minutes): set LISA_KIT_REAL_WIDTH=1")
 def test_real_width_bf16_load_is_bit_identical(tmp_path):
-    """LLaMA-7B widths (1 layer), CLIP ViT-L/14, SAM ViT-H, projector 1024->4096, written as a
-    released checkpoint (sharded bf16 .bin). Every loaded tensor equals what building in fp32,
+    """LLaMA-7B widths (1 layer; the embedding's rows are the tiny tokenizer's), CLIP
+    ViT-L/14, SAM ViT-H, projector 1024->4096, written as a released checkpoint (bf16
+    ``.bin``, 1 GiB shards). Every loaded tensor equals what building in fp32,
     copying and casting gave (``tensor.float().to(dtype)``), and the buffers equal those of
     a real build, component by component (the whole old path would not fit beside it)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel

@@ -237,6 +237,15 @@ def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor, P
     """``(key, tensor, file)`` of every tensor of a checkpoint, one shard open at a time."""
     for f in checkpoint_files(path):
         yield from ((k, v, f) for k, v in _file_tensors(f))
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc keeps the holes that per-tensor
+    read and cast buffers leave, some hundreds of MB over a 7B-sized load)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def checkpoint_keys(path: str | os.PathLike) -> list[str]:
