@@ -180,10 +180,25 @@ def _cast(model, dtype: torch.dtype) -> None:
     * Non-persistent float buffers (RoPE frequencies) keep their precision, as
       transformers' ``from_pretrained(dtype=...)`` leaves them.
     """
+    from lisa_kit.checkpoint.io import CAST_KINDS
     from lisa_kit.components._util import cast_keep_buffers
 
-    for name in ("vision_encoder", "projector", "llm", "fusion", "seg_head"):
+    for name in CAST_KINDS:  # a model loaded in `dtype` already is left as it is (no copies)
         cast_keep_buffers(getattr(model, name), dtype)
+
+
+def _load_target(device, precision, quantization) -> tuple[torch.device | None, torch.dtype | None]:
+    """Where and in which precision a checkpoint is read, settled (and refused) before any
+    weights are: the device (``None`` with quantization, which converts the LLM's weights
+    on the CPU first) and the dtype (``None`` for fp32: the components' own precision)."""
+    dev = _resolve_device(device)
+    name = _resolve_precision(precision)
+    if dev.type == "cpu" and name == "fp16":
+        raise InputError("fp16 is not supported on CPU (half-precision matmuls are missing or very slow there); "
+                         "use --precision bf16 or fp32, or --device cuda")
+    dtype = PRECISIONS[name]
+    quantized = _check_quantization(quantization, dev) is not None
+    return (None if quantized else dev), (None if dtype == torch.float32 else dtype)
 
 
 # -- the segmenter ------------------------------------------------------------------
@@ -248,10 +263,11 @@ class Segmenter:
         overrides = list(overrides)
         if vision_tower is not None:
             overrides.append(f"model.vision_encoder.pretrained={vision_tower}")
+        load_device, load_dtype = _load_target(device, precision, quantization)
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            model = build_load(recipe, overrides)
+            model = build_load(recipe, overrides, dtype=load_dtype, device=load_device)
         name = recipe if isinstance(recipe, (str, os.PathLike)) else getattr(recipe, "path", None) or "<recipe>"
         return cls(model, device=device, precision=precision, quantization=quantization, source=str(name), **kwargs)
 
@@ -267,11 +283,16 @@ class Segmenter:
           ``vision_tower`` resolves next to it; ``sam``: SAM's size (default ``vit_h``).
 
         A transformers LLaVA directory has no trained ``[SEG]`` head or mask decoder and
-        cannot segment: it is refused with a pointer to training."""
+        cannot segment: it is refused with a pointer to training.
+
+        The weights are read one tensor at a time straight into ``precision`` on ``device``
+        (never a float32 copy first); a checkpoint that cannot fit there is refused before
+        reading (:class:`~lisa_kit.errors.InsufficientMemoryError`)."""
         from lisa_kit.builder import load_checkpoint
 
         p = Path(path).expanduser()
-        model = load_checkpoint(p, vision_tower=vision_tower, sam=sam)
+        load_device, load_dtype = _load_target(device, precision, quantization)
+        model = load_checkpoint(p, vision_tower=vision_tower, sam=sam, dtype=load_dtype, device=load_device)
         return cls(model, device=device, precision=precision, quantization=quantization, source=str(p), **kwargs)
 
     @classmethod

@@ -7,7 +7,12 @@ states them must agree, and a mismatch names both sizes.
 """
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import Any
+
+import torch
 
 from lisa_kit.errors import RecipeError
 from lisa_kit.interfaces import BASES
@@ -42,12 +47,26 @@ def _asset(value: str, resolve: dict | None, key: str) -> str:
                       f"(@tiny_hf_tokenizer:<family>: {', '.join(testing.CHAT_FAMILIES)})", key=key)
 
 
+# Build arguments with which a component names weights it loads itself (a recipe's
+# `pretrained` directory, SAM's `checkpoint` file): such a component is always built for real.
+WEIGHT_ARGS = ("pretrained", "checkpoint")
+
+
+def names_weights(node: dict) -> bool:
+    """Whether a recipe node names weights the component loads itself."""
+    return any(node.get(k) is not None for k in WEIGHT_ARGS)
+
+
 def build_component(kind: str, node: dict, registry: Registry | None = None, derived: dict | None = None,
-                    resolve: dict | None = None) -> Any:
+                    resolve: dict | None = None, empty: bool = False, dtype: torch.dtype | None = None) -> Any:
     """Build one component from its recipe node (``{"name": ..., **kwargs}``).
 
     ``derived`` values fill arguments the recipe left out; when the recipe gives one too
-    they must be equal. ``resolve`` maps extra ``"@asset"`` names to values."""
+    they must be equal. ``resolve`` maps extra ``"@asset"`` names to values. ``empty``:
+    build under :func:`~lisa_kit.checkpoint.io.empty_weights` (parameters on the meta
+    device, for a checkpoint to fill). ``dtype``: passed as the build's ``dtype`` argument
+    when it has one and the recipe sets none (a component loading its own weights reads
+    them straight into that precision)."""
     registry = registry or get_registry()
     node = dict(node)
     name = node.pop("name", None)
@@ -62,8 +81,13 @@ def build_component(kind: str, node: dict, registry: Registry | None = None, der
     for k, v in list(node.items()):
         if isinstance(v, str) and v.startswith("@"):
             node[k] = _asset(v, resolve, f"model.{kind}.{k}")
+    if dtype is not None and node.get("dtype") is None and "dtype" in _build_params(spec.build):
+        node["dtype"] = dtype
+    from lisa_kit.checkpoint.io import empty_weights
+
     try:
-        comp = spec.build(**node)
+        with empty_weights() if empty else nullcontext():
+            comp = spec.build(**node)
     except TypeError as e:
         raise RecipeError(f"cannot build {kind} '{name}': {e}", key=f"model.{kind}") from e
     base = BASES[kind]
@@ -73,22 +97,45 @@ def build_component(kind: str, node: dict, registry: Registry | None = None, der
     return comp
 
 
-def build_model(recipe, registry: Registry | None = None, resolve: dict | None = None) -> LisaModel:
+def _build_params(build) -> set[str]:
+    try:
+        return set(inspect.signature(build).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        return set()
+
+
+def build_model(recipe, registry: Registry | None = None, resolve: dict | None = None, empty: Iterable[str] = (),
+                dtype: torch.dtype | None = None) -> LisaModel:
     """Build the model a recipe describes (``recipe``: a loaded recipe, DictConfig or dict
     with a ``model`` section). Weights named by the components (``pretrained``,
-    ``checkpoint``) are loaded by them; ``weights:`` is applied by
-    :func:`lisa_kit.checkpoint.load_weights`."""
+    ``checkpoint``) are loaded by them; ``weights:`` is applied by :func:`load`.
+
+    ``empty``: the kinds a checkpoint will fill, built without memory (meta parameters)
+    unless their node names weights of its own; ``dtype``: the precision asked for, given
+    to the builds that load their own weights and take a ``dtype`` (the mask decoder keeps
+    its own)."""
+    from lisa_kit.checkpoint.io import component_dtype
+
     cfg = _plain(getattr(recipe, "cfg", recipe))
     m = cfg["model"]
-    vision = build_component("vision_encoder", m["vision_encoder"], registry, resolve=resolve)
-    llm = build_component("llm", m["llm"], registry, resolve=resolve)
-    fusion = build_component("fusion", m["fusion"], registry, resolve=resolve)
-    mask_decoder = build_component("mask_decoder", m["mask_decoder"], registry, resolve=resolve)
-    projector = build_component("projector", m["projector"], registry,
-                                derived={"in_dim": vision.feature_dim, "out_dim": llm.hidden_size}, resolve=resolve)
-    seg_head = build_component("seg_head", m["seg_head"], registry,
-                               derived={"in_dim": llm.hidden_size, "out_dim": mask_decoder.prompt_dim},
-                               resolve=resolve)
+    empty = set(empty)
+
+    def build(kind, derived=None):
+        node = m[kind]
+        own = names_weights(node)
+        # Only weights read from files go straight into `dtype` (a cast, identical to casting
+        # later); random initialisation and the LLM (whose added vocabulary rows are drawn
+        # after the build) stay in the build's precision and are cast afterwards.
+        cast = component_dtype(kind, dtype) if own and kind != "llm" else None
+        return build_component(kind, node, registry, derived=derived, resolve=resolve,
+                               empty=kind in empty and not own, dtype=cast)
+
+    vision = build("vision_encoder")
+    llm = build("llm")
+    fusion = build("fusion")
+    mask_decoder = build("mask_decoder")
+    projector = build("projector", {"in_dim": vision.feature_dim, "out_dim": llm.hidden_size})
+    seg_head = build("seg_head", {"in_dim": llm.hidden_size, "out_dim": mask_decoder.prompt_dim})
     seg_token = m.get("seg_token", "[SEG]")
     # The order matters for released checkpoints: LISA added [SEG] first, then the
     # fusion's image tokens; ids come from the tokenizer, never from constants.
@@ -139,11 +186,16 @@ def checkpoint_model(cfg: dict) -> dict:
     return m
 
 
-def load(recipe, overrides=(), registry: Registry | None = None) -> LisaModel:
+def load(recipe, overrides=(), registry: Registry | None = None, dtype: torch.dtype | None = None,
+         device: torch.device | str | None = None) -> LisaModel:
     """Load the model a recipe names (a recipe name, path, loaded recipe or dict), applying
     its ``weights:`` section: ``lisa_hf`` (a released LISA checkpoint: the LLM, projector,
     seg head and SAM weights come from it, the CLIP tower from ``model.vision_encoder``),
-    ``lisa_kit`` (this library's own format) or none (components load what they name)."""
+    ``llava_hf``, ``lisa_kit`` (this library's own format) or none (components load what
+    they name). The parts a checkpoint fills are built without memory and receive each
+    tensor once, cast to ``dtype`` (the mask decoder keeps its own) on ``device``; a load
+    that cannot fit is refused first. Without a checkpoint, weights are random (initialised
+    as the components build them) and ``dtype``/``device`` are left to the caller."""
     from lisa_kit.recipes import check_recipe, load_recipe
 
     if not hasattr(recipe, "cfg") and not isinstance(recipe, dict):
@@ -158,23 +210,29 @@ def load(recipe, overrides=(), registry: Registry | None = None) -> LisaModel:
     if fmt == "lisa_kit":
         from lisa_kit.checkpoint.native import load_model
 
-        return load_model(weights["path"], registry)
+        return load_model(weights["path"], registry, dtype=dtype, device=device)
     if fmt == "lisa_hf":
-        from lisa_kit.checkpoint.lisa_hf import load_lisa_weights
+        from lisa_kit.checkpoint.lisa_hf import LISA_PARTS, ensure_lisa_memory, load_lisa_weights
 
-        model = build_model({**cfg, "model": checkpoint_model(cfg)}, registry)
-        load_lisa_weights(model, weights["path"], lora_alpha=weights.get("lora_alpha", 16))
+        full = {**cfg, "model": checkpoint_model(cfg)}
+        ensure_lisa_memory(full, weights["path"], dtype, device)
+        model = build_model(full, registry, empty=LISA_PARTS, dtype=dtype)
+        load_lisa_weights(model, weights["path"], lora_alpha=weights.get("lora_alpha", 16), dtype=dtype,
+                          device=device)
         return model
     if fmt == "llava_hf":
-        from lisa_kit.checkpoint.llava_hf import base_vocab_size, load_llava_weights
+        from lisa_kit.checkpoint.io import ensure_memory
+        from lisa_kit.checkpoint.llava_hf import LLAVA_PARTS, base_vocab_size, llava_bytes, load_llava_weights
 
-        model = build_model({**cfg, "model": checkpoint_model(cfg)}, registry)
-        load_llava_weights(model, weights["path"], n_base_tokens=base_vocab_size(weights["path"]))
+        ensure_memory(llava_bytes(weights["path"], dtype), device, str(weights["path"]))
+        model = build_model({**cfg, "model": checkpoint_model(cfg)}, registry, empty=LLAVA_PARTS, dtype=dtype)
+        load_llava_weights(model, weights["path"], n_base_tokens=base_vocab_size(weights["path"]), dtype=dtype,
+                           device=device)
         return model
     if fmt not in ("none", None):
         raise RecipeError(f"unknown weights format {fmt!r}; use lisa_hf, llava_hf, lisa_kit or none",
                           key="weights.format")
-    return build_model(cfg, registry)
+    return build_model(cfg, registry, dtype=dtype)
 
 
 def checkpoint_kind(path) -> str | None:
@@ -206,12 +264,13 @@ def checkpoint_kind(path) -> str | None:
     return "llava"
 
 
-def load_checkpoint(path, vision_tower: str | None = None, sam=None, registry: Registry | None = None) -> LisaModel:
+def load_checkpoint(path, vision_tower: str | None = None, sam=None, registry: Registry | None = None,
+                    dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LisaModel:
     """A model from a directory, detected by :func:`checkpoint_kind`: lisa_kit's own
     format, or a released LISA checkpoint (the CLIP tower from ``vision_tower`` or its
     config; SAM sizes from ``sam`` or a ``sam_config.json`` next to the weights, default
     ViT-H). LLaVA directories have no trained seg head and are refused with a pointer
-    to training."""
+    to training. ``dtype``/``device``: see :func:`load`."""
     from pathlib import Path
 
     from lisa_kit.errors import CheckpointError
@@ -223,11 +282,11 @@ def load_checkpoint(path, vision_tower: str | None = None, sam=None, registry: R
     if kind == "lisa_kit":
         from lisa_kit.checkpoint.native import load_model
 
-        return load_model(p, registry)
+        return load_model(p, registry, dtype=dtype, device=device)
     if kind == "lisa_hf":
         from lisa_kit.checkpoint.lisa_hf import import_lisa_hf
 
-        return import_lisa_hf(p, vision_tower=vision_tower, sam=sam, registry=registry)
+        return import_lisa_hf(p, vision_tower=vision_tower, sam=sam, registry=registry, dtype=dtype, device=device)
     if kind == "llava_hf":
         raise CheckpointError(
             f"{p} is a transformers LLaVA checkpoint: it has no trained [SEG] head or mask decoder, so it cannot "

@@ -4,7 +4,8 @@
 interface (shapes and dtypes documented in :mod:`lisa_kit.interfaces`), compares its
 ``sizes`` function (if any) with the built module, saves it with safetensors and loads
 it back into a second, differently initialised instance, which must then give identical
-outputs. A failure raises :class:`ConformanceError` (an ``AssertionError``) naming the
+outputs, and builds it once more without memory (:func:`check_meta_build`: parameters on
+the meta device, then the saved weights streamed in) with the same outputs. A failure raises :class:`ConformanceError` (an ``AssertionError``) naming the
 component and what did not hold.
 
 lisa_kit's own tests run it on every registered component (``tests/test_conformance.py``);
@@ -25,7 +26,7 @@ import torch
 
 from lisa_kit.interfaces import BASES, SIZE_NAMES, ComponentSpec
 
-__all__ = ["ConformanceError", "check_component", "build_tiny", "run_contract", "check_sizes", "plugin_specs",
+__all__ = ["ConformanceError", "check_component", "check_meta_build", "build_tiny", "run_contract", "check_sizes", "plugin_specs",
            "matching_plugins"]
 
 # Odd, non-square image sizes: preprocessing must not assume a shape.
@@ -263,6 +264,50 @@ def check_component(spec: ComponentSpec, workdir: str | Path | None = None) -> N
     for i, (a, b) in enumerate(zip(before, after)):
         _close(a, b, label, f"output {i} differs after a safetensors save and load into a fresh instance",
                atol=0, rtol=0)
+    check_meta_build(spec, comp, before, workdir)
+
+
+def check_meta_build(spec: ComponentSpec, comp: torch.nn.Module, expected: list,
+                     workdir: str | Path | None = None) -> None:
+    """The component builds without memory: under
+    :func:`~lisa_kit.checkpoint.io.empty_weights` every parameter is on the meta device;
+    streaming the saved state of ``comp`` (its tiny instance) into it leaves nothing on
+    meta, and the buffers it made itself are right: its outputs equal ``expected`` (those
+    of ``comp``) exactly. This is how checkpoints are loaded (a full-size model is never
+    built with random weights first)."""
+    from lisa_kit.checkpoint.io import empty_weights, load_file_into, save_safetensors
+    from lisa_kit.errors import LisaKitError
+
+    label = _label(spec)
+    try:
+        with empty_weights():
+            empty = build_tiny(spec, seed=2)
+    except Exception as exc:  # any failure here is the component's: report it as such
+        raise ConformanceError(f"{label}: cannot be built without memory (parameters on the meta device): "
+                               f"{type(exc).__name__}: {exc}") from exc
+    real = [n for n, p in empty.named_parameters() if p.device.type != "meta"]
+    _check(not real, label, f"built under empty_weights() it still allocates parameters ({', '.join(real[:3])}): "
+           "create parameters as nn.Parameter attributes so the build costs no memory")
+    try:
+        with tempfile.TemporaryDirectory(prefix="lisa_kit_conformance_") as tmp:
+            weights = Path(workdir or tmp) / f"{spec.kind}-{spec.name}-meta.safetensors"
+            save_safetensors(dict(comp.state_dict()), weights)
+            load_file_into(empty, weights, spec.kind, strict=True)
+    except LisaKitError as exc:
+        raise ConformanceError(f"{label}: its saved weights do not load into an instance built without memory: "
+                               f"{exc}") from exc
+    try:
+        with torch.no_grad():
+            after = run_contract(spec.kind, empty, label)
+    except ConformanceError:
+        raise
+    except Exception as exc:  # e.g. a buffer computed from parameter values at build: still on meta
+        raise ConformanceError(f"{label}: built without memory and loaded, it does not run: "
+                               f"{type(exc).__name__}: {exc} (a buffer derived from parameter values in the build? "
+                               "compute it in forward)") from exc
+    for i, (a, b) in enumerate(zip(expected, after)):
+        _close(a, b, label, f"output {i} differs when built without memory and loaded (a buffer the checkpoint "
+               "does not hold is not re-created by the build?)", atol=0, rtol=0)
 
 
 # -- selecting a plugin's components ----------------------------------------------------

@@ -148,3 +148,8 @@ class ImageSizeError(ImageError):
         self.size = size
         self.limit = limit
         super().__init__(message, path=path)
+
+
+class InsufficientMemoryError(CheckpointError):
+    """A checkpoint would not fit the free memory of the device it is to be loaded on
+    (estimated from its headers before anything is read)."""

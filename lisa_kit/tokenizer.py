@@ -239,7 +239,9 @@ class HFTokenizer(Tokenizer):
     def from_dir(cls, path: str | os.PathLike) -> "HFTokenizer":
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
+        from lisa_kit.checkpoint.safe import hf_load
+
+        return cls(hf_load(AutoTokenizer.from_pretrained, path, component="tokenizer"))
 
     def __len__(self) -> int:
         return len(self.tok)
@@ -273,6 +275,9 @@ def load_tokenizer(path: str | os.PathLike, kind: str = "auto") -> Tokenizer:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"tokenizer directory not found: {path}", component="tokenizer")
+    from lisa_kit.checkpoint.safe import refuse_remote_code
+
+    refuse_remote_code(path, "tokenizer")  # also checks that its JSON files are readable
     if kind == "auto":
         cfg = {}
         if (path / "tokenizer_config.json").exists():

@@ -64,9 +64,15 @@ class _Proj(Projector):
         self.proj = nn.Linear(in_dim, out_dim + (bug == "shape"))
         if bug == "buffer":  # state that is not saved: the reload gives other outputs
             self.offset = torch.randn(out_dim)
+        if bug == "meta":  # derived from a parameter's value at build: fine when built for real, but
+            # built without memory (meta parameters) there is no value to derive it from
+            self.gain = nn.Parameter(torch.ones(out_dim))
+            self.register_buffer("scale", self.gain.detach().sum().reshape(1), persistent=False)
 
     def forward(self, x):
         y = self.proj(x)
+        if self.bug == "meta":
+            return y * self.scale
         return y + self.offset if self.bug == "buffer" else y
 
     def export_config(self) -> dict:
@@ -82,6 +88,8 @@ def _spec(bug: str = "", sizes=None) -> ComponentSpec:
     (_spec("shape"), r"projector:buggy: forward\(\(I, N, in_dim=4\)\) must return \(I, N, out_dim\) = \(2, 5, 6\), "
                      r"got float32 \(2, 5, 7\)"),
     (_spec("buffer"), "projector:buggy: output 0 differs after a safetensors save and load"),
+    (_spec("meta"), "projector:buggy: its saved weights do not load into an instance built without memory: "
+                    r".*\(e\.g\. scale\)"),
     (_spec(sizes=lambda in_dim, out_dim, bug: {"in_dim": in_dim, "out_dim": 5}),
      "sizes\\(\\) says out_dim=5 but the built component has out_dim=6"),
     (_spec(sizes=lambda **kw: {"hidden": 3}), r"sizes\(\) returned \['hidden'\], which projector does not have"),

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from lisa_kit.checkpoint.io import LoadReport, load_into, load_state_dict
+from lisa_kit.checkpoint.io import (LoadReport, Placer, checkpoint_keys, component_dtype, ensure_memory,
+                                    estimate_bytes, iter_tensors, load_state_dict)
+from lisa_kit.checkpoint.safe import refuse_remote_code
 from lisa_kit.errors import CheckpointError
 
 # LLaMA config fields LISA's config.json carries (model_type "llava" = original LLaVA).
@@ -28,6 +30,10 @@ _LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_a
                  "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "vocab_size", "hidden_act",
                  "rope_scaling", "rope_theta", "tie_word_embeddings", "bos_token_id", "eos_token_id",
                  "pad_token_id", "initializer_range", "attention_bias", "pretraining_tp")
+
+
+# The components whose weights a released checkpoint holds (the CLIP tower is separate).
+LISA_PARTS = ("llm", "projector", "mask_decoder", "seg_head")
 
 
 def _resolve_tower(ckpt: Path, cfg: dict, vision_tower: str | None) -> Path:
@@ -43,6 +49,34 @@ def _resolve_tower(ckpt: Path, cfg: dict, vision_tower: str | None) -> Path:
         f"(e.g. openai/clip-vit-large-patch14) and pass vision_tower=<dir>", component="vision_encoder")
 
 
+def _read_json(f: Path) -> dict:
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {f.name}: {e}", file=f) from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{f.name} must hold a JSON object, not {type(data).__name__}", file=f)
+    return data
+
+
+def read_sam_config(f: Path) -> dict:
+    """A ``sam_config.json`` (SAM's sizes, as lisa_kit's export writes it), checked against
+    the SAM component's config keys: every problem is a :class:`CheckpointError` naming the file."""
+    from lisa_kit.components.sam import sam_config
+
+    cfg = _read_json(f)
+    for k, v in cfg.items():
+        items = v if isinstance(v, list) else [v]
+        if not all(isinstance(x, (int, float)) for x in items):  # bool is an int: flags pass
+            raise CheckpointError(f"{f.name}: {k} must be a number, a boolean or a list of numbers, not {v!r}",
+                                  key=k, file=f)
+    try:
+        sam_config("custom", cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{f.name}: {e}", file=f) from e
+    return cfg
+
+
 def lisa_recipe(path: str | Path, vision_tower: str | None = None, sam: str | dict | None = None,
                 seg_hidden: str = "previous") -> dict:
     """The recipe (plain dict) of a released LISA checkpoint, derived from its config.
@@ -52,10 +86,11 @@ def lisa_recipe(path: str | Path, vision_tower: str | None = None, sam: str | di
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"not a checkpoint directory (no config.json): {path}")
-    cfg = json.loads((path / "config.json").read_text())
+    refuse_remote_code(path)
+    cfg = _read_json(path / "config.json")
     llm_cfg = {"model_type": "llama", **{k: cfg[k] for k in _LLAMA_FIELDS if k in cfg and cfg[k] is not None}}
     if isinstance(sam, (str, Path)) and str(sam).endswith(".json"):
-        sam = json.loads(Path(sam).read_text())
+        sam = read_sam_config(Path(sam))
     if isinstance(sam, dict):
         sam_node = {"name": "sam", "variant": "custom", "config": {k: v for k, v in sam.items()}}
     else:
@@ -102,69 +137,130 @@ def merge_peft(state: dict[str, torch.Tensor], lora_alpha: float = 16, lora_r: i
     return out
 
 
+def route_lisa_key(k: str) -> tuple[str, str]:
+    """A released-LISA key -> ``(part, key in that component's layout)``; ``part`` is a
+    component kind or ``unused``."""
+    if k.startswith("model.mm_projector."):
+        return "projector", "proj." + k[len("model.mm_projector."):]
+    if k.startswith("model.visual_model."):
+        return "mask_decoder", k[len("model.visual_model."):]
+    if k.startswith("model.text_hidden_fcs.0."):
+        return "seg_head", "layers." + k[len("model.text_hidden_fcs.0."):]
+    if k.startswith("model.vision_tower.vision_tower."):
+        return "vision_encoder", "model." + k[len("model.vision_tower.vision_tower."):]
+    if k.endswith("rotary_emb.inv_freq"):
+        return "unused", k  # a persistent buffer in transformers 4.31, recomputed now
+    if k.startswith(("model.", "lm_head.")):
+        return "llm", k  # LlamaForCausalLM's own layout
+    return "unused", k
+
+
 def split_lisa_state(state: dict[str, torch.Tensor], projector_name: str = "linear") -> dict[str, dict[str, torch.Tensor]]:
     """Released-LISA keys -> per-component state dicts in each component's own layout."""
     parts: dict[str, dict[str, torch.Tensor]] = {k: {} for k in ("llm", "projector", "mask_decoder", "seg_head",
                                                                    "vision_encoder", "unused")}
     for k, v in state.items():
-        if k.startswith("model.mm_projector."):
-            rest = k[len("model.mm_projector."):]
-            parts["projector"]["proj." + rest] = v
-        elif k.startswith("model.visual_model."):
-            parts["mask_decoder"][k[len("model.visual_model."):]] = v
-        elif k.startswith("model.text_hidden_fcs.0."):
-            parts["seg_head"]["layers." + k[len("model.text_hidden_fcs.0."):]] = v
-        elif k.startswith("model.vision_tower.vision_tower."):
-            parts["vision_encoder"]["model." + k[len("model.vision_tower.vision_tower."):]] = v
-        elif k.endswith("rotary_emb.inv_freq"):
-            parts["unused"][k] = v  # a persistent buffer in transformers 4.31, recomputed now
-        elif k.startswith(("model.", "lm_head.")):
-            parts["llm"][k] = v  # LlamaForCausalLM's own layout
-        else:
-            parts["unused"][k] = v
+        part, key = route_lisa_key(k)
+        parts[part][key] = v
     return parts
 
 
+def _is_peft(keys) -> bool:
+    return any(k.startswith("base_model.model.") or ".lora_A" in k for k in keys)
+
+
+def _targets(model) -> dict:
+    return {"llm": model.llm.model, "projector": model.projector, "mask_decoder": model.mask_decoder,
+            "seg_head": model.seg_head, "vision_encoder": model.vision_encoder}
+
+
+def lisa_bytes(path: str | Path, dtype: torch.dtype | None = None) -> int:
+    """Bytes the checkpoint's tensors take once loaded at ``dtype`` (the mask decoder and a
+    load without ``dtype`` in float32, as the components are built); from headers only."""
+    return estimate_bytes(path, lambda k: component_dtype(route_lisa_key(k)[0], dtype) or torch.float32)
+
+
 def load_lisa_weights(model, path: str | Path, lora_alpha: float = 16, lora_r: int | None = None,
-                      strict: bool = True) -> list[LoadReport]:
-    """Load a LISA checkpoint's weights into a built model; one report per component."""
-    state = load_state_dict(path)
-    if any(k.startswith("base_model.model.") or ".lora_A" in k for k in state):
-        state = merge_peft(state, lora_alpha=lora_alpha, lora_r=lora_r)
-    parts = split_lisa_state(state)
-    if parts["unused"] and any(not k.endswith("inv_freq") for k in parts["unused"]):
-        bad = sorted(k for k in parts["unused"] if not k.endswith("inv_freq"))
-        if strict:
-            raise CheckpointError(f"keys that belong to no component: {bad[:5]}", key=bad[0])
-    vocab = parts["llm"].get("model.embed_tokens.weight")
-    if vocab is not None and vocab.shape[0] != model.llm.vocab_size:
-        raise CheckpointError(f"checkpoint vocabulary {vocab.shape[0]} != tokenizer size {model.llm.vocab_size}",
-                              component="llm", key="model.embed_tokens.weight")
-    # A decoder in another layout renames SAM's keys itself (transformers' SAM); one that
-    # cannot use them at all (SAM2: its weights come from its own `pretrained`) returns None.
-    md = parts["mask_decoder"]
-    md = model.mask_decoder.normalize_keys(md) if hasattr(model.mask_decoder, "normalize_keys") else md
-    reports = [
-        load_into(model.llm.model, parts["llm"], "llm", strict),
-        load_into(model.projector, parts["projector"], "projector", strict),
-        *([] if md is None else [load_into(model.mask_decoder, md, "mask_decoder", strict)]),
-        load_into(model.seg_head, parts["seg_head"], "seg_head", strict),
-    ]
-    if parts["vision_encoder"]:
-        ve = parts["vision_encoder"]
-        ve = model.vision_encoder.normalize_keys(ve) if hasattr(model.vision_encoder, "normalize_keys") else ve
-        reports.append(load_into(model.vision_encoder, ve, "vision_encoder", strict))
+                      strict: bool = True, dtype: torch.dtype | None = None,
+                      device: torch.device | str | None = None) -> list[LoadReport]:
+    """Load a LISA checkpoint's weights into a built model (its components possibly built
+    without memory), one tensor at a time, each cast once to ``dtype`` (not the mask
+    decoder: see :data:`~lisa_kit.checkpoint.io.CAST_KINDS`) and placed on ``device``.
+    Returns one report per component."""
+    path = Path(path)
+    if _is_peft(checkpoint_keys(path)):  # LoRA pairs may sit in different shards: merged in memory
+        merged = merge_peft(load_state_dict(path), lora_alpha=lora_alpha, lora_r=lora_r)
+        source = ((k, v, path) for k, v in merged.items())
+    else:
+        source = iter_tensors(path)
+    targets = _targets(model)
+    placers = {kind: Placer(mod, kind, dtype=component_dtype(kind, dtype), device=device, file=path)
+               for kind, mod in targets.items()}
+    # A component that renames keys (transformers' SAM; CLIP 4.x/5.x layouts) sees its whole part at once.
+    collected = {kind: {} for kind, mod in targets.items() if hasattr(mod, "normalize_keys")}
+    unused: list[str] = []
+    for k, v, f in source:
+        part, key = route_lisa_key(k)
+        if part == "unused":
+            if not k.endswith("inv_freq"):
+                unused.append(k)
+            continue
+        if part == "llm" and key == "model.embed_tokens.weight" and v.shape[0] != model.llm.vocab_size:
+            raise CheckpointError(f"checkpoint vocabulary {v.shape[0]} != tokenizer size {model.llm.vocab_size}",
+                                  component="llm", key=key, file=f)
+        if part in collected:
+            collected[part][key] = v
+        else:
+            placers[part].put(key, v, f)
+    if unused and strict:
+        bad = sorted(unused)
+        raise CheckpointError(f"keys that belong to no component: {bad[:5]}", key=bad[0], file=path)
+    loaded = ["llm", "projector", "mask_decoder", "seg_head"]
+    for kind, state in collected.items():
+        if not state:
+            continue
+        # A decoder that cannot use SAM's weights at all (SAM2: its weights come from its own
+        # `pretrained`) returns None and stays as built.
+        state = targets[kind].normalize_keys(state)
+        if state is None:
+            loaded.remove(kind)
+            continue
+        for key, v in state.items():
+            placers[kind].put(key, v)
+    if "vision_encoder" not in loaded and placers["vision_encoder"].seen:
+        loaded.append("vision_encoder")
+    reports = [placers[kind].finish(strict) for kind in loaded]
+    if device is not None:
+        model.to(device)  # buffers; the parameters are there already
     return reports
 
 
+def ensure_lisa_memory(recipe: dict, path: str | Path, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> None:
+    """Refuse (:class:`~lisa_kit.errors.InsufficientMemoryError`) before reading anything
+    when the checkpoint and the CLIP tower it names will not fit ``device`` at ``dtype``."""
+    needed = lisa_bytes(path, dtype)
+    tower = (recipe["model"]["vision_encoder"] or {}).get("pretrained")
+    if tower:
+        try:
+            needed += estimate_bytes(tower, lambda k: component_dtype("vision_encoder", dtype))
+        except CheckpointError:
+            pass  # no readable weights there: the tower's build reports it
+    ensure_memory(needed, device, str(path))
+
+
 def import_lisa_hf(path: str | Path, vision_tower: str | None = None, sam: str | dict | None = None,
-                   seg_hidden: str = "previous", registry=None):
-    """Build the reference recipe for a released LISA checkpoint and load its weights."""
+                   seg_hidden: str = "previous", registry=None, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None):
+    """Build the reference recipe for a released LISA checkpoint and load its weights:
+    the parts the checkpoint holds are built without memory and filled one tensor at a
+    time in ``dtype`` on ``device`` (see :func:`load_lisa_weights`)."""
     from lisa_kit.builder import build_model
 
     if sam is None and (Path(path) / "sam_config.json").exists():  # written by lisa_kit's export
         sam = str(Path(path) / "sam_config.json")
     recipe = lisa_recipe(path, vision_tower=vision_tower, sam=sam, seg_hidden=seg_hidden)
-    model = build_model(recipe, registry)
-    load_lisa_weights(model, path)
+    ensure_lisa_memory(recipe, path, dtype, device)
+    model = build_model(recipe, registry, empty=LISA_PARTS, dtype=dtype)
+    load_lisa_weights(model, path, dtype=dtype, device=device)
     return model

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from lisa_kit.checkpoint.io import LoadReport, load_into, load_state_dict
+from lisa_kit.checkpoint.io import LoadReport, Placer, component_dtype, estimate_bytes, iter_tensors
+from lisa_kit.checkpoint.safe import refuse_remote_code
 from lisa_kit.errors import CheckpointError
 
 _STRATEGY = {"default": "patch", "full": "cls_patch"}
@@ -34,6 +35,7 @@ _STRATEGY = {"default": "patch", "full": "cls_patch"}
 def _read_config(path: Path) -> dict:
     if not (path / "config.json").exists():
         raise CheckpointError(f"not a checkpoint directory (no config.json): {path}")
+    refuse_remote_code(path)
     cfg = json.loads((path / "config.json").read_text())
     if cfg.get("model_type") != "llava" or "text_config" not in cfg:
         raise CheckpointError(f"{path}/config.json is not a transformers LLaVA config (model_type "
@@ -80,68 +82,100 @@ def llava_recipe(path: str | Path) -> dict:
     }
 
 
+# The components a LLaVA-HF directory holds.
+LLAVA_PARTS = ("vision_encoder", "projector", "llm")
+_PROJ = {"linear_1": "proj.0", "linear_2": "proj.2"}
+
+
+def route_llava_key(k: str) -> tuple[str, str]:
+    """A LLaVA-HF key (either layout) -> ``(part, key in that component's layout)``;
+    ``part`` is a component kind or ``unused``."""
+    key = k.removeprefix("model.") if k.startswith(("model.vision_tower.", "model.multi_modal_projector.",
+                                                      "model.language_model.")) else k
+    if key.startswith("vision_tower."):
+        return "vision_encoder", "model." + key[len("vision_tower."):]
+    if key.startswith("multi_modal_projector."):
+        layer, _, rest = key[len("multi_modal_projector."):].partition(".")
+        return ("projector", f"{_PROJ[layer]}.{rest}") if layer in _PROJ else ("unused", k)
+    if key.startswith("language_model.model."):  # older layout
+        return "llm", "model." + key[len("language_model.model."):]
+    if key in ("language_model.lm_head.weight", "lm_head.weight"):
+        return "llm", "lm_head.weight"
+    if key.startswith("language_model."):  # newer layout: the bare decoder
+        return "llm", "model." + key[len("language_model."):]
+    return "unused", k
+
+
 def split_llava_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """LLaVA-HF keys (either layout) -> per-component state dicts."""
     parts: dict[str, dict[str, torch.Tensor]] = {"vision_encoder": {}, "projector": {}, "llm": {}, "unused": {}}
-    proj = {"linear_1": "proj.0", "linear_2": "proj.2"}
     for k, v in state.items():
-        key = k.removeprefix("model.") if k.startswith(("model.vision_tower.", "model.multi_modal_projector.",
-                                                          "model.language_model.")) else k
-        if key.startswith("vision_tower."):
-            parts["vision_encoder"]["model." + key[len("vision_tower."):]] = v
-        elif key.startswith("multi_modal_projector."):
-            layer, _, rest = key[len("multi_modal_projector."):].partition(".")
-            if layer not in proj:
-                parts["unused"][k] = v
-            else:
-                parts["projector"][f"{proj[layer]}.{rest}"] = v
-        elif key.startswith("language_model.model."):  # older layout
-            parts["llm"]["model." + key[len("language_model.model."):]] = v
-        elif key == "language_model.lm_head.weight" or key == "lm_head.weight":
-            parts["llm"]["lm_head.weight"] = v
-        elif key.startswith("language_model."):  # newer layout: the bare decoder
-            parts["llm"]["model." + key[len("language_model."):]] = v
-        else:
-            parts["unused"][k] = v
+        part, key = route_llava_key(k)
+        parts[part][key] = v
     return parts
 
 
-def _fit_vocab(parts: dict[str, torch.Tensor], model, n_base: int) -> None:
-    """Resize the checkpoint's embedding rows to the model's vocabulary: the first
-    ``n_base`` rows (the tokenizer's own tokens) are copied, added tokens get the mean."""
+def _fit_rows(key: str, w: torch.Tensor, model, n_base: int) -> torch.Tensor:
+    """Resize a checkpoint embedding matrix to the model's vocabulary: the first ``n_base``
+    rows (the tokenizer's own tokens) are copied, added tokens get their mean."""
     n = model.llm.vocab_size
+    if w.shape[0] == n:
+        return w
+    if w.shape[0] < n_base:
+        raise CheckpointError(f"checkpoint has {w.shape[0]} embedding rows but its tokenizer {n_base} tokens",
+                              component="llm", key=key)
+    new = w.new_empty(n, w.shape[1])
+    new[:n_base] = w[:n_base]
+    new[n_base:] = w[:n_base].float().mean(0).to(w.dtype)
+    return new
+
+
+def _fit_vocab(parts: dict[str, torch.Tensor], model, n_base: int) -> None:
+    """:func:`_fit_rows` for the embedding and output matrices of a state dict, in place."""
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
-        w = parts.get(key)
-        if w is None or w.shape[0] == n:
+        if parts.get(key) is not None:
+            parts[key] = _fit_rows(key, parts[key], model, n_base)
+
+
+def llava_bytes(path: str | Path, dtype: torch.dtype | None = None) -> int:
+    """Bytes the directory's tensors take once loaded at ``dtype`` (float32 without one)."""
+    return estimate_bytes(path, lambda k: component_dtype(route_llava_key(k)[0], dtype) or torch.float32)
+
+
+def load_llava_weights(model, path: str | Path, n_base_tokens: int, strict: bool = True,
+                       dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> list[LoadReport]:
+    """Load a LLaVA-HF directory's weights into the vision tower, projector and LLM (built
+    normally or without memory), one tensor at a time, each cast once to ``dtype`` and
+    placed on ``device``."""
+    path = Path(path)
+    targets = {"vision_encoder": model.vision_encoder, "projector": model.projector, "llm": model.llm.model}
+    placers = {kind: Placer(mod, kind, dtype=component_dtype(kind, dtype), device=device, file=path)
+               for kind, mod in targets.items()}
+    unused: list[str] = []
+    embed = None
+    for k, v, f in iter_tensors(path):
+        part, key = route_llava_key(k)
+        if part == "unused":
+            unused.append(k)
             continue
-        if w.shape[0] < n_base:
-            raise CheckpointError(f"checkpoint has {w.shape[0]} embedding rows but its tokenizer {n_base} tokens",
-                                  component="llm", key=key)
-        new = w.new_empty(n, w.shape[1])
-        new[:n_base] = w[:n_base]
-        new[n_base:] = w[:n_base].float().mean(0).to(w.dtype)
-        parts[key] = new
-
-
-def load_llava_weights(model, path: str | Path, n_base_tokens: int, strict: bool = True) -> list[LoadReport]:
-    """Load a LLaVA-HF directory's weights into the vision tower, projector and LLM."""
-    state = load_state_dict(path)
-    parts = split_llava_state(state)
-    if parts["unused"] and strict:
-        bad = sorted(parts["unused"])
+        if part == "vision_encoder" and hasattr(model.vision_encoder, "normalize_keys"):
+            (key,) = model.vision_encoder.normalize_keys({key: v})  # CLIP's renaming is per key
+        if part == "llm" and key in ("model.embed_tokens.weight", "lm_head.weight"):
+            v = _fit_rows(key, v, model, n_base_tokens)
+            if key == "model.embed_tokens.weight":
+                embed = v
+        placers[part].put(key, v, f)
+    if unused and strict:
+        bad = sorted(unused)
         raise CheckpointError(f"keys that belong to no component: {bad[:5]}", key=bad[0], file=path)
-    _fit_vocab(parts["llm"], model, n_base_tokens)
-    llm = parts["llm"]
-    if "lm_head.weight" not in llm and "model.embed_tokens.weight" in llm:
+    llm = placers["llm"]
+    if "lm_head.weight" in llm.expected and "lm_head.weight" not in llm.seen and embed is not None:
         # tied word embeddings (Qwen2-0.5B style bases): the checkpoint stores one matrix
-        llm["lm_head.weight"] = llm["model.embed_tokens.weight"]
-    ve = parts["vision_encoder"]
-    ve = model.vision_encoder.normalize_keys(ve) if hasattr(model.vision_encoder, "normalize_keys") else ve
-    return [
-        load_into(model.vision_encoder, ve, "vision_encoder", strict),
-        load_into(model.projector, parts["projector"], "projector", strict),
-        load_into(model.llm.model, parts["llm"], "llm", strict),
-    ]
+        llm.put("lm_head.weight", embed.clone())
+    reports = [placers[kind].finish(strict) for kind in LLAVA_PARTS]
+    if device is not None:
+        model.to(device)  # buffers; the parameters are there already
+    return reports
 
 
 def base_vocab_size(path: str | Path) -> int:

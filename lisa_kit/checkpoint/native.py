@@ -2,8 +2,9 @@
 
 A directory with ``recipe.yaml`` (the resolved recipe, every component node made
 self-contained by the component's ``export_config()``), one ``<kind>.safetensors`` per
-component and ``tokenizer/``. Loading builds the components from the recipe with
-random weights, then loads each file strictly: a mismatch names the component and key.
+component and ``tokenizer/``. Loading checks the recipe, builds the components without
+memory (meta parameters) and streams each file into them strictly: a mismatch names the
+component and key.
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import copy
 import os
 from pathlib import Path
 
+import torch
 import yaml
 
-from lisa_kit.checkpoint.io import load_into, save_safetensors
-from lisa_kit.errors import CheckpointError
+from lisa_kit.checkpoint.io import component_dtype, ensure_memory, estimate_bytes, load_file_into, save_safetensors
+from lisa_kit.errors import CheckpointError, RecipeError
 from lisa_kit.interfaces import KINDS
 from lisa_kit.recipes import env_free
 
@@ -64,29 +66,107 @@ def save_model(model, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(path: str | os.PathLike, registry=None, strict: bool = True):
-    """Load a directory written by :func:`save_model`."""
-    from safetensors.torch import load_file
+# Bounds on a checkpoint's recipe.yaml: a real one is a few kB with a few hundred nodes; the
+# limits only stop files built to exhaust memory (a YAML alias "billion laughs" is small on
+# disk but expands exponentially when the recipe is walked).
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000
 
+
+def _expanded_size(node, memo: dict, limit: int) -> int:
+    """Nodes of ``node`` with aliases expanded (each shared sub-tree counted at every use),
+    stopping as soon as ``limit`` is passed."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    n = 1
+    if isinstance(node, dict):
+        children = [*node.keys(), *node.values()]
+    elif isinstance(node, list):
+        children = node
+    else:
+        children = []
+    for child in children:
+        n += _expanded_size(child, memo, limit)
+        if n > limit:
+            break
+    memo[key] = n
+    return n
+
+
+def read_recipe_file(f: Path) -> dict:
+    """The recipe of a lisa_kit checkpoint, read with bounds (size, alias expansion) and
+    checked: a mapping with a ``model`` mapping naming every component, valid for
+    :func:`lisa_kit.recipes.check_recipe`. Every problem is a :class:`CheckpointError`
+    naming the file."""
+    try:
+        size = f.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise CheckpointError(f"recipe.yaml is {size} bytes; a checkpoint recipe is at most "
+                                  f"{MAX_RECIPE_BYTES} bytes", file=f)
+        recipe = yaml.safe_load(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"cannot read recipe.yaml: {e}", file=f) from e
+    if _expanded_size(recipe, {}, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
+        raise CheckpointError(f"recipe.yaml expands to more than {MAX_RECIPE_NODES} values (YAML aliases); "
+                              "refused", file=f)
+    if not isinstance(recipe, dict):
+        raise CheckpointError(f"recipe.yaml must be a mapping with a `model` section, not "
+                              f"{type(recipe).__name__ if recipe is not None else 'an empty file'}", file=f)
+    model = recipe.get("model")
+    if not isinstance(model, dict):
+        raise CheckpointError("recipe.yaml has no `model` mapping", key="model", file=f)
+    for kind in KINDS:
+        node = model.get(kind)
+        if not isinstance(node, dict) or not isinstance(node.get("name"), str):
+            raise CheckpointError(f"recipe.yaml: model.{kind} must be a mapping with a component `name`",
+                                  key=f"model.{kind}", file=f)
+    return recipe
+
+
+def _weights_file(path: Path, name: str) -> Path:
+    f = path / f"{name}.safetensors"
+    if not f.exists():
+        raise CheckpointError(f"missing weights file {f.name}", component=name, file=f)
+    return f
+
+
+def load_model(path: str | os.PathLike, registry=None, strict: bool = True, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None):
+    """Load a directory written by :func:`save_model`. With ``strict`` (the default) the
+    components are built without memory and each file is streamed into them, every tensor
+    cast once to ``dtype`` (:data:`~lisa_kit.checkpoint.io.CAST_KINDS`; ``None``: as built)
+    and placed on ``device``; a load that cannot fit is refused before reading."""
     from lisa_kit.builder import build_model
+    from lisa_kit.recipes import check_recipe
 
     path = Path(path)
     if not (path / "recipe.yaml").exists():
         raise CheckpointError(f"not a lisa_kit checkpoint (no recipe.yaml): {path}")
-    recipe = yaml.safe_load((path / "recipe.yaml").read_text())
+    recipe = read_recipe_file(path / "recipe.yaml")
     recipe.pop("lisa_kit_format", None)
-    recipe["model"]["llm"]["tokenizer"] = str(path / recipe["model"]["llm"]["tokenizer"])
-    model = build_model(recipe, registry)
+    tok = recipe["model"]["llm"].get("tokenizer")
+    if not isinstance(tok, str):
+        raise CheckpointError("recipe.yaml: model.llm.tokenizer must name the tokenizer directory",
+                              key="model.llm.tokenizer", file=path / "recipe.yaml")
+    recipe["model"]["llm"]["tokenizer"] = str(path / tok)
+    try:
+        check_recipe(recipe, registry=registry)
+    except RecipeError as e:
+        raise CheckpointError(f"recipe.yaml is not a valid recipe: {e}", file=path / "recipe.yaml") from e
+    files = {kind: _weights_file(path, kind) for kind in KINDS}
+    ensure_memory(sum(estimate_bytes(f, lambda k, kind=kind: component_dtype(kind, dtype) or torch.float32)
+                      for kind, f in files.items()), device, str(path))
+    model = build_model(recipe, registry, empty=KINDS if strict else (), dtype=dtype)
     comps = _components(model)
     for kind in KINDS:
-        f = path / f"{kind}.safetensors"
-        if not f.exists():
-            raise CheckpointError(f"missing weights file {f.name}", component=kind, file=f)
-        load_into(comps[kind], load_file(str(f)), kind, strict)
+        load_file_into(comps[kind], files[kind], kind, strict, dtype=component_dtype(kind, dtype), device=device)
     for name, module in _extras(model).items():
         f = path / f"{name}.safetensors"
         if not f.exists():
             raise CheckpointError(f"missing weights file {f.name} (the recipe's model.{name} has weights)",
                                   component=name, file=f)
-        load_into(module, load_file(str(f)), name, strict)
+        load_file_into(module, f, name, strict, device=device)
+    if device is not None:
+        model.to(device)  # buffers; the parameters are there already
     return model

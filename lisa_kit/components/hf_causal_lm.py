@@ -75,10 +75,12 @@ def build_hf_causal_lm(pretrained: str | None = None, config: dict | None = None
     import loads them); ``tokenizer``: tokenizer directory (default: ``pretrained``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from lisa_kit.checkpoint.safe import hf_load
+
     torch_dtype = resolve_dtype(dtype)
     if pretrained is not None:
-        model = AutoModelForCausalLM.from_pretrained(str(pretrained), local_files_only=True, dtype=torch_dtype,
-                                                     attn_implementation=attn_implementation)
+        model = hf_load(AutoModelForCausalLM.from_pretrained, pretrained, component="llm:hf_causal_lm",
+                        dtype=torch_dtype, attn_implementation=attn_implementation)
     elif config is not None:
         cfg = dict(config)
         model_type = cfg.pop("model_type", None)
@@ -114,8 +116,10 @@ def sizes_hf_causal_lm(pretrained: str | None = None, config: dict | None = None
     # Another field name (GPT-2's n_embd) or the library's default: ask transformers' config.
     from transformers import AutoConfig
 
+    from lisa_kit.checkpoint.safe import hf_load
+
     if pretrained is not None:
-        hf_cfg = AutoConfig.from_pretrained(str(pretrained), local_files_only=True)
+        hf_cfg = hf_load(AutoConfig.from_pretrained, pretrained, component="llm:hf_causal_lm")
     elif "model_type" in cfg:
         hf_cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     else:

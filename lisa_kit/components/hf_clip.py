@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import lisa_kit
-from lisa_kit.components._util import hf_config_dict, read_json
+from lisa_kit.components._util import hf_config_dict, read_json, resolve_dtype
 from lisa_kit.interfaces import ComponentSpec, VisionEncoder
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -87,21 +87,57 @@ class HFClipVisionEncoder(VisionEncoder):
                 "mean": self.mean.tolist(), "std": self.std.tolist()}
 
 
+COMPONENT = "vision_encoder:hf_clip"
+
+
+def _load_tower(path: Path, dtype: torch.dtype | None) -> "CLIPVisionModel":
+    """A ``CLIPVisionModel`` from a ``CLIPVisionModel`` or whole ``CLIPModel`` directory,
+    through lisa_kit's loader: built without memory, the vision tensors streamed in, each
+    cast once to ``dtype`` (default: the dtype the config names, else float32, as
+    transformers' ``from_pretrained``). Text-tower tensors and buffers of transformers 4.x
+    (``position_ids``) are skipped; a missing vision tensor is an error."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from lisa_kit.checkpoint.io import Placer, empty_weights, iter_tensors
+    from lisa_kit.checkpoint.safe import hf_load
+
+    config = hf_load(CLIPVisionConfig.from_pretrained, path, component=COMPONENT)
+    if dtype is None:
+        named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = resolve_dtype(named) if isinstance(named, str) and named != "auto" else named
+    with empty_weights():
+        model = CLIPVisionModel(config)
+    placer = Placer(model, COMPONENT, dtype=dtype or torch.float32, file=path)
+    for k, v, f in iter_tensors(path):
+        # transformers 4.x names the tower `vision_model.X` (also inside a CLIPModel); 5.x `X`
+        key = k if k in placer.expected else k.removeprefix("vision_model.")
+        if k.startswith("vision_model.") or k in placer.expected:
+            placer.put(key, v, f)
+    placer.finish(strict=False)  # unexpected keys: text tower and old buffers, as transformers skips them
+    missing = sorted(placer.expected - placer.seen)
+    if missing:
+        from lisa_kit.errors import CheckpointError
+
+        raise CheckpointError(f"the CLIP tower in {path} lacks {len(missing)} weights (e.g. {', '.join(missing[:5])})",
+                              component=COMPONENT, key=missing[0], file=path)
+    return model
+
+
 def build_hf_clip(pretrained: str | None = None, config: dict | None = None, select_layer: int = -2,
                   select_feature: str = "patch", image_size: int | None = None, crop_size: int | None = None,
-                  mean: list | None = None, std: list | None = None) -> HFClipVisionEncoder:
-    """``pretrained``: a local ``CLIPVisionModel``/``CLIPModel`` directory (weights loaded);
-    ``config``: a ``CLIPVisionConfig`` dict (random weights; for tests and imports that
-    load weights afterwards). Preprocessing values come from ``preprocessor_config.json``
-    when present."""
+                  mean: list | None = None, std: list | None = None, dtype: str | None = None) -> HFClipVisionEncoder:
+    """``pretrained``: a local ``CLIPVisionModel``/``CLIPModel`` directory (weights loaded,
+    in ``dtype`` when given, else as transformers loads them); ``config``: a ``CLIPVisionConfig`` dict (random
+    weights; for tests and imports that load weights afterwards). Preprocessing values come
+    from ``preprocessor_config.json`` when present."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     pre = {}
     if pretrained is not None:
         p = Path(pretrained)
-        if (p / "preprocessor_config.json").exists():
+        model = _load_tower(p, resolve_dtype(dtype))
+        if (p / "preprocessor_config.json").exists():  # readable JSON: checked by hf_load
             pre = read_json(p / "preprocessor_config.json")
-        model = CLIPVisionModel.from_pretrained(str(p), local_files_only=True)
     elif config is not None:
         cfg = dict(config)
         cfg.pop("model_type", None)

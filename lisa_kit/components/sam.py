@@ -154,9 +154,9 @@ def build_sam(variant: str = "vit_h", checkpoint: str | None = None, config: dic
     ``checkpoint``: a Meta ``sam_vit_*.pth`` (or safetensors) to load."""
     model = SamMaskDecoder(sam_config(variant, config))
     if checkpoint is not None:
-        from lisa_kit.checkpoint.io import load_into
+        from lisa_kit.checkpoint.io import load_file_into
 
-        load_into(model, load_sam_state_dict(checkpoint), component="mask_decoder", strict=True)
+        load_file_into(model, checkpoint, component="mask_decoder", strict=True)  # streamed, tensor by tensor
     return model
 
 
