@@ -20,7 +20,8 @@ from lisa_kit.builder import build_model
 from lisa_kit.checkpoint import io
 from lisa_kit.checkpoint.export import export_lisa_hf
 from lisa_kit.checkpoint.lisa_hf import import_lisa_hf, lisa_recipe, split_lisa_state
-from lisa_kit.checkpoint.native import MAX_RECIPE_NODES, load_model, save_model
+from lisa_kit.checkpoint.native import load_model, save_model
+from lisa_kit.recipes import MAX_YAML_NODES
 from lisa_kit.errors import CheckpointError, InsufficientMemoryError
 from lisa_kit.testing import fixture_dir, tiny_recipe
 
@@ -198,7 +199,7 @@ def test_yaml_alias_bomb_is_refused_quickly(tiny_model, tmp_path):
     with pytest.raises(CheckpointError, match="alias"):
         load_model(tmp_path / "ck")
     assert time.perf_counter() - t < 5  # 9**10 values if expanded: never walked
-    assert MAX_RECIPE_NODES < 9 ** 10
+    assert MAX_YAML_NODES < 9 ** 10
 
 
 @pytest.mark.parametrize("content", ["{broken", "[1, 2]", '{"image_size": "big"}', '{"no_such_key": 1}'])

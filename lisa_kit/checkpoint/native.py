@@ -66,53 +66,20 @@ def save_model(model, path: str | os.PathLike) -> Path:
     return path
 
 
-# Bounds on a checkpoint's recipe.yaml: a real one is a few kB with a few hundred nodes; the
-# limits only stop files built to exhaust memory (a YAML alias "billion laughs" is small on
-# disk but expands exponentially when the recipe is walked).
-MAX_RECIPE_BYTES = 1 << 20
-MAX_RECIPE_NODES = 100_000
-
-
-def _expanded_size(node, memo: dict, limit: int) -> int:
-    """Nodes of ``node`` with aliases expanded (each shared sub-tree counted at every use),
-    stopping as soon as ``limit`` is passed."""
-    key = id(node)
-    if key in memo:
-        return memo[key]
-    n = 1
-    if isinstance(node, dict):
-        children = [*node.keys(), *node.values()]
-    elif isinstance(node, list):
-        children = node
-    else:
-        children = []
-    for child in children:
-        n += _expanded_size(child, memo, limit)
-        if n > limit:
-            break
-    memo[key] = n
-    return n
-
-
 def read_recipe_file(f: Path) -> dict:
     """The recipe of a lisa_kit checkpoint, read with bounds (size, alias expansion) and
     checked: a mapping with a ``model`` mapping naming every component, valid for
     :func:`lisa_kit.recipes.check_recipe`. Every problem is a :class:`CheckpointError`
     naming the file."""
+    from omegaconf import OmegaConf
+
+    from lisa_kit.recipes import load_recipe, load_yaml_safely
+
     try:
-        size = f.stat().st_size
-        if size > MAX_RECIPE_BYTES:
-            raise CheckpointError(f"recipe.yaml is {size} bytes; a checkpoint recipe is at most "
-                                  f"{MAX_RECIPE_BYTES} bytes", file=f)
-        recipe = yaml.safe_load(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        # Bounded before anything is expanded (size, YAML alias bombs); errors never quote content.
+        recipe = load_yaml_safely(Path(f), origin=str(f))
+    except RecipeError as e:
         raise CheckpointError(f"cannot read recipe.yaml: {e}", file=f) from e
-    if _expanded_size(recipe, {}, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
-        raise CheckpointError(f"recipe.yaml expands to more than {MAX_RECIPE_NODES} values (YAML aliases); "
-                              "refused", file=f)
-    if not isinstance(recipe, dict):
-        raise CheckpointError(f"recipe.yaml must be a mapping with a `model` section, not "
-                              f"{type(recipe).__name__ if recipe is not None else 'an empty file'}", file=f)
     model = recipe.get("model")
     if not isinstance(model, dict):
         raise CheckpointError("recipe.yaml has no `model` mapping", key="model", file=f)
@@ -121,7 +88,10 @@ def read_recipe_file(f: Path) -> dict:
         if not isinstance(node, dict) or not isinstance(node.get("name"), str):
             raise CheckpointError(f"recipe.yaml: model.{kind} must be a mapping with a component `name`",
                                   key=f"model.{kind}", file=f)
-    return recipe
+    try:  # saved recipes keep ${oc.env:NAME}: resolved from this environment, here
+        return OmegaConf.to_container(load_recipe(recipe).cfg, resolve=True)
+    except RecipeError as e:
+        raise CheckpointError(f"recipe.yaml is not a valid recipe: {e}", file=f) from e
 
 
 def _weights_file(path: Path, name: str) -> Path:
