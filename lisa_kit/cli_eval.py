@@ -50,6 +50,8 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError("name a recipe or --checkpoint DIR (one of them)")
     specs = [parse_dataset(d) for d in args.dataset]
     options = _dataset_options(args.dataset_option)
+    for name, _ in specs:
+        _check_options(name, options)
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # started by torchrun
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -112,6 +114,24 @@ def _dataset_options(items: list[str]) -> dict:
         except yaml.YAMLError as e:
             raise InputError(f"--dataset-option {item!r}: unreadable value ({e})") from e
     return out
+
+
+def _check_options(name: str, options: dict) -> None:
+    """Refuse (``InputError``) options that reader ``name`` does not take, before it is built."""
+    import inspect
+
+    from lisa_kit.datasets.base import DATASETS, _import_readers
+    from lisa_kit.errors import InputError
+
+    _import_readers()
+    params = inspect.signature(DATASETS[name]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    takes = sorted(k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "dataset")  # set by name
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise InputError(f"--dataset-option {unknown[0]!r}: the {name} reader takes "
+                         f"{', '.join(takes) if takes else 'no options'}")
 
 
 add_subcommand(

@@ -164,6 +164,6 @@ def test_cli_reports_families_phrasings_and_consistency(tmp_path):
 def test_cli_refuses_malformed_dataset_options(tmp_path):
     from lisa_kit.cli import main
 
-    for bad in ("absent_ratio", "absent_ratio=2"):
+    for bad in ("absent_ratio", "absent_ratio=2", "colour=red", "dataset=refcoco"):
         assert main(["eval", "lisa-tiny", "--dataset", "synthetic:val", "--limit", "1", "--mode", "teacher",
                      "--dataset-option", bad, "--out", str(tmp_path)]) != 0
