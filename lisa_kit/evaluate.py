@@ -19,6 +19,20 @@ expressions and with a reject-token model: the answer is given, so it cannot mea
 rejection; the mask of that ``[SEG]`` is scored against the empty ground truth (use
 ``generate`` to score rejections).
 
+**Beyond LISA's numbers** (both additions; ``all`` and ReasonSeg's subsets are unchanged):
+
+* *per question family*: records whose targets carry ``meta["type"]`` (the synthetic set)
+  are also scored per family (:func:`question_family`: colour, kind, colour+kind, size,
+  corners, position, relations, absent) as subsets ``family:<name>``; with
+  ``phrasing="any"`` the questions are put in the varied phrasings of
+  :func:`lisa_kit.prompts.any_question` (kind ``k`` of a target's kinds for query ``k``
+  of record ``i``: ``(i + k) mod n``, so the kinds are balanced and the run is
+  deterministic) and scored per kind as subsets ``phrasing:<kind>``.
+* *answer-mask consistency* (generate mode, records with shapes and a label map): does
+  the answer name the shape its mask paints? :func:`answer_consistency` gives each query
+  a verdict; :attr:`Evaluator.consistency` holds the counts and the rate after
+  :meth:`Evaluator.run`.
+
 Predictions are ``mask_logits > 0`` at the original image size; metrics are
 :class:`lisa_kit.metrics.SegMetrics` (bit-exact with ``validate()``). Under ``torchrun``
 each rank scores records ``rank, rank + world, ...`` and the per-query statistics are
@@ -28,7 +42,9 @@ do not depend on the number of ranks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,9 +52,10 @@ import torch
 from lisa_kit.conversation import IMAGE, Conversation, encode, get_template
 from lisa_kit.data import Sample, collate
 from lisa_kit.datasets.base import DatasetReader, Record
+from lisa_kit.datasets.synthetic import CORNERS, PALETTE
 from lisa_kit.errors import UnknownComponentError
 from lisa_kit.metrics import SegMetrics
-from lisa_kit.prompts import EVAL_ANSWER, eval_question
+from lisa_kit.prompts import EVAL_ANSWER, any_question, check_phrasing, eval_question, phrasing_kinds
 
 EVAL_SPLITS = {
     "reason_seg": ("val", "test"),
@@ -73,6 +90,10 @@ class Query:
     gt: np.ndarray
     key: str
     subset: str
+    family: str | None = None  # :func:`question_family` of the target (synthetic records)
+    question: str | None = None  # the question to ask; None: LISA's eval_question
+    phrasing: str | None = None  # the phrasing kind of ``question``
+    meta: dict = field(default_factory=dict, repr=False)
 
 
 def queries_of(record: Record, all_texts: bool = False) -> list[Query]:
@@ -81,8 +102,92 @@ def queries_of(record: Record, all_texts: bool = False) -> list[Query]:
     if record.source == "reason_seg" and not all_texts:
         targets = targets[:1]
     subset = lambda t: "long" if t.kind == "sentence" else "short"  # noqa: E731  (ReasonSeg's split)
-    return [Query(t.text, t.kind, t.mask, f"{record.key}#{k}", subset(t)) for k, t in enumerate(targets)
-            if t.mask is not None]
+    return [Query(t.text, t.kind, t.mask, f"{record.key}#{k}", subset(t), question_family(t.meta), meta=t.meta)
+            for k, t in enumerate(targets) if t.mask is not None]
+
+
+#: Synthetic question types -> the question families reported (``extreme`` asks about
+#: position; ``relation``, ``nearest`` and ``same`` relate the target to an anchor).
+FAMILIES = {"size": "size", "corners": "corners", "extreme": "position", "relation": "relations",
+            "nearest": "relations", "same": "relations", "absent": "absent"}
+
+
+def question_family(meta: dict) -> str | None:
+    """The family of a target's question from its ``meta`` (``None``: not a synthetic
+    target). ``attribute`` lookups split by what they name: ``colour`` ("the blue
+    shape"), ``kind`` ("the square") or ``colour+kind`` ("the blue square")."""
+    qtype = meta.get("type")
+    if qtype == "attribute":
+        q = meta.get("query") or {}
+        return "colour+kind" if q.get("color") and q.get("kind") else "colour" if q.get("color") else "kind"
+    return FAMILIES.get(qtype)
+
+
+# Every colour and kind word of the synthetic world: an answer naming one the scene lacks
+# ("the purple triangle") still names a shape, just not the painted one.
+_PALETTE_NAMES, _KIND_NAMES = set(PALETTE), set(CORNERS)
+CONSISTENCY_VERDICTS = ("consistent", "wrong_shape", "empty_mask", "rejected_with_mask", "unnamed")
+# "There is no purple triangle in the image.", "no such object", "Sorry, nothing ...".
+_REJECTION = re.compile(r"\b(there is no|there's no|there are no|no such|nothing)\b", re.IGNORECASE)
+
+
+def named_shape(text: str, colors, kinds) -> tuple[str, str] | None:
+    """The first "<colour> <kind>" an answer names (``("blue", "square")``), or ``None``."""
+    pattern = r"\b(%s)\s+(%s)s?\b" % ("|".join(map(re.escape, colors)), "|".join(map(re.escape, kinds)))
+    m = re.search(pattern, text, re.IGNORECASE)
+    return (m.group(1).lower(), m.group(2).lower()) if m else None
+
+
+def painted_shape(pred: np.ndarray | None, labels: np.ndarray, n_shapes: int) -> int | None:
+    """The shape a predicted mask ``(H, W)`` mostly covers: index ``j`` of the highest IoU
+    with ``labels == j + 1`` (``labels``: ``(H, W)``, 0 background); ``None`` when the mask
+    is empty or overlaps no shape."""
+    if pred is None or not pred.any():
+        return None
+    pred = pred.astype(bool)
+    ious = [np.logical_and(pred, labels == j + 1).sum() / np.logical_or(pred, labels == j + 1).sum()
+            for j in range(n_shapes)]
+    return int(np.argmax(ious)) if ious and max(ious) > 0 else None
+
+
+def answer_consistency(answer: str, pred: np.ndarray | None, labels: np.ndarray, shapes: list[dict],
+                       rejected: bool = False) -> str:
+    """Whether ``answer`` names what ``pred`` paints (one of :data:`CONSISTENCY_VERDICTS`).
+
+    ``shapes``: the record's shapes (``color``, ``kind``; shape ``j`` is ``labels == j + 1``);
+    ``rejected``: the model answered its reject token. A rejection ("There is no ...",
+    ``[REJ]``) is consistent with an empty mask (``rejected_with_mask`` otherwise); an
+    answer naming "the <colour> <kind>" is consistent when that is the shape the mask
+    mostly covers (:func:`painted_shape`), ``wrong_shape`` when another is, ``empty_mask``
+    when it paints none; an answer that names no shape is ``unnamed`` (it cannot be
+    checked, and counts against the rate)."""
+    painted = painted_shape(pred, labels, len(shapes))
+    if rejected or _REJECTION.search(answer):
+        return "consistent" if painted is None else "rejected_with_mask"
+    colors = sorted({s["color"] for s in shapes} | _PALETTE_NAMES)
+    kinds = sorted({s["kind"] for s in shapes} | _KIND_NAMES)
+    named = named_shape(answer, colors, kinds)
+    if named is None:
+        return "unnamed"
+    if painted is None:
+        return "empty_mask"
+    s = shapes[painted]
+    return "consistent" if (s["color"], s["kind"]) == named else "wrong_shape"
+
+
+def consistency_summary(verdicts: dict) -> dict:
+    """``{query key: (family, verdict)}`` -> counts, rate (consistent / all) and per family."""
+    def summary(items):
+        counts = Counter(v for _, v in items)
+        n = sum(counts.values())
+        return {"n": n, "consistent": counts["consistent"], "rate": counts["consistent"] / n if n else None,
+                "verdicts": {v: counts[v] for v in CONSISTENCY_VERDICTS}}
+
+    items = [verdicts[k] for k in sorted(verdicts, key=str)]
+    out = summary(items)
+    out["families"] = {f: summary([x for x in items if x[0] == f])
+                       for f in sorted({x[0] for x in items if x[0] is not None})}
+    return out
 
 
 def _lower(record: Record) -> bool:
@@ -91,13 +196,18 @@ def _lower(record: Record) -> bool:
 
 class Evaluator:
     """Scores ``model`` on ``reader`` in the given ``modes``; :meth:`run` returns
-    ``{mode: {"all": result, "short": ..., "long": ...}}`` (subsets only when present)."""
+    ``{mode: {"all": result, "short": ..., "long": ..., "family:<f>": ..., "phrasing:<p>": ...}}``
+    (subsets only when present) and sets :attr:`consistency` (``{mode: summary}``,
+    generate mode on records with shapes; see :func:`consistency_summary`).
+    ``phrasing``: ``"lisa"`` (LISA's validation question) or ``"any"`` (module docstring)."""
 
     def __init__(self, model, reader: DatasetReader, modes=("teacher",), template: str | None = None,
-                 all_texts: bool = False, max_new_tokens: int = 32, limit: int | None = None, progress: bool = True):
+                 all_texts: bool = False, max_new_tokens: int = 32, limit: int | None = None, progress: bool = True,
+                 phrasing: str = "lisa"):
         bad = [m for m in modes if m not in MODES]
         if bad:
             raise UnknownComponentError("evaluation mode", bad[0], MODES)
+        self.phrasing = check_phrasing(phrasing, key="phrasing")
         self.model = model
         self.reader = reader
         self.modes = tuple(modes)
@@ -108,9 +218,24 @@ class Evaluator:
         self.limit = limit
         self.progress = progress
         self.answers: dict[str, dict[str, str]] = {m: {} for m in self.modes}
+        self.rejected: dict[str, dict[str, bool]] = {m: {} for m in self.modes}
+        self.consistency: dict[str, dict] = {}
 
     def _conv(self, record: Record, q: Query, answer: str | None) -> Conversation:
-        return Conversation(self.template).add([IMAGE, "\n" + eval_question(q.text, q.kind, _lower(record))], answer)
+        question = q.question if q.question is not None else eval_question(q.text, q.kind, _lower(record))
+        return Conversation(self.template).add([IMAGE, "\n" + question], answer)
+
+    def queries(self, record: Record, i: int) -> list[Query]:
+        """Record ``i``'s queries, each with its question under :attr:`phrasing`."""
+        qs = queries_of(record, self.all_texts)
+        if self.phrasing == "any":
+            targets = {f"{record.key}#{k}": t for k, t in enumerate(record.targets)}
+            for k, q in enumerate(qs):
+                tgt = targets[q.key]
+                kinds = phrasing_kinds(tgt)
+                q.phrasing = kinds[(i + k) % len(kinds)]
+                q.question = any_question(tgt, q.phrasing, np.random.default_rng([i, k]))
+        return qs
 
     @torch.inference_mode()
     def teacher(self, record: Record, image: np.ndarray, qs: list[Query]) -> list[torch.Tensor]:
@@ -134,6 +259,7 @@ class Evaluator:
                         pixels[None].to(dev), [meta], GenerationConfig(max_new_tokens=self.max_new_tokens))
         for q, o in zip(qs, outs):
             self.answers["generate"][q.key] = o.text
+            self.rejected["generate"][q.key] = bool(o.rejected and o.rejected[0])
         return [o.masks[0] if len(o.masks) else None for o in outs]
 
     def _device(self):
@@ -151,13 +277,17 @@ class Evaluator:
         local = self.collect(rank, world)
         states = {mode: {name: m.state() for name, m in subsets.items()} for mode, subsets in local.items()}
         merged: dict[str, dict[str, SegMetrics]] = {mode: {} for mode in self.modes}
-        for part in _all_gather_object(states, world):
+        verdicts: dict[str, dict] = {}
+        for part, part_verdicts in _all_gather_object((states, self._verdicts), world):
+            for mode, v in part_verdicts.items():
+                verdicts.setdefault(mode, {}).update(v)
             for mode, subsets in part.items():
                 for name, state in subsets.items():
                     shard = SegMetrics.from_state(state)
                     target = merged[mode].setdefault(
                         name, SegMetrics(ignore_index=shard.ignore_index, on_duplicate=shard.on_duplicate))
                     target.merge(shard)
+        self.consistency = {mode: consistency_summary(v) for mode, v in sorted(verdicts.items())}
         return {mode: {name: m.result() for name, m in sorted(subsets.items())} for mode, subsets in merged.items()}
 
     def collect(self, rank: int = 0, world: int = 1) -> dict[str, dict[str, SegMetrics]]:
@@ -167,11 +297,12 @@ class Evaluator:
 
         n = len(self.reader) if self.limit is None else min(self.limit, len(self.reader))
         metrics = {m: {"all": SegMetrics()} for m in self.modes}
+        self._verdicts: dict[str, dict] = {}  # mode -> query key -> (family, verdict), this rank's
         self.model.eval()
         for i in tqdm(range(rank, n, world), desc=f"eval {self.reader.name}:{self.reader.split}", unit="img",
                       disable=not self.progress or rank != 0):
             record = self.reader[i]
-            qs = queries_of(record, self.all_texts)
+            qs = self.queries(record, i)
             if not qs:
                 continue
             image = record.image()
@@ -181,13 +312,30 @@ class Evaluator:
                          for q, lg in zip(qs, logits)]
                 gts = [q.gt for q in qs]
                 metrics[mode]["all"].add_sample(preds, gts, keys=[q.key for q in qs], sample_key=i)
-                if record.source == "reason_seg":
-                    for sub in {q.subset for q in qs}:
-                        idx = [k for k, q in enumerate(qs) if q.subset == sub]
-                        metrics[mode].setdefault(sub, SegMetrics()).add_sample(
-                            [preds[k] for k in idx], [gts[k] for k in idx], keys=[qs[k].key for k in idx],
-                            sample_key=i)
+                for sub in {s for q in qs for s in _subsets(record, q)}:
+                    idx = [k for k, q in enumerate(qs) if sub in _subsets(record, q)]
+                    metrics[mode].setdefault(sub, SegMetrics()).add_sample(
+                        [preds[k] for k in idx], [gts[k] for k in idx], keys=[qs[k].key for k in idx],
+                        sample_key=i)
+                shapes = (record.meta or {}).get("shapes")
+                labels = getattr(record, "labels", None)
+                if mode == "generate" and shapes and labels is not None:
+                    for q, lg, p in zip(qs, logits, preds):
+                        verdict = answer_consistency(self.answers[mode].get(q.key, ""), None if lg is None else p,
+                                                     labels, shapes, self.rejected[mode].get(q.key, False))
+                        self._verdicts.setdefault(mode, {})[q.key] = (q.family, verdict)
         return metrics
+
+
+def _subsets(record: Record, q: Query) -> list[str]:
+    """The subsets query ``q`` is also scored in: ReasonSeg's short/long, the question
+    family and the phrasing kind (when known)."""
+    out = [q.subset] if record.source == "reason_seg" else []
+    if q.family is not None:
+        out.append(f"family:{q.family}")
+    if q.phrasing is not None:
+        out.append(f"phrasing:{q.phrasing}")
+    return out
 
 
 def _all_gather_object(obj, world: int) -> list:
@@ -209,10 +357,19 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def markdown_table(results: dict, title: str) -> str:
-    """``results`` of :meth:`Evaluator.run` as a markdown table."""
+def markdown_table(results: dict, title: str, consistency: dict | None = None) -> str:
+    """``results`` of :meth:`Evaluator.run` as a markdown table; ``consistency``
+    (:attr:`Evaluator.consistency`) adds a table of answer-mask consistency."""
     lines = [f"### {title}", "", "| mode | subset | gIoU | cIoU | queries | images |", "| --- | --- | --- | --- | --- | --- |"]
     for mode, subsets in results.items():
         for sub, r in subsets.items():
             lines.append(f"| {mode} | {sub} | {r['giou']:.4f} | {r['ciou']:.4f} | {r['n_queries']} | {r['n_samples']} |")
+    for mode, c in (consistency or {}).items():
+        lines += ["", f"Answer-mask consistency ({mode}): does the answer name the shape its mask paints?", "",
+                  "| family | rate | consistent | queries | " + " | ".join(CONSISTENCY_VERDICTS[1:]) + " |",
+                  "| --- " * (4 + len(CONSISTENCY_VERDICTS) - 1) + "|"]
+        for name, row in [("all", c), *c["families"].items()]:
+            rate = "-" if row["rate"] is None else f"{row['rate']:.3f}"
+            rest = " | ".join(str(row["verdicts"][v]) for v in CONSISTENCY_VERDICTS[1:])
+            lines.append(f"| {name} | {rate} | {row['consistent']} | {row['n']} | {rest} |")
     return "\n".join(lines) + "\n"

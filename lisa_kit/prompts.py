@@ -23,12 +23,22 @@ made, so samples stay LISA's):
   [REJ].", "Sorry, the image has no such object: [REJ]." or "[REJ].", in a multi-target
   answer in its target's place -- and gets no mask (the token loss alone supervises it).
   Without a reject token such targets keep LISA's ``[SEG]`` with an empty mask.
-* **the reason before the mask** (recipe ``data.explain_first``, with ``explanatory >= 0``):
+* **the reason before the mask** (recipe ``data.explain_first``):
   a ``[SEG]`` answer for a record with an explanation is ``"<explanation> [SEG]."``, so the
   answer names its target before ``[SEG]`` ("The blue square is the largest shape,
   covering 412 pixels. [SEG]."). LISA puts the explanation after ``[SEG]``; a model trained
   from scratch (the shipped demo model) learns far faster to put the target's identity
-  into the ``[SEG]`` state this way.
+  into the ``[SEG]`` state this way. With a reject token, an absent target with an
+  explanation is answered the same way: "There is no purple triangle in the image. [REJ]."
+* **any phrasing** (recipe ``data.phrasing: any``; default ``lisa``): each target's
+  question is drawn from one of :data:`PHRASING_KINDS` -- a bare noun phrase ("the blue
+  square"), an imperative ("Show me the blue square."), a question ("Where is the blue
+  square?"), LISA's templates with their "Please output segmentation mask." suffix, or
+  without it (a sentence as itself: "Which shape is the largest?") -- so a model does not
+  learn that only the suffix asks for a mask. Noun-phrase forms need a phrase: the text
+  of a ``phrase`` target, or ``meta["phrase"]`` of a sentence (synthetic records carry
+  one); a sentence without one is asked as itself, with or without the suffix. Plain ``[SEG]`` answers of a
+  target whose ``meta["name"]`` names the shape say it ("The blue square [SEG].").
 """
 from __future__ import annotations
 
@@ -94,6 +104,19 @@ MULTI_NAMED_ANSWERS = (
     "{named}.",
     "Sure, {named}.",
 )
+#: ``data.phrasing`` values: LISA's question templates only, or the mix below.
+PHRASINGS = ("lisa", "any")
+#: How a question is put under ``data.phrasing: any`` (:func:`any_question`).
+PHRASING_KINDS = ("noun", "imperative", "question", "lisa", "lisa_plain")
+# ``{np}``: a noun phrase with its article ("the blue square", "the largest shape").
+IMPERATIVES = ("Segment {np}.", "Show me {np}.", "Highlight {np}.", "Find {np}.", "Mark {np} in the image.")
+WHERE_QUESTIONS = ("Where is {np}?", "Where is {np} in this image?", "Can you show me {np}?",
+                   "Which one is {np}?")
+#: LISA's short questions without their "respond with segmentation mask" request.
+SHORT_PLAIN_QUESTIONS = ("Can you segment the {class_name} in this image?",
+                         "Please segment the {class_name} in this image.", "What is {class_name} in this image?")
+# Plain [SEG] answers that name the target (``{name}``: "the blue square").
+NAMED_ANSWERS = ("{Name} [SEG].", "It is {name}, [SEG].", "Sure, {name}: [SEG].", "Here is {name}: [SEG].")
 
 
 @dataclass(frozen=True)
@@ -195,6 +218,53 @@ def seg_question(text: str, kind: str, rng: np.random.Generator) -> str:
     return SHORT_QUESTIONS[rng.integers(len(SHORT_QUESTIONS))].format(class_name=text.lower())
 
 
+def check_phrasing(value, key: str = "data.phrasing") -> str:
+    """``value`` if it is one of :data:`PHRASINGS`, else :class:`RecipeError`."""
+    if value not in PHRASINGS:
+        raise RecipeError(f"must be one of {', '.join(PHRASINGS)}, got {value!r}", key=key)
+    return value
+
+
+def noun_phrase(tgt: Target, text: str | None = None) -> str | None:
+    """A noun phrase with its article for ``tgt`` ("the blue square"): ``text`` (default
+    ``tgt.text``) of a phrase target, ``meta["phrase"]`` of a sentence, else ``None``."""
+    if tgt.kind != "sentence":
+        return _the((text if text is not None else tgt.text).strip().rstrip(".?!").lower())
+    phrase = tgt.meta.get("phrase")
+    return _the(phrase) if isinstance(phrase, str) and phrase else None
+
+
+def phrasing_kinds(tgt: Target) -> tuple[str, ...]:
+    """The :data:`PHRASING_KINDS` ``tgt`` can be asked in (every kind needs a noun phrase
+    except LISA's, which ask a sentence as itself)."""
+    if noun_phrase(tgt) is not None:
+        return PHRASING_KINDS
+    return ("lisa", "lisa_plain")
+
+
+def any_question(tgt: Target, how: str, rng: np.random.Generator, text: str | None = None) -> str:
+    """``tgt`` asked in phrasing kind ``how`` (one of :func:`phrasing_kinds`), wording drawn
+    from ``rng``. ``text``: the target's text to use (default ``tgt.text``)."""
+    text = tgt.text if text is None else text
+    np_ = noun_phrase(tgt, text)
+    sentence = tgt.kind == "sentence"
+    if how == "lisa":
+        return seg_question(text, tgt.kind, rng)
+    if how == "lisa_plain":  # a sentence as itself ("Which shape is the largest?"), no suffix
+        if sentence:
+            return text
+        return SHORT_PLAIN_QUESTIONS[rng.integers(len(SHORT_PLAIN_QUESTIONS))].format(class_name=text.lower())
+    if np_ is None:
+        raise ValueError(f"phrasing {how!r} needs a noun phrase; {tgt.text!r} has none")
+    if how == "noun":
+        return np_ if rng.integers(2) else np_.removeprefix("the ")
+    if how == "imperative":
+        return IMPERATIVES[rng.integers(len(IMPERATIVES))].format(np=np_)
+    if how == "question":
+        return WHERE_QUESTIONS[rng.integers(len(WHERE_QUESTIONS))].format(np=np_)
+    raise ValueError(f"unknown phrasing kind {how!r} (known: {', '.join(PHRASING_KINDS)})")
+
+
 def eval_question(text: str, kind: str, lower: bool = False) -> str:
     """LISA's validation question (``ValDataset``): the last short form for names and
     phrases, the last long form for sentences, after a space (LISA writes
@@ -206,17 +276,25 @@ def eval_question(text: str, kind: str, lower: bool = False) -> str:
     return " " + SHORT_QUESTIONS[3].format(class_name=text)
 
 
-def _answer(rng: np.random.Generator, tgt: Target, reject_token: str | None) -> str:
+def _answer(rng: np.random.Generator, tgt: Target, reject_token: str | None, named: bool = False) -> str:
     """A one-target answer: LISA's ``[SEG]`` phrasings, or a reject phrasing for an
-    absent target when the model has a reject token."""
+    absent target when the model has a reject token. ``named`` (``data.phrasing: any``):
+    the answer names the target when its meta knows the shape ("The blue square [SEG].")
+    and a reject says what is missing when its explanation does."""
     if reject_token and is_absent(tgt):
+        why = tgt.meta.get("explanation")
+        if named and why:
+            return f"{why} {reject_token}."
         return REJECT_ANSWERS[rng.integers(len(REJECT_ANSWERS))].replace(REJ, reject_token)
+    name = tgt.meta.get("name") if named else None
+    if isinstance(name, str) and name:
+        return NAMED_ANSWERS[rng.integers(len(NAMED_ANSWERS))].format(name=name, Name=name[0].upper() + name[1:])
     return ANSWERS[rng.integers(len(ANSWERS))]
 
 
 def seg_turns(record: Record, rng: np.random.Generator, classes_per_sample: int = 3,
               explanatory: float = -1.0, multi_seg: MultiSeg | None = None,
-              reject_token: str | None = None, explain_first: bool = False) -> list[Turn]:
+              reject_token: str | None = None, explain_first: bool = False, phrasing: str = "lisa") -> list[Turn]:
     """Up to ``classes_per_sample`` targets drawn without replacement, one turn each.
 
     ``explanatory`` (LISA's ``--explanatory``, -1 = off): for a record with an
@@ -225,7 +303,10 @@ def seg_turns(record: Record, rng: np.random.Generator, classes_per_sample: int 
     ``[SEG]`` followed by the explanation (the question then asks for one).
     ``multi_seg``: plain ``[SEG]`` turns may merge into one several-target turn
     (:func:`multi_turn`); ``reject_token``: absent targets are answered with it.
+    ``phrasing``: ``"lisa"`` (LISA's questions) or ``"any"`` (:func:`any_question`, each
+    target in a kind drawn uniformly from those it allows; named plain answers).
     """
+    check_phrasing(phrasing)
     n = len(record.targets)
     picked = list(rng.choice(n, size=classes_per_sample, replace=False)) if n >= classes_per_sample else list(range(n))
     mode = "seg"
@@ -247,18 +328,31 @@ def seg_turns(record: Record, rng: np.random.Generator, classes_per_sample: int 
             if len(group) == together:
                 turns.append(multi_turn(record, group, texts, rng, reject_token))
                 together = 1
-        elif explain_first and why and mode in ("seg", "seg+explanation") and not is_absent(tgt):
+        elif explain_first and why and mode in ("seg", "seg+explanation") and (
+                not is_absent(tgt) or (reject_token and tgt.meta.get("explanation"))):
             # The reason first, then the mask: the answer names its target before [SEG]
-            # (data.explain_first; not LISA's order, see the module docstring).
-            turns.append(Turn(seg_question(text, tgt.kind, rng), f"{why} {SEG}.", int(t)))
+            # (data.explain_first; not LISA's order, see the module docstring); an absent
+            # target's reason ("There is no ...") comes before the reject token.
+            mark = reject_token if is_absent(tgt) else SEG
+            turns.append(Turn(_question(tgt, text, rng, phrasing), f"{why} {mark}.", int(t)))
         elif mode == "seg":
-            turns.append(Turn(seg_question(text, tgt.kind, rng), _answer(rng, tgt, reject_token), int(t)))
+            turns.append(Turn(_question(tgt, text, rng, phrasing),
+                              _answer(rng, tgt, reject_token, named=phrasing == "any"), int(t)))
         elif mode == "seg+explanation":
             q = f"{tgt.text} {EXPLANATORY_QUESTIONS[rng.integers(len(EXPLANATORY_QUESTIONS))]}"
             turns.append(Turn(q, f"{_answer(rng, tgt, reject_token)} {why}", int(t)))
         else:
             turns.append(Turn(text, why, None))
     return turns
+
+
+def _question(tgt: Target, text: str, rng: np.random.Generator, phrasing: str) -> str:
+    """A segmentation question for ``tgt``: LISA's (:func:`seg_question`) or, under
+    ``phrasing="any"``, one of the target's :func:`phrasing_kinds` drawn uniformly."""
+    if phrasing == "lisa":
+        return seg_question(text, tgt.kind, rng)
+    kinds = phrasing_kinds(tgt)
+    return any_question(tgt, kinds[int(rng.integers(len(kinds)))], rng, text)
 
 
 def train_mask(mask: np.ndarray) -> np.ndarray:
@@ -297,13 +391,14 @@ def turns_to_sample(record: Record, turns: list[Turn], template: Template, image
 
 def build_sample(record: Record, rng: np.random.Generator, template: Template, classes_per_sample: int = 3,
                  explanatory: float = -1.0, multi_seg: MultiSeg | None = None,
-                 reject_token: str | None = None, explain_first: bool = False) -> Sample:
+                 reject_token: str | None = None, explain_first: bool = False, phrasing: str = "lisa") -> Sample:
     """A training :class:`~lisa_kit.data.Sample` from a record: VQA rounds as one
     conversation, segmentation targets as sampled question/answer turns (``multi_seg``,
-    ``reject_token``: see the module docstring)."""
+    ``reject_token``, ``explain_first``, ``phrasing``: see the module docstring)."""
     if record.rounds:
         image = record.image()
         h, w = image.shape[:2]
         return Sample(image, [vqa_conversation(record, template)], np.zeros((0, h, w), np.float32))
-    turns = seg_turns(record, rng, classes_per_sample, explanatory, multi_seg, reject_token, explain_first)
+    turns = seg_turns(record, rng, classes_per_sample, explanatory, multi_seg, reject_token, explain_first,
+                      phrasing)
     return turns_to_sample(record, turns, template, reject_token=reject_token)

@@ -882,6 +882,12 @@ def _template(value, key):
     return key, f"unknown conversation template {_short(value)}; templates: {', '.join(TEMPLATE_NAMES)}"
 
 
+def _phrasing(value, key):
+    from lisa_kit.prompts import PHRASINGS
+
+    return None if value in PHRASINGS else (key, f"expected one of {', '.join(PHRASINGS)}, got {_short(value)}")
+
+
 def _multi_seg(value, key):
     from lisa_kit.prompts import MultiSeg
 
@@ -939,6 +945,7 @@ def _section_fields() -> dict[str, dict[str, tuple]]:
             "classes_per_sample": (_positive_int, False),
             "explanatory": (_probability_or_off, False),
             "explain_first": (_boolean, False),
+            "phrasing": (_phrasing, False),
             "multi_seg": (_multi_seg, True),
             "sources": (_sources, True),
         },

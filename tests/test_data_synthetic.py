@@ -179,6 +179,34 @@ def test_types_kinds_phrasings_and_explanations(records):
     assert sum(len(r.targets) == 4 for r in records) >= 0.9 * len(records)
 
 
+def test_phrase_and_name_say_what_is_asked_and_what_answers(records):
+    for rec in records:
+        for t in rec.targets:
+            s, q, phrase = rec.meta["shapes"][t.meta["answer"]], t.meta["query"], t.meta["phrase"]
+            assert t.meta["name"] == f"the {s['color']} {s['kind']}"
+            assert phrase.startswith("the ") and not phrase.endswith((".", "?"))
+            for d in (q, q.get("anchor") or {}):  # the same colours and kinds as the question
+                for attr in ("color", "kind"):
+                    if d.get(attr):
+                        assert d[attr] in phrase, (phrase, q)
+            word = {"left": "left", "right": "right", "top": "top", "bottom": "bottom", "above": "above",
+                    "below": "below", "largest": "largest", "smallest": "smallest", "most": "most corners",
+                    "fewest": "fewest corners"}.get(q.get("side") or q.get("direction") or q.get("order"))
+            assert word is None or word in phrase, (phrase, q)
+
+
+def test_pixel_counts_option_drops_the_number_only():
+    kw = dict(size=60, seed=7, question_types=["size"], questions_per_image=1)
+    counted, plain = SyntheticReasoningSet(None, "val", **kw), SyntheticReasoningSet(None, "val", **kw,
+                                                                                    pixel_counts=False)
+    for a, b in zip(counted, plain):
+        assert a.targets[0].text == b.targets[0].text and a.meta == b.meta  # same scenes and questions
+        area = a.meta["shapes"][a.targets[0].meta["answer"]]["area"]
+        assert a.explanation.endswith(f", covering {area} pixels.")
+        assert b.explanation == a.explanation.replace(f", covering {area} pixels.", ".")
+        assert not any(ch.isdigit() for ch in b.explanation)
+
+
 def test_corner_explanation_reads_naturally():
     ds = SyntheticReasoningSet(None, "val", size=200, question_types=["corners"], questions_per_image=1)
     explanations = {ds[i].explanation for i in range(len(ds))}
@@ -228,7 +256,7 @@ def test_options_restrict_the_scene():
 
 @pytest.mark.parametrize("bad", [{"colors": ["teal"]}, {"kinds": ["star"]}, {"question_types": ["count"]},
                                  {"image_size": (16, 16)}, {"absent_ratio": 1.5}, {"min_shapes": 1},
-                                 {"texture": 50}])
+                                 {"texture": 50}, {"pixel_counts": "no"}])
 def test_bad_options_are_input_errors(bad):
     with pytest.raises(InputError):
         SyntheticReasoningSet(None, "train", **bad)

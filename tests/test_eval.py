@@ -69,3 +69,14 @@ def test_cli_writes_metrics(tmp_path, capsys):
     assert report["versions"]["torch"] and report["recipe"] == "lisa-tiny"
     assert "| teacher | all |" in (tmp_path / "metrics.md").read_text()
     assert "gIoU" in capsys.readouterr().out
+
+
+def test_synthetic_results_add_family_subsets_beside_all(tiny_model, reader):
+    """``all`` keeps LISA's keys; synthetic records add ``family:<name>`` subsets, and
+    teacher mode (the answer is given) reports no answer-mask consistency."""
+    ev = Evaluator(tiny_model, reader, modes=("teacher",), progress=False)
+    res = ev.run()["teacher"]
+    assert {"giou", "ciou", "n_queries", "n_samples", "per_query", "intersection", "union"} <= set(res["all"])
+    families = {k for k in res if k.startswith("family:")}
+    assert families and sum(res[k]["n_queries"] for k in families) == res["all"]["n_queries"]
+    assert ev.consistency == {}

@@ -51,7 +51,9 @@ class HybridDataset:
 
     def __init__(self, groups: list[SourceGroup], template: Template, samples_per_epoch: int, seed: int = 0,
                  classes_per_sample: int = 3, explanatory: float = 0.1, multi_seg=None,
-                 reject_token: str | None = None, explain_first: bool = False):
+                 reject_token: str | None = None, explain_first: bool = False, phrasing: str = "lisa"):
+        from lisa_kit.prompts import check_phrasing
+
         groups = [g for g in groups if g.rate > 0]
         if not groups:
             raise DataError("no data source with a positive rate")
@@ -70,6 +72,7 @@ class HybridDataset:
         self.multi_seg = multi_seg
         self.reject_token = reject_token
         self.explain_first = bool(explain_first)
+        self.phrasing = check_phrasing(phrasing)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -99,7 +102,7 @@ class HybridDataset:
             record = reader[k]
             if record.targets or record.rounds:
                 return build_sample(record, rng, self.template, self.classes_per_sample, self.explanatory,
-                                    self.multi_seg, self.reject_token, self.explain_first)
+                                    self.multi_seg, self.reject_token, self.explain_first, self.phrasing)
         raise DataError(f"{self.MAX_REDRAWS} draws in a row found records without targets; check the datasets")
 
 
@@ -114,6 +117,7 @@ def hybrid_from_config(cfg: dict, template: Template, seed: int = 0, reject_toke
           explanatory: 0.1
           multi_seg: {prob: 0.5, max_targets: 3}   # several targets per question (default: off)
           explain_first: false                     # true: "<explanation> [SEG]." (the reason before the mask)
+          phrasing: lisa                           # any: noun phrases, imperatives, questions, LISA's templates
           sources:                              # default: LISA's four groups and rates
             reason_seg: {datasets: [reason_seg], rate: 1, split: train}
             synthetic: {datasets: [synthetic], rate: 1, options: {size: 2000}}
@@ -133,4 +137,5 @@ def hybrid_from_config(cfg: dict, template: Template, seed: int = 0, reject_toke
                          classes_per_sample=int(cfg.get("classes_per_sample", 3)),
                          explanatory=float(cfg.get("explanatory", 0.1)),
                          multi_seg=MultiSeg.from_config(cfg.get("multi_seg")), reject_token=reject_token,
-                         explain_first=bool(cfg.get("explain_first", False)))
+                         explain_first=bool(cfg.get("explain_first", False)),
+                         phrasing=cfg.get("phrasing", "lisa"))

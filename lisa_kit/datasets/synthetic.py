@@ -31,6 +31,11 @@ from which ``Target.meta["answer"]``, an index into ``Record.meta["shapes"]``, f
                empty mask, ``meta["absent"] = True``, ``meta["answer"] = None``
 
 Every type but ``attribute`` and ``absent`` is a full question (``kind="sentence"``).
+Each target's meta also holds ``explanation`` (why the answer is the answer),
+``phrase`` (a noun phrase for what is asked: "the largest blue shape", "the shape
+closest to the red circle") and ``name`` (the answer shape, "the blue square"; ``None``
+when absent), so prompts can ask any type in other phrasings and answers can name what
+the mask paints.
 Geometry uses image coordinates: ``x`` to the right, ``y`` down, a shape's ``center`` is
 the centroid ``[x, y]`` of its mask pixels and ``bbox`` is ``[x0, y0, x1, y1)``.
 
@@ -387,8 +392,34 @@ def _realise(rng: np.random.Generator, qtype: str, q: dict) -> str:
     return _pick(rng, _SAME[q["attribute"]]).format(a=a)
 
 
-def _explain(qtype: str, q: dict, s: dict | None) -> str:
-    """One sentence saying why the answer is the answer (ReasonSeg's explanatory style)."""
+_EXTREME_WORDS = {"left": "leftmost", "right": "rightmost", "top": "topmost", "bottom": "bottommost"}
+
+
+def _phrase(qtype: str, q: dict) -> str:
+    """A noun phrase for what question ``q`` asks about ("the largest blue shape", "the
+    shape directly above the red circle"): lets :mod:`lisa_kit.prompts` ask any question
+    type as a bare noun phrase, an imperative or a "where is" question."""
+    if qtype in ("attribute", "absent"):
+        return "the " + _noun(q["color"], q["kind"])
+    g = _noun(q.get("color"), q.get("kind"))
+    if qtype == "size":
+        return f"the {q['order']} {g}"
+    if qtype == "corners":
+        return f"the {g} with the {q['order']} corners"
+    if qtype == "extreme":
+        return f"the {_EXTREME_WORDS[q['side']]} {g}"
+    a = _anchor_text(q["anchor"])
+    if qtype == "relation":
+        return f"the shape directly {_DIRECTION_WORDS[q['direction']]} {a}"
+    if qtype == "nearest":
+        return f"the shape closest to {a}"
+    return f"the other shape with the same {'color' if q['attribute'] == 'color' else 'form'} as {a}"
+
+
+def _explain(qtype: str, q: dict, s: dict | None, pixel_counts: bool = True) -> str:
+    """One sentence saying why the answer is the answer (ReasonSeg's explanatory style).
+    ``pixel_counts``: a size answer also states the winner's area in pixels (a number a
+    model cannot read off the image, so at inference it is invented; off in lisa-demo-v2)."""
     if qtype == "absent":
         return f"There is no {_noun(q['color'], q['kind'])} in the image."
     it = _name(s).capitalize()
@@ -396,7 +427,8 @@ def _explain(qtype: str, q: dict, s: dict | None) -> str:
     if qtype == "attribute":
         return f"{it} is the only {g} in the image."
     if qtype == "size":
-        return f"{it} is the {q['order']} {g}, covering {s['area']} pixels."
+        area = f", covering {s['area']} pixels" if pixel_counts else ""
+        return f"{it} is the {q['order']} {g}{area}."
     if qtype == "corners":
         n = _NUMBERS.get(s["corners"], str(s["corners"]))
         more = "more" if q["order"] == "most" else "fewer"
@@ -434,8 +466,10 @@ class SyntheticReasoningSet(DatasetReader):
     rare crowded or tiny scenes), ``absent_ratio`` (chance that a question names
     something absent), ``min_shapes`` / ``max_shapes`` (shapes per scene, 2-5 by default;
     scenes where fewer fit are resampled), ``colors`` / ``kinds`` / ``question_types`` (subsets of
-    :data:`PALETTE`, :data:`CORNERS`, :data:`QUESTION_TYPES`) and ``texture`` (background
-    noise amplitude, ``0`` for a plain background).
+    :data:`PALETTE`, :data:`CORNERS`, :data:`QUESTION_TYPES`), ``texture`` (background
+    noise amplitude, ``0`` for a plain background) and ``pixel_counts`` (size
+    explanations state the area in pixels; default true, as the shipped demo model was
+    trained; ``false`` gives "The blue square is the largest shape.").
     """
 
     name = "synthetic"
@@ -446,7 +480,8 @@ class SyntheticReasoningSet(DatasetReader):
                  image_size: tuple[int, int] | int = DEFAULT_IMAGE_SIZE, seed: int = 0,
                  questions_per_image: int = 3, absent_ratio: float = 0.0, min_shapes: int = 2,
                  max_shapes: int = 5, colors: list[str] | None = None, kinds: list[str] | None = None,
-                 question_types: list[str] | None = None, texture: int = DEFAULT_TEXTURE):
+                 question_types: list[str] | None = None, texture: int = DEFAULT_TEXTURE,
+                 pixel_counts: bool = True):
         super().__init__(root if root is not None else ".", split)
         self.root = Path(root) if root is not None else None
         self.split_dir = self.layout_dir(self.root, self.split) if self.root is not None else None
@@ -472,6 +507,8 @@ class SyntheticReasoningSet(DatasetReader):
             problems.append("need questions_per_image >= 1 and at least one color, kind and question type")
         if not 0 <= texture <= 20:  # beyond 20 the background could reach palette colours
             problems.append(f"texture must be in [0, 20], got {texture}")
+        if not isinstance(pixel_counts, bool):
+            problems.append(f"pixel_counts must be true or false, got {pixel_counts!r}")
         if int(seed) < 0 or (size is not None and int(size) < 0):
             problems.append("seed and size must be non-negative")
         if problems:
@@ -480,6 +517,7 @@ class SyntheticReasoningSet(DatasetReader):
             "seed": int(seed), "image_size": list(hw), "questions_per_image": int(questions_per_image),
             "absent_ratio": float(absent_ratio), "min_shapes": int(min_shapes), "max_shapes": int(max_shapes),
             "colors": colors, "kinds": kinds, "question_types": qtypes, "texture": int(texture),
+            "pixel_counts": pixel_counts,
         }
         self.size = int(size) if size is not None else DEFAULT_SIZES[self.split]
 
@@ -554,7 +592,10 @@ class SyntheticReasoningSet(DatasetReader):
                 text=_realise(rng, qtype, q), mask=mask,
                 kind="phrase" if qtype in ("attribute", "absent") else "sentence",
                 meta={"type": qtype, "query": q, "answer": answer, "absent": answer is None,
-                      "explanation": _explain(qtype, q, shapes[answer] if answer is not None else None)}))
+                      "explanation": _explain(qtype, q, shapes[answer] if answer is not None else None,
+                                              o["pixel_counts"]),
+                      "phrase": _phrase(qtype, q),
+                      "name": _name(shapes[answer]) if answer is not None else None}))
         return SyntheticRecord(
             source=self.name, key=f"{self.split}/{i:06d}", image_path=Path(f"synthetic/{self.split}/{i:06d}.png"),
             targets=targets, explanation=targets[0].meta["explanation"] if targets else None,
