@@ -17,6 +17,9 @@ each ``[REJ]`` gives an empty mask (logits :data:`REJECTED_LOGIT`, so ``> 0`` is
 False) flagged in ``Generated.rejected``; nothing is decoded for it.
 
 Rows are left-padded so a batch of prompts of different lengths decodes together.
+Afterwards the seg head maps every kept state at once and the mask decoder runs once
+per image, on the prompts of all rows about that image (several questions on one image
+cost one decoder call, not one per row); the masks are split back to rows in order.
 """
 from __future__ import annotations
 
