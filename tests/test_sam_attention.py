@@ -84,3 +84,24 @@ def test_built_sam_uses_sdpa_and_whole_encoder_matches():
     torch.testing.assert_close(new, ref, **TOL)
     with pytest.raises(ValueError, match="unknown SAM attention 'flash'"):
         sam.set_attention("flash")
+
+
+def test_gradients_match_meta_attention():
+    """With autograd (``train_image_encoder``) the blocked path gives Meta's gradients."""
+    torch.manual_seed(7)
+    attn = _randomised(Attention(32, 2, use_rel_pos=True, input_size=(6, 6)), 7)
+    x = torch.randn(2, 6, 6, 32, generator=torch.Generator().manual_seed(8))
+    grads = []
+    for impl, budget in (("eager", None), ("sdpa", 2 * 2 * 6 * 36 * 4)):  # two grid rows per block
+        attn.zero_grad()
+        sa.use_sdpa_attention(attn, impl)
+        if budget:
+            q, k, v = attn.qkv(x).reshape(2, 36, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+            o = sa.sdpa_rel_pos(q, k, v, attn.rel_pos_h, attn.rel_pos_w, (6, 6), attn.scale, budget)
+            y = attn.proj(o.permute(0, 2, 1, 3).reshape(2, 6, 6, -1))
+        else:
+            y = attn(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in attn.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], **TOL, msg=n)

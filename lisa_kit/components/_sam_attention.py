@@ -16,6 +16,12 @@ bounded by :data:`BIAS_BLOCK_BYTES`. The query scaling is applied to ``q`` befor
 kernel (``scale=1``) exactly as the original multiplies ``q * scale`` before ``q @ k^T``,
 and the bias is computed from the unscaled ``q`` as there.
 
+Also exact, and mask-free: append ``rel_h, rel_w`` to each query and one-hot key rows /
+columns to each key (``q' . k' = q.k*scale + bias``). On CPU, torch's fused kernel needs
+the value head size to equal the query's, else it falls back to the math path, which
+materialises the maps again (measured: +1.7 GiB for 12 heads at 4096 tokens); padding the
+values to match triples the ``attn @ v`` work. Blocked masks cost neither.
+
 Shapes: ``x (B, h, w, C)`` -> ``(B, h, w, C)``; ``q, k, v (B, heads, N, C/heads)``.
 """
 from __future__ import annotations
@@ -24,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
-#: Upper bound on the relative-position bias one kernel call receives (bytes). Large
-#: enough that a block spans several grid rows at ViT-B/H widths (a kernel call per block
-#: costs little), small enough to sit below glibc's largest mmap threshold (32 MiB), so
-#: blocks are reused from the heap instead of being page-faulted in afresh.
-BIAS_BLOCK_BYTES = 16 * 2**20
+#: Upper bound on the relative-position bias one kernel call receives (bytes): 3-5 grid
+#: rows of queries at ViT-B/H widths, a whole 14 x 14 windowed block at once. Measured
+#: (CPU time of one ViT-B/H global block at 1024 px, 2 threads): one row per call costs
+#: about 1.5x as much, and blocks of 128 MiB and more cost more again.
+BIAS_BLOCK_BYTES = 64 * 2**20
 
 
 def rel_pos_bias_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
@@ -63,11 +69,21 @@ def sdpa_rel_pos(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: t
     h, w = hw
     rel_h, rel_w = rel_pos_bias_terms(q, rel_pos_h, rel_pos_w, hw)
     rows = block_rows(q.shape[0] * q.shape[1], hw, q.element_size(), budget)
+    # Without autograd one bias buffer serves every block: allocated (and page-faulted in)
+    # once per call instead of once per block. With autograd each block is its own tensor.
+    reuse = not (torch.is_grad_enabled() and rel_h.requires_grad)
+    buf = rel_h.new_empty(q.shape[0] * q.shape[1] * rows * w * h * w) if reuse else None
     out = []
     for y0 in range(0, h, rows):
         y1 = min(h, y0 + rows)
         # (B, heads, rows, w, h, 1) + (B, heads, rows, w, 1, w) -> (B, heads, rows*w, h*w)
-        bias = (rel_h[:, :, y0:y1, :, :, None] + rel_w[:, :, y0:y1, :, None, :]).flatten(2, 3).flatten(-2)
+        a, b = rel_h[:, :, y0:y1, :, :, None], rel_w[:, :, y0:y1, :, None, :]
+        if reuse:
+            blk = buf[: q.shape[0] * q.shape[1] * (y1 - y0) * w * h * w].view(*q.shape[:2], y1 - y0, w, h, w)
+            bias = torch.add(a, b, out=blk)
+        else:
+            bias = a + b
+        bias = bias.reshape(*q.shape[:2], (y1 - y0) * w, h * w)  # a view of `blk`; `a + b` may come out permuted
         out.append(F.scaled_dot_product_attention(qs[:, :, y0 * w:y1 * w], k, v, attn_mask=bias, scale=1.0))
     return out[0] if len(out) == 1 else torch.cat(out, 2)
 
@@ -81,8 +97,9 @@ class SdpaRelPosAttention(Attention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape
-        # (B, H*W, 3, heads, c) -> 3 x (B, heads, H*W, c)
-        q, k, v = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        # (B, H*W, 3, heads, c) -> 3 x (B, heads, H*W, c), contiguous once (as Meta's reshape
+        # does): every block of queries reads all of k and v again.
+        q, k, v = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
         rel = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
         x = sdpa_rel_pos(q, k, v, *rel, (H, W), self.scale)
         x = x.permute(0, 2, 1, 3).reshape(B, H, W, -1)  # heads next to channels, as the original

@@ -113,6 +113,15 @@ class SamMaskDecoder(MaskDecoder):
         return {"image_embeddings": torch.cat(embs, 0)}
 
     def decode(self, features: dict[str, torch.Tensor], prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``features`` of one image, ``prompts (M, P)`` -> ``(M, 1, S/4, S/4)`` logits and
+        ``(M, 1)`` predicted IoU; every prompt is decoded independently of the others.
+
+        Meta's ``predict_masks`` gives each prompt its own copy of the image embedding
+        (``repeat_interleave``, ``M x (P, S/16, S/16)``). That copy is needed, not waste: each
+        two-way transformer layer adds prompt-dependent attention output to the image
+        tokens (``keys = keys + attn(image -> prompt tokens)``), so after the first layer
+        every prompt has different image tokens anyway. At 1024 px it is 4 MiB per prompt
+        (fp32), small next to the image encoder, so the call stays Meta's own code."""
         emb = features["image_embeddings"]
         m = prompts.shape[0]
         sparse = prompts.unsqueeze(1).to(emb.dtype)  # (M, 1, P): the text prompt is the only sparse token
