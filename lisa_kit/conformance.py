@@ -34,6 +34,7 @@ _IMAGE_HW = ((37, 53), (60, 40))
 _BATCH, _TOKENS, _SEG_ROWS, _PROMPTS = 2, 5, 4, 3
 _FUSION_EMBED_DIM, _FUSION_FEATURES = 8, 5
 _CACHE_TOL = 1e-5  # cached decoding vs a full pass, fp32
+_DECODE_TOL = 1e-5  # one mask decoded with others vs alone, fp32 (batched matmuls may round differently)
 
 
 class ConformanceError(AssertionError):
@@ -161,6 +162,12 @@ def _mask_decoder(comp, label):
     _check(tuple(low.shape[:2]) == (_PROMPTS, 1) and tuple(scores.shape) == (_PROMPTS, 1), label,
            f"decode(features, (M={_PROMPTS}, prompt_dim)) must return (M, 1, h', w') and (M, 1), "
            f"got {_describe(low)} and {_describe(scores)}")
+    # Generation decodes all prompts of an image in one call: mask m may depend on prompt m only.
+    for m in range(_PROMPTS):
+        low_m, scores_m = comp.decode(feats, prompts[m:m + 1])
+        _close((low_m, scores_m), (low[m:m + 1], scores[m:m + 1]), label,
+               f"decode: prompt {m} decoded alone differs from prompt {m} decoded with {_PROMPTS - 1} others "
+               "(the prompts of one call must be independent)", atol=_DECODE_TOL, rtol=_DECODE_TOL)
     masks = comp.postprocess(low, meta)
     _check(tuple(masks.shape) == (_PROMPTS, h, w) and masks.dtype == torch.float32, label,
            f"postprocess must return float32 (M, H, W) = {(_PROMPTS, h, w)} at the original size, "

@@ -17,6 +17,9 @@ each ``[REJ]`` gives an empty mask (logits :data:`REJECTED_LOGIT`, so ``> 0`` is
 False) flagged in ``Generated.rejected``; nothing is decoded for it.
 
 Rows are left-padded so a batch of prompts of different lengths decodes together.
+Afterwards the seg head maps every kept state at once and the mask decoder runs once
+per image, on the prompts of all rows about that image (several questions on one image
+cost one decoder call, not one per row); the masks are split back to rows in order.
 """
 from __future__ import annotations
 
@@ -136,18 +139,15 @@ def generate(model, prompt_ids: list[list[int]], row_images: list[list[int]], vi
             break
 
     mask_features = model.encode_masks(mask_pixels)
+    decoded = _decode_by_image(model, seg_hidden, row_images, mask_features, metas)
     results = []
     for b in range(B):
         toks = new_tokens[b]
         seg_idx = [i for i, t in enumerate(toks) if t == seg_id or (rej_id is not None and t == rej_id)]
         rejected = [toks[i] != seg_id for i in seg_idx]
         img = row_images[b][-1] if row_images[b] else None
-        if seg_hidden[b] and img is not None:
-            prompts = model.seg_head(torch.stack(seg_hidden[b]))
-            feats_i = {k: v[img:img + 1] for k, v in mask_features.items()}
-            low, scores = model.mask_decoder.decode(feats_i, prompts)
-            masks = model.mask_decoder.postprocess(low, metas[img])
-            scores = scores[:, 0]
+        if b in decoded:
+            prompts, low, masks, scores = decoded[b]
         else:
             h, w = metas[img].original_size if img is not None else (0, 0)
             prompts = torch.zeros(0, model.mask_decoder.prompt_dim, device=device)
@@ -164,6 +164,40 @@ def generate(model, prompt_ids: list[list[int]], row_images: list[list[int]], vi
             step_logits=torch.stack([s[b] for s in steps]) if steps else None,
             finished=bool(toks and toks[-1] == eos_id), rejected=rejected))
     return results
+
+
+def _decode_by_image(model, seg_hidden: list[list[torch.Tensor]], row_images: list[list[int]],
+                     mask_features: dict[str, torch.Tensor], metas: list[ImageMeta]) -> dict[int, tuple]:
+    """One ``mask_decoder.decode`` call per image for all its rows' kept ``[SEG]`` states.
+
+    ``seg_hidden[b]``: the ``K_b`` states ``(D,)`` of row ``b``, in answer order; a row's
+    masks refer to its last image slot. The seg head maps every state of the batch at
+    once ``(K, D) -> (K, P)``; image ``i``'s ``M_i`` prompts (its rows in order, each
+    row's in answer order) are decoded together and post-processed together, then split
+    back. Returns ``{row: (prompts (K_b, P), low_res (K_b, 1, h', w'), masks (K_b, H, W),
+    scores (K_b,))}`` for the rows with at least one state and an image (the tensors
+    are views of the image's batch). Equal to decoding row by row because the decoder
+    treats the prompts of one call independently (the ``MaskDecoder`` contract)."""
+    rows_of_image: dict[int, list[int]] = {}
+    for b, states in enumerate(seg_hidden):
+        if states and row_images[b]:
+            rows_of_image.setdefault(row_images[b][-1], []).append(b)
+    if not rows_of_image:
+        return {}
+    order = [b for rows in rows_of_image.values() for b in rows]
+    prompts = model.seg_head(torch.stack([s for b in order for s in seg_hidden[b]]))  # (K, P)
+    out, start = {}, 0
+    for img, rows in rows_of_image.items():
+        counts = [len(seg_hidden[b]) for b in rows]
+        p_img = prompts[start:start + sum(counts)]  # (M_i, P)
+        start += sum(counts)
+        feats = {k: v[img:img + 1] for k, v in mask_features.items()}
+        low, scores = model.mask_decoder.decode(feats, p_img)
+        masks = model.mask_decoder.postprocess(low, metas[img])
+        for b, p, lo, m, sc in zip(rows, p_img.split(counts), low.split(counts), masks.split(counts),
+                                   scores[:, 0].split(counts)):
+            out[b] = (p, lo, m, sc)
+    return out
 
 
 def _with_rejections(masks: torch.Tensor, scores: torch.Tensor, rejected: list[bool],

@@ -98,7 +98,11 @@ class MaskDecoder(nn.Module):
     * ``encode_image(pixels (I, 3, S, S)) -> dict[str, Tensor]``: every value has
       batch dimension ``I`` (SAM: ``{"image_embeddings": (I, C, h, w)}``; SAM2 adds its
       high-resolution maps). The model slices one image with ``v[i:i+1]``.
-    * ``decode(features (batch 1), prompts (M, P)) -> (low_res_logits (M, 1, h', w'), scores (M, 1))``
+    * ``decode(features (batch 1), prompts (M, P)) -> (low_res_logits (M, 1, h', w'), scores (M, 1))``:
+      the ``M`` prompts are independent (mask ``m`` depends on prompt ``m`` only, as if
+      decoded alone, up to float rounding), because the model and generation decode all
+      of an image's prompts, from every row that asks about it, in one call
+      (the conformance check compares each prompt decoded alone with the batch).
     * ``postprocess(low_res (M, 1, h', w'), meta) -> logits (M, H, W)`` at the original size.
     """
 

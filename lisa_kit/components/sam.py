@@ -77,6 +77,7 @@ class SamMaskDecoder(MaskDecoder):
                                           attention_downsample_rate=c["transformer_attention_downsample_rate"]),
             transformer_dim=self.prompt_dim, iou_head_depth=c["iou_head_depth"],
             iou_head_hidden_dim=c["iou_head_hidden_dim"])
+        self.set_attention("sdpa")
         # Not in the state dict (Meta keeps them non-persistent too).
         self.register_buffer("pixel_mean", torch.tensor(c["pixel_mean"], dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(c["pixel_std"], dtype=torch.float32).view(-1, 1, 1), False)
@@ -94,6 +95,17 @@ class SamMaskDecoder(MaskDecoder):
         return t, ImageMeta(original_size=(h, w), input_size=(nh, nw))
 
     # -- model --------------------------------------------------------------------
+    def set_attention(self, impl: str = "sdpa") -> None:
+        """The image encoder's attention forward: ``"sdpa"`` (default; fused
+        ``scaled_dot_product_attention``, the relative-position bias passed a block of
+        query rows at a time, so no ``(heads, N, N)`` map is ever stored; see
+        :mod:`lisa_kit.components._sam_attention`) or ``"eager"`` (Meta's forward, which
+        materialises the maps). Same parameters and state-dict keys either way; outputs
+        agree to float rounding (``tests/test_sam_attention.py``)."""
+        from lisa_kit.components._sam_attention import use_sdpa_attention
+
+        use_sdpa_attention(self.image_encoder, impl)
+
     def encode_image(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         # One image at a time: SAM's encoder activations dominate memory at 1024 px.
         dtype = self.image_encoder.patch_embed.proj.weight.dtype
@@ -101,6 +113,15 @@ class SamMaskDecoder(MaskDecoder):
         return {"image_embeddings": torch.cat(embs, 0)}
 
     def decode(self, features: dict[str, torch.Tensor], prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``features`` of one image, ``prompts (M, P)`` -> ``(M, 1, S/4, S/4)`` logits and
+        ``(M, 1)`` predicted IoU; every prompt is decoded independently of the others.
+
+        Meta's ``predict_masks`` gives each prompt its own copy of the image embedding
+        (``repeat_interleave``, ``M x (P, S/16, S/16)``). That copy is needed, not waste: each
+        two-way transformer layer adds prompt-dependent attention output to the image
+        tokens (``keys = keys + attn(image -> prompt tokens)``), so after the first layer
+        every prompt has different image tokens anyway. At 1024 px it is 4 MiB per prompt
+        (fp32), small next to the image encoder, so the call stays Meta's own code."""
         emb = features["image_embeddings"]
         m = prompts.shape[0]
         sparse = prompts.unsqueeze(1).to(emb.dtype)  # (M, 1, P): the text prompt is the only sparse token
