@@ -29,7 +29,7 @@ during it, ``/proc/self/clear_refs``), wall time, and on CUDA ``max_memory_alloc
   tokens ending in ``[SEG]`` as ``lisa-kit bench`` forces it) after loading the safetensors form;
 * ``export``: ``export_lisa_hf`` of that loaded model (safetensors, default shard size);
 * ``train``: one optimizer step of :class:`lisa_kit.train.loop.Trainer` (LoRA q/v, bf16
-  autocast, activation checkpointing, batch 1, a synthetic sample) on the ``.bin`` form.
+  autocast, activation checkpointing, batch 1 (``train``) and LISA's per-device batch 2 (``train_b2``), synthetic samples) on the ``.bin`` form.
 
 Across depths every metric is fitted as ``a + b * params`` (least squares) and extrapolated
 to LISA-7B (32 layers) and LISA-13B (40 layers, hidden 5120, intermediate 13824, 40 heads):
@@ -58,7 +58,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MEASUREMENTS = ("load_lisa_hf_bin", "load_lisa_hf_safetensors", "load_lisa_kit", "seg", "export", "train")
+MEASUREMENTS = ("load_lisa_hf_bin", "load_lisa_hf_safetensors", "load_lisa_kit", "seg", "export", "train",
+                "train_b2")
+# Samples per micro-batch of each training measurement: 1, and LISA's per-device batch (2);
+# the difference is the activation memory of one sample.
+TRAIN_BATCH = {"train": 1, "train_b2": 2}
 METRICS = ("wall_s", "peak_rss_bytes", "cuda_peak_bytes")
 FORMS = ("lisa_hf_bin", "lisa_hf_safetensors", "lisa_kit")
 
@@ -265,7 +269,7 @@ def measure(name: str, dirs: dict, clip: str, device: str, answer_tokens: int, w
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     return export_lisa_hf(seg.model, work / "export", vision_tower=clip, overwrite=True)
-    elif name == "train":
+    elif name in TRAIN_BATCH:
         from lisa_kit.checkpoint.lisa_hf import lisa_recipe
         from lisa_kit.train.loop import Trainer
 
@@ -277,7 +281,7 @@ def measure(name: str, dirs: dict, clip: str, device: str, answer_tokens: int, w
                      device=device, overrides=[
                          "data.sources={synthetic: {datasets: [synthetic], rate: 1, split: train, options: {size: 8}}}",
                          "train.val=null", "train.save_every=0", "train.workers=0", "train.steps=1",
-                         "train.warmup_steps=1", "train.batch_size=1", "train.grad_accumulation=1",
+                         "train.warmup_steps=1", f"train.batch_size={TRAIN_BATCH[name]}", "train.grad_accumulation=1",
                          "train.precision=bf16", "train.activation_checkpointing=true"])
         micro, where = next(tr._micro_batches())
 
@@ -491,7 +495,7 @@ def run(a) -> dict:
                    "checkpoint_bytes": {f: dir_bytes(d) for f, d in dirs.items()},
                    "clip_bytes": dir_bytes(clip), "measurements": {}}
             for m in wanted:
-                if m == "train" and a.train_layers and layers not in a.train_layers:
+                if m in TRAIN_BATCH and a.train_layers and layers not in a.train_layers:
                     continue
                 print(f"[{layers} layers] {m} ...", file=sys.stderr, flush=True)
                 rec["measurements"][m] = r = _child(m, dirs, clip, device, a.answer_tokens, point, a.timeout)
