@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lisa_kit.errors import CheckpointError, InputError
+from lisa_kit.errors import InputError
 
 __all__ = ["Segmenter", "SegResult", "load", "DEMO_MODEL_DIR", "PRECISIONS", "QUANTIZATIONS"]
 

@@ -19,3 +19,13 @@ def tiny_model():
 
     torch.manual_seed(0)
     return build_model(tiny_recipe()).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """CPU training steps of these tiny models are dominated by overheads; one thread is
+    as fast and does not collapse when other processes share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

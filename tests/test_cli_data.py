@@ -53,7 +53,6 @@ def test_unknown_dataset(capsys):
 def test_export_overlay_is_annotated_ground_truth(tmp_path):
     """The exported overlay: the ground truth outlined over the image (enlarged when
     small), a legend naming each target, the image untouched outside the masks."""
-    from lisa_kit.datasets import open_dataset
     from lisa_kit.visualize import annotate
 
     assert main(["data", "check", "--dataset", "synthetic", "--split", "val", "--option", "size=2",

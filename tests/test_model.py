@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lisa_kit.conversation import IMAGE, Conversation, Tok, encode, get_template
+from lisa_kit.conversation import IMAGE, Conversation, encode, get_template
 from lisa_kit.data import Sample, collate
 from lisa_kit.errors import CheckpointError
 from lisa_kit.generation import GenerationConfig, generate

@@ -24,15 +24,6 @@ QUICK = ["train.warmup_steps=2", "train.batch_size=2", "train.grad_accumulation=
          "train.workers=0", "data.samples_per_epoch=10", "data.sources.synthetic.options.size=50"]
 
 
-@pytest.fixture
-def one_thread():
-    """CPU training steps of these tiny models are dominated by overheads; one thread is
-    as fast and does not collapse when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()]

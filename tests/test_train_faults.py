@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from lisa_kit.errors import CheckpointError, TrainingError
 from lisa_kit.train import checkpointing as ckpt
@@ -20,13 +19,6 @@ QUICK = ["train.warmup_steps=2", "train.batch_size=2", "train.grad_accumulation=
          "train.workers=0", "data.samples_per_epoch=10", "data.sources.synthetic.options.size=50"]
 OV = QUICK + ["train.steps=8", "train.save_every=1", "train.keep_last=3"]
 
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _trainer(run: Path, **kw):

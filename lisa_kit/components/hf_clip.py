@@ -90,7 +90,7 @@ class HFClipVisionEncoder(VisionEncoder):
 COMPONENT = "vision_encoder:hf_clip"
 
 
-def _load_tower(path: Path, dtype: torch.dtype | None) -> "CLIPVisionModel":
+def _load_tower(path: Path, dtype: torch.dtype | None) -> torch.nn.Module:
     """A ``CLIPVisionModel`` from a ``CLIPVisionModel`` or whole ``CLIPModel`` directory,
     through lisa_kit's loader: built without memory, the vision tensors streamed in, each
     cast once to ``dtype`` (default: the dtype the config names, else float32, as

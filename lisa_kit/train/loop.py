@@ -592,7 +592,7 @@ class Trainer:
         """Train until ``train.steps`` (or ``stop_after``, or a SIGINT/SIGTERM: then with
         a checkpoint at the step boundary, and ``signal``/``exit_code`` in the summary);
         returns a summary."""
-        cfg, env = self.cfg, self.env
+        env = self.env
         if self.ckpt_root.is_dir() and ckpt.list_checkpoints(self.ckpt_root) and self.resumed_from is None:
             raise CheckpointError("the run directory already has checkpoints; resume it or choose another output "
                                   "directory", file=self.out)

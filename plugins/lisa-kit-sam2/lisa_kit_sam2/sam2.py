@@ -51,7 +51,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lisa_kit.interfaces import ImageMeta, MaskDecoder
 from lisa_kit_sam2._hf import (
