@@ -285,6 +285,27 @@ def test_nothing_to_train_is_an_error_before_any_step(tmp_path):
     assert not any("lora_" in n for n, _ in tr.model.named_parameters())
 
 
+def test_frozen_weights_reach_the_device_already_in_the_training_precision(tmp_path, monkeypatch):
+    """bf16 training stores frozen weights in bf16 (trainable ones stay fp32 masters), and
+    the cast happens before the model moves to its device: on a 24 GB GPU, LISA-7B's frozen
+    weights fit in bf16 (13.5 GB), not in fp32 (27 GB)."""
+    from lisa_kit.model import LisaModel
+    from lisa_kit.train.loop import Trainer
+
+    seen = []
+    to = LisaModel.to
+
+    def recording_to(self, *args, **kwargs):
+        seen.append({p.dtype for p in self.parameters() if not p.requires_grad})
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(LisaModel, "to", recording_to)
+    tr = Trainer(RECIPE, tmp_path / "run", overrides=QUICK + ["train.precision=bf16"], progress=False)
+    assert seen and seen[0] == {torch.bfloat16}, seen  # the first move already sees bf16 frozen weights
+    trainable = dict(tr.model.named_parameters())
+    assert all(trainable[n].dtype == torch.float32 for n in tr.trainable_names)
+
+
 def test_nonfinite_loss_stops_naming_step_and_samples_or_is_skipped(tmp_path, monkeypatch, one_thread):
     import lisa_kit.loss
     from lisa_kit.errors import TrainingError
