@@ -109,12 +109,14 @@ def generate(model, prompt_ids: list[list[int]], row_images: list[list[int]], vi
     fused = model.fusion.fuse(ids, am, None, feats, row_images, llm.embed, padding_side="left")
     extra = model.llm_kwargs()  # per-layer states when seg_layers asks for them
     plan = _prefix_plan(prompt_ids, row_images, model.fusion.IMAGE_SLOT) if cfg.share_prefix else None
-    if plan is None:
+    shared = None if plan is None else _shared_prefill(llm, fused, *plan, T=T, lengths=[len(p) for p in prompt_ids],
+                                                       extra=extra)
+    if shared is None:  # every row's prompt in full (one row, nothing shared, or a cache that cannot be copied)
         out = llm(fused.inputs_embeds, attention_mask=fused.attention_mask.long(), position_ids=fused.position_ids,
                   use_cache=True, logits="last", **extra)
         attn = fused.attention_mask.long()
     else:
-        out, attn = _shared_prefill(llm, fused, *plan, T=T, lengths=[len(p) for p in prompt_ids], extra=extra)
+        out, attn = shared
     cache = out.cache
     pos = fused.position_ids[:, -1]  # the suffix run keeps the rows' own positions: same last one
     last_hidden, logits = model.seg_layers.last(out), out.logits[:, -1]
@@ -239,7 +241,11 @@ def _shared_prefill(llm, fused, group: list[int], shared: list[int], *, T: int, 
     (as the full path pads). Suffix run: the last ``S`` fused columns of every row, ``S``
     the longest suffix; a shorter suffix's columns before its cut are masked out, which
     leaves pads *between* the prefix and the suffix. Position ids are the rows' own fused
-    ones, so they continue from the prefix as in a full run."""
+    ones, so they continue from the prefix as in a full run.
+
+    ``None`` when the LLM's cache has no ``reorder_cache(index)`` (transformers ``Cache``
+    has it; the :class:`~lisa_kit.interfaces.LanguageModel` contract leaves the cache
+    opaque), so it cannot be copied to the rows."""
     B, L = fused.attention_mask.shape
     device = fused.inputs_embeds.device
     cut = torch.stack([fused.token_positions[b, T - lengths[b] + shared[b]] for b in range(B)])  # (B,)
@@ -260,6 +266,8 @@ def _shared_prefill(llm, fused, group: list[int], shared: list[int], *, T: int, 
     # Only the cache is needed from the prefix: no logits, no per-layer states.
     prefix = llm(p_emb, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits=False)
     cache = prefix.cache
+    if not callable(getattr(cache, "reorder_cache", None)):
+        return None
     cache.reorder_cache(torch.tensor(group, device=device))  # (G, ...) -> (B, ...): each row its group's copy
 
     S = int((L - cut).max())

@@ -5,6 +5,7 @@ the full per-row prefill (``GenerationConfig(share_prefix=False)``): same greedy
 step logits / masks within 1e-5 (fp32)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -107,8 +108,13 @@ def test_image_features_run_once_per_image(questions):
 def test_greedy_answers_equal_full_prefill(name):
     model = _model(name)
     # two images, rows of different lengths, several rows per image
-    full, shared = _both(model, _inputs(model, [3, 2]), max_new_tokens=8)
-    assert len({len(f.step_logits) for f in full}) >= 1
+    inputs = _inputs(model, [3, 2])
+    fed = _Fed(model, inputs[2])
+    try:
+        full, shared = _both(model, inputs, max_new_tokens=8)
+    finally:
+        fed.handle.remove()
+    assert fed.multi_token_calls == 1 + 2  # full: one prefill; shared: the prefixes, then the rows' own tokens
     _assert_same(full, shared)
 
 
@@ -149,4 +155,31 @@ def test_nothing_shared_runs_one_full_prefill(questions, text_row):
     finally:
         fed.handle.remove()
     assert fed.multi_token_calls == 2  # one prefill per generate call
+    _assert_same(full, shared)
+
+
+class _OpaqueCache:
+    """A cache as a non-transformers LLM might return it: no ``reorder_cache``."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+
+def test_cache_without_reorder_falls_back_to_full_prefill(monkeypatch):
+    model = _model("lisa-tiny")
+    real = model.llm.forward
+
+    def forward(*a, cache=None, **k):
+        out = real(*a, cache=cache.inner if cache is not None else None, **k)
+        return out if out.cache is None else dataclasses.replace(out, cache=_OpaqueCache(out.cache))
+
+    inputs = _inputs(model, [3])
+    full = generate(model, *inputs, GenerationConfig(max_new_tokens=3, keep_step_logits=True, share_prefix=False))
+    monkeypatch.setattr(model.llm, "forward", forward)
+    fed = _Fed(model, inputs[2])
+    try:
+        shared = generate(model, *inputs, GenerationConfig(max_new_tokens=3, keep_step_logits=True))
+    finally:
+        fed.handle.remove()
+    assert fed.multi_token_calls == 2  # the prefix, found uncopiable, then the full prompts
     _assert_same(full, shared)
