@@ -17,6 +17,9 @@ each ``[REJ]`` gives an empty mask (logits :data:`REJECTED_LOGIT`, so ``> 0`` is
 False) flagged in ``Generated.rejected``; nothing is decoded for it.
 
 Rows are left-padded so a batch of prompts of different lengths decodes together.
+Afterwards the seg head maps every kept state at once and the mask decoder runs once
+per image, on the prompts of all rows about that image (several questions on one image
+cost one decoder call, not one per row); the masks are split back to rows in order.
 
 Questions about one image share its prefill (:func:`_shared_prefill`): rows whose prompts
 are the same token ids up to and including their last image (same image index) form a
@@ -24,9 +27,8 @@ group; each group's prefix - system text and the image's features, plus whatever
 all its rows still share - runs through the LLM once, its KV cache is copied to the
 group's rows, and only each row's remaining tokens (the question and the open assistant
 turn) run on top. 8 questions on one image then read the image's tokens once, not 8 times.
-Afterwards the seg head maps every kept state at once and the mask decoder runs once
-per image, on the prompts of all rows about that image (several questions on one image
-cost one decoder call, not one per row); the masks are split back to rows in order.
+The result equals the full prefill up to float rounding (``GenerationConfig.share_prefix=False``
+keeps that path); one row, or a row without an image, always takes it.
 """
 from __future__ import annotations
 

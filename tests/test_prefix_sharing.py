@@ -183,3 +183,38 @@ def test_cache_without_reorder_falls_back_to_full_prefill(monkeypatch):
         fed.handle.remove()
     assert fed.multi_token_calls == 2  # the prefix, found uncopiable, then the full prompts
     _assert_same(full, shared)
+
+
+def test_two_image_rows_and_shared_question_text():
+    """Rows with two images each (grouped by both), and rows whose questions start alike
+    (the shared prefix runs on past the image into the common words)."""
+    model = _model("lisa-tiny")
+    tok, tpl = model.tokenizer, get_template("llava_v1")
+    slot_ids = model.fusion.wrap_image(tok)
+    vis, sam, metas = [], [], []
+    for i in range(2):
+        img, _ = synthetic_image(40 + 7 * i, 56 - 5 * i, i)
+        vis.append(model.vision_encoder.preprocess(img))
+        px, meta = model.mask_decoder.preprocess(img)
+        sam.append(px)
+        metas.append(meta)
+    texts = ["Segment the red square.", "Segment the red square please.", "Segment the red one."]
+    prompts, rows = [], []
+    for images in ([0, 1], [1, 0]):
+        for t in texts:
+            conv = Conversation(tpl).add([IMAGE, "\n", IMAGE, "\n" + t], None)
+            prompts.append(encode(conv, tok, slot_ids)[0])
+            rows.append(images)
+    plan = g._prefix_plan(prompts, rows, model.fusion.IMAGE_SLOT)
+    assert plan is not None and plan[0] == [0, 0, 0, 1, 1, 1]
+    last_slot = max(t for t, i in enumerate(prompts[0]) if i == model.fusion.IMAGE_SLOT)
+    assert min(plan[1]) > last_slot + 1  # "\nSegment the red" is shared too
+    inputs = (prompts, rows, torch.stack(vis), torch.stack(sam), metas)
+    fed = _Fed(model, inputs[2])
+    try:
+        full, shared = _both(model, inputs, max_new_tokens=4)
+    finally:
+        fed.handle.remove()
+    assert fed.multi_token_calls == 1 + 2
+    assert fed.per_image == [6 * fed.feats.shape[1] + 2 * fed.feats.shape[1]] * 2  # full: 6 rows; shared: 2 groups
+    _assert_same(full, shared)
