@@ -12,7 +12,8 @@ KV-cached step per token, one mask per ``[SEG]`` -- with
   the mask path always runs once per question;
 * each stage **timed** by wrapping the model's stage callables on the instance (never
   the class): ``encode_vision`` (CLIP + projector), ``fusion.fuse``, the LLM's
-  ``forward`` (first call = prefill, later calls = decode steps),
+  ``forward`` (prompt calls = prefill: one, or two when rows share an image prefix;
+  one-token cached calls = decode steps),
   ``mask_decoder.encode_image``, ``seg_head.forward``, ``mask_decoder.decode``,
   ``mask_decoder.postprocess``. Timers do not nest (an inner stage inside an outer one
   is not counted twice), so ``sum(stages) <= total``; the rest is reported as
@@ -273,7 +274,10 @@ def instrumented(model, timer_ref: list):
     wrap(model, "encode_vision", lambda a, k: "vision_encoder")
     wrap(model, "encode_masks", lambda a, k: "mask_encoder")
     wrap(model.fusion, "fuse", lambda a, k: "fusion")
-    wrap(model.llm, "forward", lambda a, k: "llm_decode" if k.get("cache") is not None else "llm_prefill")
+    # Decode steps feed one token through the cache; a prefill may take two calls (several
+    # questions on one image: the shared prefix, then the rows' own tokens on its cache).
+    wrap(model.llm, "forward", lambda a, k: "llm_decode" if k.get("cache") is not None
+         and (a[0] if a else k["inputs_embeds"]).shape[1] == 1 else "llm_prefill")
     wrap(model.seg_head, "forward", lambda a, k: "seg_head")
     wrap(model.mask_decoder, "decode", lambda a, k: "mask_decode")
     wrap(model.mask_decoder, "postprocess", lambda a, k: "postprocess")

@@ -20,6 +20,15 @@ Rows are left-padded so a batch of prompts of different lengths decodes together
 Afterwards the seg head maps every kept state at once and the mask decoder runs once
 per image, on the prompts of all rows about that image (several questions on one image
 cost one decoder call, not one per row); the masks are split back to rows in order.
+
+Questions about one image share its prefill (:func:`_shared_prefill`): rows whose prompts
+are the same token ids up to and including their last image (same image index) form a
+group; each group's prefix - system text and the image's features, plus whatever text
+all its rows still share - runs through the LLM once, its KV cache is copied to the
+group's rows, and only each row's remaining tokens (the question and the open assistant
+turn) run on top. 8 questions on one image then read the image's tokens once, not 8 times.
+The result equals the full prefill up to float rounding (``GenerationConfig.share_prefix=False``
+keeps that path); one row, or a row without an image, always takes it.
 """
 from __future__ import annotations
 
@@ -41,6 +50,9 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     keep_step_logits: bool = False
+    #: Run a prompt prefix shared by several rows (same text and image up to the image's
+    #: last feature) once; ``False`` prefills every row in full (the reference path).
+    share_prefix: bool = True
 
 
 @dataclass
@@ -98,10 +110,17 @@ def generate(model, prompt_ids: list[list[int]], row_images: list[list[int]], vi
     feats = model.encode_vision(vision_pixels)
     fused = model.fusion.fuse(ids, am, None, feats, row_images, llm.embed, padding_side="left")
     extra = model.llm_kwargs()  # per-layer states when seg_layers asks for them
-    out = llm(fused.inputs_embeds, attention_mask=fused.attention_mask.long(), position_ids=fused.position_ids,
-              use_cache=True, logits="last", **extra)
-    cache, attn = out.cache, fused.attention_mask.long()
-    pos = fused.position_ids[:, -1]
+    plan = _prefix_plan(prompt_ids, row_images, model.fusion.IMAGE_SLOT) if cfg.share_prefix else None
+    shared = None if plan is None else _shared_prefill(llm, fused, *plan, T=T, lengths=[len(p) for p in prompt_ids],
+                                                       extra=extra)
+    if shared is None:  # every row's prompt in full (one row, nothing shared, or a cache that cannot be copied)
+        out = llm(fused.inputs_embeds, attention_mask=fused.attention_mask.long(), position_ids=fused.position_ids,
+                  use_cache=True, logits="last", **extra)
+        attn = fused.attention_mask.long()
+    else:
+        out, attn = shared
+    cache = out.cache
+    pos = fused.position_ids[:, -1]  # the suffix run keeps the rows' own positions: same last one
     last_hidden, logits = model.seg_layers.last(out), out.logits[:, -1]
 
     seg_id, eos_id, rej_id = model.seg_token_id, tok.eos_id, model.reject_token_id
@@ -164,6 +183,102 @@ def generate(model, prompt_ids: list[list[int]], row_images: list[list[int]], vi
             step_logits=torch.stack([s[b] for s in steps]) if steps else None,
             finished=bool(toks and toks[-1] == eos_id), rejected=rejected))
     return results
+
+
+def _prefix_plan(prompt_ids: list[list[int]], row_images: list[list[int]],
+                 image_slot: int) -> tuple[list[int], list[int]] | None:
+    """Which rows share a prefill prefix, or ``None`` when nothing would be shared.
+
+    Rows are grouped by their token ids up to and including their last image slot and by
+    the images in those slots; within a group the prefix extends over the text all its
+    rows still have in common, up to one token before the shortest row's end (every row
+    keeps at least its last token for its own run: the logits that pick the first answer
+    token and the ``previous`` [SEG] state come from there). Returns ``(group of each
+    row (B,), shared token count of each row (B,))`` with groups numbered in order of
+    first appearance. ``None`` (full prefill for every row) for a single row, a row
+    without an image, a row ending in its image, or when every group has one row."""
+    B = len(prompt_ids)
+    if B < 2:
+        return None
+    keys: dict[tuple, int] = {}
+    group, members = [], []
+    for b, p in enumerate(prompt_ids):
+        slots = [t for t, i in enumerate(p) if i == image_slot]
+        if not slots or not row_images[b] or slots[-1] == len(p) - 1:
+            return None
+        key = (tuple(p[:slots[-1] + 1]), tuple(row_images[b]))
+        if key not in keys:
+            keys[key] = len(keys)
+            members.append([])
+        group.append(keys[key])
+        members[keys[key]].append(b)
+    if len(keys) == B:
+        return None
+    shared = [0] * B
+    for rows in members:
+        first = prompt_ids[rows[0]]
+        n = min(len(prompt_ids[b]) for b in rows) - 1  # each row keeps >= 1 token of its own
+        for b in rows[1:]:
+            other = prompt_ids[b]
+            n = next((t for t in range(n) if other[t] != first[t]), n)
+        for b in rows:
+            shared[b] = n
+    return group, shared
+
+
+def _shared_prefill(llm, fused, group: list[int], shared: list[int], *, T: int, lengths: list[int],
+                    extra: dict):
+    """Prefill in two runs: each group's shared prefix once, then every row's own tokens
+    on top of its group's KV cache. Returns ``(LMOutput of the second run, attention mask
+    (B, Lp + S))`` - the same last-position logits/states as one full run, and a cache and
+    mask the decode steps continue from.
+
+    ``fused``: the rows fused left-padded to ``L`` columns (every row ends at column
+    ``L``); ``shared[b]``: how many of row ``b``'s ``lengths[b]`` tokens (of ``T`` padded
+    columns) its group shares. The cut is found with the fusion's own bookkeeping: the
+    fused column of row ``b``'s first own token is ``token_positions[b, T - len_b +
+    shared_b]``, wherever the image features put it.
+
+    Prefix run: group ``g``'s prefix ``(P_g,)`` right-aligned in ``(G, Lp)`` with left pads
+    (as the full path pads). Suffix run: the last ``S`` fused columns of every row, ``S``
+    the longest suffix; a shorter suffix's columns before its cut are masked out, which
+    leaves pads *between* the prefix and the suffix. Position ids are the rows' own fused
+    ones, so they continue from the prefix as in a full run.
+
+    ``None`` when the LLM's cache has no ``reorder_cache(index)`` (transformers ``Cache``
+    has it; the :class:`~lisa_kit.interfaces.LanguageModel` contract leaves the cache
+    opaque), so it cannot be copied to the rows."""
+    B, L = fused.attention_mask.shape
+    device = fused.inputs_embeds.device
+    cut = torch.stack([fused.token_positions[b, T - lengths[b] + shared[b]] for b in range(B)])  # (B,)
+    start = L - fused.attention_mask.sum(1)  # (B,) first real column (left padding)
+    reps = {g: b for b, g in reversed(list(enumerate(group)))}  # first row of each group
+    G = len(reps)
+    plen = {g: int(cut[b] - start[b]) for g, b in reps.items()}
+    Lp = max(plen.values())
+    D = fused.inputs_embeds.shape[-1]
+    p_emb = fused.inputs_embeds.new_zeros(G, Lp, D)
+    p_mask = torch.zeros(G, Lp, dtype=torch.long, device=device)
+    p_pos = torch.zeros(G, Lp, dtype=fused.position_ids.dtype, device=device)
+    for g, b in reps.items():
+        s, c = int(start[b]), int(cut[b])
+        p_emb[g, Lp - plen[g]:] = fused.inputs_embeds[b, s:c]
+        p_mask[g, Lp - plen[g]:] = 1
+        p_pos[g, Lp - plen[g]:] = fused.position_ids[b, s:c]
+    # Only the cache is needed from the prefix: no logits, no per-layer states.
+    prefix = llm(p_emb, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits=False)
+    cache = prefix.cache
+    if not callable(getattr(cache, "reorder_cache", None)):
+        return None
+    cache.reorder_cache(torch.tensor(group, device=device))  # (G, ...) -> (B, ...): each row its group's copy
+
+    S = int((L - cut).max())
+    cols = torch.arange(L - S, L, device=device)
+    s_mask = (cols[None, :] >= cut[:, None]).long()  # (B, S): 0 on columns before the row's own tokens
+    attn = torch.cat([p_mask[group], s_mask], 1)
+    out = llm(fused.inputs_embeds[:, L - S:], attention_mask=attn, position_ids=fused.position_ids[:, L - S:],
+              cache=cache, use_cache=True, logits="last", **extra)
+    return out, attn
 
 
 def _decode_by_image(model, seg_hidden: list[list[torch.Tensor]], row_images: list[list[int]],
