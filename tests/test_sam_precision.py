@@ -166,3 +166,27 @@ def test_bf16_autocast_training_step_with_frozen_bf16_image_encoder():
     assert sam.mask_decoder.output_upscaling[0].weight.dtype == torch.float32
     assert not torch.equal(before, sam.mask_decoder.output_upscaling[0].weight)
     assert np.isfinite(low.detach().float().numpy()).all()
+
+
+class _SamAllCast(SamMaskDecoder):
+    fp32_prefixes = ()  # wrong: the prompt encoder's positional encoding is built in fp32
+
+
+def _build_all_cast(variant="custom", config=None):
+    from lisa_kit.components.sam import sam_config
+
+    return _SamAllCast(sam_config(variant, config))
+
+
+def test_conformance_runs_a_decoder_in_its_declared_precision():
+    from lisa_kit.conformance import ConformanceError, check_component
+    from lisa_kit.interfaces import ComponentSpec
+
+    tiny = {"variant": "custom", "config": TINY_SAM}
+    with pytest.raises(ConformanceError, match=r"mask_decoder:sam_all_cast: cast to bfloat16 by its fp32_prefixes "
+                                                r"\(\) it no longer runs"):
+        check_component(ComponentSpec("mask_decoder", "sam_all_cast", _build_all_cast, tiny=tiny))
+    from lisa_kit.components.sam import build_sam
+
+    with pytest.raises(ConformanceError, match="component_class is '_SamAllCast' but the build returns SamMaskDecoder"):
+        check_component(ComponentSpec("mask_decoder", "liar", build_sam, tiny=tiny, component_class=_SamAllCast))
