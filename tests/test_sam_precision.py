@@ -190,3 +190,16 @@ def test_conformance_runs_a_decoder_in_its_declared_precision():
 
     with pytest.raises(ConformanceError, match="component_class is '_SamAllCast' but the build returns SamMaskDecoder"):
         check_component(ComponentSpec("mask_decoder", "liar", build_sam, tiny=tiny, component_class=_SamAllCast))
+
+
+def test_sam_checkpoint_named_by_the_recipe_streams_split(tmp_path):
+    """``checkpoint:`` in the recipe's SAM node (Meta's .pth) is read straight into the split."""
+    torch.manual_seed(0)
+    src = build_component("mask_decoder", SAM_NODE)
+    io.save_safetensors(src.state_dict(), tmp_path / "sam.safetensors")
+    recipe = tiny_recipe(mask_decoder={**SAM_NODE, "checkpoint": str(tmp_path / "sam.safetensors")})
+    model = build_model(recipe, dtype=torch.bfloat16)
+    _assert_sam_split(model.mask_decoder)
+    for k, v in src.state_dict().items():
+        got = model.mask_decoder.state_dict()[k]
+        assert torch.equal(got, v.to(got.dtype)), k

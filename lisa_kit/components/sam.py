@@ -177,15 +177,22 @@ def sam_config(variant: str = "vit_h", config: dict | None = None) -> dict:
     return cfg
 
 
-def build_sam(variant: str = "vit_h", checkpoint: str | None = None, config: dict | None = None) -> SamMaskDecoder:
+def build_sam(variant: str = "vit_h", checkpoint: str | None = None, config: dict | None = None,
+              dtype: str | torch.dtype | None = None) -> SamMaskDecoder:
     """``variant``: ``vit_h``/``vit_l``/``vit_b`` (Meta's sizes) or ``custom`` (all sizes from
     ``config``, keys as in ``DEFAULTS``); ``config`` entries override the variant's.
-    ``checkpoint``: a Meta ``sam_vit_*.pth`` (or safetensors) to load."""
+    ``checkpoint``: a Meta ``sam_vit_*.pth`` (or safetensors) to load, its tensors read
+    straight into ``dtype`` (``bf16``/``fp16``; default fp32) but for what
+    :attr:`SamMaskDecoder.fp32_prefixes` keeps fp32."""
+    from lisa_kit.components._util import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
     model = SamMaskDecoder(sam_config(variant, config))
     if checkpoint is not None:
         from lisa_kit.checkpoint.io import load_file_into
 
-        load_file_into(model, checkpoint, component="mask_decoder", strict=True)  # streamed, tensor by tensor
+        # streamed, tensor by tensor, each cast once by the module's precision rule
+        load_file_into(model, checkpoint, component="mask_decoder", strict=True, dtype=dtype)
     return model
 
 
