@@ -12,7 +12,12 @@ from lisa_kit.api import Segmenter
 from lisa_kit.builder import build_component, build_model
 from lisa_kit.checkpoint import io
 from lisa_kit.checkpoint.export import export_lisa_hf
-from lisa_kit.checkpoint.lisa_hf import ensure_lisa_memory, import_lisa_hf, lisa_bytes, lisa_recipe
+from lisa_kit.checkpoint.lisa_hf import (
+    ensure_lisa_memory,
+    import_lisa_hf,
+    lisa_bytes,
+    lisa_recipe,
+)
 from lisa_kit.checkpoint.native import load_model, save_model
 from lisa_kit.components.sam import TINY_SAM, SamMaskDecoder
 from lisa_kit.interfaces import MaskDecoder

@@ -77,11 +77,12 @@ def declared_class(kind: str, node: dict | None, registry=None):
     name = (node or {}).get("name")
     if name is None:
         return iface
-    try:
-        from lisa_kit.registry import get_registry
+    from lisa_kit.errors import LisaKitError
+    from lisa_kit.registry import get_registry
 
+    try:
         spec = (registry or get_registry()).get(kind, name)
-    except Exception:  # an unknown name: the build raises the typed error
+    except LisaKitError:  # an unknown name: the build raises it again, where it is reported
         return iface
     return spec.component_class or iface
 

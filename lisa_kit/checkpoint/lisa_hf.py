@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from lisa_kit.checkpoint.io import (LoadReport, Placer, checkpoint_keys, component_dtype, declared_class,
-                                    ensure_memory, param_dtype,
-                                    estimate_bytes, iter_tensors, load_state_dict)
+                                    ensure_memory, estimate_bytes, iter_tensors, load_state_dict, param_dtype)
 from lisa_kit.checkpoint.safe import refuse_remote_code
 from lisa_kit.errors import CheckpointError
 
