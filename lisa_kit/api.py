@@ -172,19 +172,21 @@ def _quantize_llm(model, quantization: str, compute_dtype: torch.dtype) -> None:
 
 
 def _cast(model, dtype: torch.dtype) -> None:
-    """Cast every component but the mask decoder to ``dtype`` (as LISA's ``model.bfloat16()``).
+    """Cast the model to ``dtype`` as LISA's ``model.bfloat16()``, by the one precision rule
+    (:func:`~lisa_kit.checkpoint.io.param_dtype`) the loader applies too:
 
-    * The mask decoder stays fp32: segment_anything's prompt encoder builds its positional
-      encoding in fp32 and fails against bf16/fp16 weights (LISA patched its copy); the
-      decoder takes prompts of any dtype, so only its weights' memory differs.
+    * Parts a component declares keep fp32 (SAM: its prompt encoder, whose positional
+      encoding segment-anything builds in fp32 and which fails against bf16/fp16 weights,
+      and its small mask decoder); SAM's image encoder takes ``dtype``. A decoder that
+      declares nothing stays fp32 whole.
     * Non-persistent float buffers (RoPE frequencies) keep their precision, as
       transformers' ``from_pretrained(dtype=...)`` leaves them.
     """
-    from lisa_kit.checkpoint.io import CAST_KINDS
-    from lisa_kit.components._util import cast_keep_buffers
+    from lisa_kit.checkpoint.io import cast_component
+    from lisa_kit.interfaces import KINDS
 
-    for name in CAST_KINDS:  # a model loaded in `dtype` already is left as it is (no copies)
-        cast_keep_buffers(getattr(model, name), dtype)
+    for name in KINDS:  # a model loaded in `dtype` already is left as it is (no copies)
+        cast_component(getattr(model, name), dtype)
 
 
 def _load_target(device, precision, quantization) -> tuple[torch.device | None, torch.dtype | None]:

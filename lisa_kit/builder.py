@@ -112,10 +112,8 @@ def build_model(recipe, registry: Registry | None = None, resolve: dict | None =
 
     ``empty``: the kinds a checkpoint will fill, built without memory (meta parameters)
     unless their node names weights of its own; ``dtype``: the precision asked for, given
-    to the builds that load their own weights and take a ``dtype`` (the mask decoder keeps
-    its own)."""
-    from lisa_kit.checkpoint.io import component_dtype
-
+    to the builds that load their own weights and take a ``dtype`` (each keeps fp32 what its
+    component declares: :func:`~lisa_kit.checkpoint.io.param_dtype`)."""
     cfg = _plain(getattr(recipe, "cfg", recipe))
     m = cfg["model"]
     empty = set(empty)
@@ -126,7 +124,8 @@ def build_model(recipe, registry: Registry | None = None, resolve: dict | None =
         # Only weights read from files go straight into `dtype` (a cast, identical to casting
         # later); random initialisation and the LLM (whose added vocabulary rows are drawn
         # after the build) stay in the build's precision and are cast afterwards.
-        cast = component_dtype(kind, dtype) if own and kind != "llm" else None
+        # A build that takes `dtype` applies its own rule per tensor (io.param_dtype).
+        cast = dtype if own and kind != "llm" else None
         return build_component(kind, node, registry, derived=derived, resolve=resolve,
                                empty=kind in empty and not own, dtype=cast)
 

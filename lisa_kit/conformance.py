@@ -261,6 +261,7 @@ def check_component(spec: ComponentSpec, workdir: str | Path | None = None) -> N
            "components must have export_config() -> dict (a self-contained config for lisa_kit checkpoints)")
     _check(isinstance(comp.export_config(), dict), label, "export_config() must return a dict")
     check_sizes(spec, comp)
+    check_reduced_precision(spec, comp)
     with tempfile.TemporaryDirectory(prefix="lisa_kit_conformance_") as tmp:
         f = Path(workdir or tmp) / f"{spec.kind}-{spec.name}.safetensors"
         save_safetensors(dict(comp.state_dict()), f)
@@ -272,6 +273,36 @@ def check_component(spec: ComponentSpec, workdir: str | Path | None = None) -> N
         _close(a, b, label, f"output {i} differs after a safetensors save and load into a fresh instance",
                atol=0, rtol=0)
     check_meta_build(spec, comp, before, workdir)
+
+
+def check_reduced_precision(spec: ComponentSpec, comp: torch.nn.Module,
+                            dtype: torch.dtype = torch.bfloat16) -> None:
+    """A mask decoder cast to ``dtype`` by the precision rule the loader applies
+    (:func:`~lisa_kit.checkpoint.io.cast_component`: what ``fp32_prefixes`` declares keeps
+    fp32, the rest takes ``dtype``) still runs its contract, with float32 mask logits; and
+    ``spec.component_class``, which the load estimates read, is the class the build returns."""
+    import copy
+
+    from lisa_kit.checkpoint.io import cast_component
+
+    label = _label(spec)
+    cls = spec.component_class
+    _check(cls is None or isinstance(comp, cls), label,
+           f"component_class is {getattr(cls, '__name__', cls)!r} but the build returns {type(comp).__name__}")
+    if spec.kind != "mask_decoder":
+        return
+    low = copy.deepcopy(comp)
+    cast_component(low, dtype)
+    try:
+        with torch.no_grad():
+            run_contract(spec.kind, low, label)
+    except ConformanceError:
+        raise
+    except Exception as exc:  # the declared prefixes do not cover what must stay fp32
+        raise ConformanceError(
+            f"{label}: cast to {str(dtype).removeprefix('torch.')} by its fp32_prefixes "
+            f"{tuple(getattr(comp, 'fp32_prefixes', ()))!r} it no longer runs ({type(exc).__name__}: {exc}); "
+            "keep the parts that build float32 tensors at run time under fp32_prefixes") from exc
 
 
 def check_meta_build(spec: ComponentSpec, comp: torch.nn.Module, expected: list,

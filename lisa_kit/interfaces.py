@@ -108,6 +108,13 @@ class MaskDecoder(nn.Module):
 
     kind: ClassVar[str] = "mask_decoder"
     prompt_dim: int
+    # State-dict keys starting with one of these keep the precision the decoder was built in
+    # (fp32) when the model is asked for bf16/fp16; all other floating tensors take it. The
+    # default "" keeps the whole decoder fp32 (safe for code that builds fp32 tensors at run
+    # time, e.g. segment-anything's prompt encoder); a decoder narrows it to the parts that
+    # need it, so its large image encoder is stored and run in the requested precision.
+    # Applied by :func:`lisa_kit.checkpoint.io.param_dtype` (loading, casting, estimates).
+    fp32_prefixes: ClassVar[tuple[str, ...]] = ("",)
 
 
 @dataclass
@@ -188,6 +195,10 @@ class ComponentSpec:
     instance on CPU (the conformance tests use it); ``derived`` names the kwargs the
     model fills in from other components (e.g. a projector's ``in_dim``).
 
+    ``component_class`` (optional) is the class ``build`` returns: loaders read its declared
+    constants (``fp32_prefixes``) to size a load before anything is built; without it they
+    assume the kind's interface defaults (for a mask decoder: all fp32, an over-estimate).
+
     ``sizes`` (optional) is a cheap ``sizes(**kwargs) -> dict`` giving the sizes a
     component built with those recipe kwargs would have (keys from :data:`SIZE_NAMES`,
     e.g. ``{"feature_dim": 1024}``) by reading configs, never weights; leave a key out
@@ -202,3 +213,4 @@ class ComponentSpec:
     derived: tuple[str, ...] = ()
     description: str = ""
     sizes: Any = None
+    component_class: Any = None

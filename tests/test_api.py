@@ -162,7 +162,7 @@ def test_bf16_on_cpu(monkeypatch):
     seg_bf16 = Segmenter(build_model(tiny_recipe()), precision="bf16")
     assert seg_bf16.model.llm.model.lm_head.weight.dtype == torch.bfloat16
     assert seg_bf16.model.vision_encoder.model.dtype == torch.bfloat16
-    assert next(seg_bf16.model.mask_decoder.parameters()).dtype == torch.float32  # SAM stays fp32
+    assert seg_bf16.model.mask_decoder.mask_decoder.iou_token.weight.dtype == torch.float32  # SAM decoder stays fp32
     seg_id, eos = _ids(seg_bf16)
     _force(monkeypatch, {0: seg_id, 1: eos})
     r = seg_bf16.seg(synthetic_image(21, 34, 6)[0], "Segment the red square.")

@@ -178,7 +178,7 @@ def test_real_width_bf16_load_is_bit_identical(tmp_path):
         if part not in targets:
             continue
         got = targets[part].state_dict()[key]
-        want = v.float().to(io.component_dtype(part, torch.bfloat16) or torch.float32)
+        want = v.float().to(io.param_dtype(targets[part], key, torch.bfloat16) or torch.float32)
         assert got.dtype == want.dtype and torch.equal(got, want), k
     for got_mod, make in ((new.llm, lambda: build_component("llm", recipe["model"]["llm"])),
                           (new.mask_decoder, lambda: build_sam("vit_h"))):

@@ -37,16 +37,74 @@ from lisa_kit.errors import CheckpointError, InsufficientMemoryError
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 
-# The components a reduced-precision load casts (LISA's `model.bfloat16()`); the mask decoder
-# keeps the dtype it is built in: segment_anything's prompt encoder builds its positional
-# encoding in fp32 and fails against bf16/fp16 weights.
-CAST_KINDS = ("vision_encoder", "projector", "llm", "fusion", "seg_head")
+def fp32_prefixes(component) -> tuple[str, ...]:
+    """The key prefixes ``component`` (a module, or its class before it is built) keeps in
+    the precision it was built in; ``()``: none (the component takes the precision whole).
+    Declared by the component (:attr:`lisa_kit.interfaces.MaskDecoder.fp32_prefixes`)."""
+    return tuple(getattr(component, "fp32_prefixes", ()) or ())
+
+
+def param_dtype(component, key: str, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype the floating tensor ``key`` (a state-dict key of ``component``) is stored in
+    when the model is asked for ``dtype``; ``None``: the dtype it was built in.
+
+    The one precision rule: the streaming loader (:class:`Placer`), the estimates that
+    refuse a load that cannot fit, and the cast of a built model
+    (:func:`cast_component`) all ask it. LISA casts the whole model (``model.bfloat16()``);
+    a component keeps fp32 only under the prefixes it declares (SAM: its prompt encoder,
+    whose positional encoding segment-anything builds in fp32, and its small mask decoder)."""
+    if dtype is None or key.startswith(fp32_prefixes(component)):
+        return None
+    return dtype
 
 
 def component_dtype(kind: str, dtype: torch.dtype | None) -> torch.dtype | None:
-    """The dtype ``kind``'s floating tensors are loaded in when the model is asked for
-    ``dtype`` (``None``: the dtype the component was built in)."""
-    return dtype if kind in CAST_KINDS else None
+    """The dtype a whole ``kind`` component is cast to when nothing is known of it but its
+    kind (its interface's declaration): ``None`` for a mask decoder (kept as built)."""
+    from lisa_kit import interfaces
+
+    iface = {"mask_decoder": interfaces.MaskDecoder}.get(kind)
+    return param_dtype(iface, "", dtype)
+
+
+def declared_class(kind: str, node: dict | None, registry=None):
+    """What a recipe node of ``kind`` builds, for its declared constants, without building:
+    its spec's ``component_class``, else the kind's interface (``None``: a kind without one
+    or a node the registry does not know, whose errors the build reports)."""
+    from lisa_kit import interfaces
+
+    iface = {"mask_decoder": interfaces.MaskDecoder}.get(kind)
+    name = (node or {}).get("name")
+    if name is None:
+        return iface
+    from lisa_kit.errors import LisaKitError
+    from lisa_kit.registry import get_registry
+
+    try:
+        spec = (registry or get_registry()).get(kind, name)
+    except LisaKitError:  # an unknown name: the build raises it again, where it is reported
+        return iface
+    return spec.component_class or iface
+
+
+def cast_component(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast a built component in place by :func:`param_dtype` (parameters keep their
+    identity, so ties stay tied). Non-persistent float buffers (pixel mean/std, RoPE
+    tables) keep their precision, as transformers' ``from_pretrained(dtype=...)`` leaves
+    them; a component already in ``dtype`` is left as it is (no copies)."""
+    with torch.no_grad():
+        for prefix, mod in module.named_modules():
+            pre = f"{prefix}." if prefix else ""
+            for name, p in mod._parameters.items():
+                target = param_dtype(module, pre + name, dtype) if p is not None and p.is_floating_point() else None
+                if target is not None and p.dtype != target:
+                    p.data = p.data.to(target)
+            for name, b in mod._buffers.items():
+                if b is None or not b.is_floating_point() or name in mod._non_persistent_buffers_set:
+                    continue
+                target = param_dtype(module, pre + name, dtype)
+                if target is not None and b.dtype != target:
+                    mod._buffers[name] = b.to(target)
 
 
 # -- building without memory -------------------------------------------------------------
@@ -347,8 +405,9 @@ def _kind(t: torch.Tensor) -> str:
 class Placer:
     """Assigns checkpoint tensors to the parameters and buffers of ``module`` by name.
 
-    Each tensor is converted once: floating tensors to ``dtype`` (``None``: the dtype the
-    slot was built with), everything to ``device`` (``None``: the slot's device, CPU for a
+    Each tensor is converted once: floating tensors to ``dtype`` as the module's own rule
+    gives it per key (:func:`param_dtype`: prefixes the module declares keep the dtype the
+    slot was built with; ``dtype=None``: every slot's own), everything to ``device`` (``None``: the slot's device, CPU for a
     meta slot). Parameters shared under several names (tied embeddings) stay shared.
     ``copy``: never keep the given tensors themselves (they belong to the caller, e.g. another
     module's state dict); tensors read by :func:`iter_tensors` are the loader's own and are
@@ -389,7 +448,7 @@ class Placer:
         if _kind(old) != _kind(value) or value.dtype not in _LOADABLE:
             raise CheckpointError(f"{self.component}.{key} is stored as {value.dtype}, which cannot be loaded into "
                                   f"a {old.dtype} tensor", component=self.component, key=key, file=file)
-        dtype = self.dtype if (self.dtype is not None and old.is_floating_point()) else old.dtype
+        dtype = (param_dtype(self.module, key, self.dtype) if old.is_floating_point() else None) or old.dtype
         device = self.device or (old.device if old.device.type != "meta" else torch.device("cpu"))
         with torch.no_grad():
             new = value.to(device=device, dtype=dtype, copy=self.copy)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from lisa_kit.checkpoint.io import (LoadReport, Placer, checkpoint_keys, component_dtype, ensure_memory,
-                                    estimate_bytes, iter_tensors, load_state_dict)
+from lisa_kit.checkpoint.io import (LoadReport, Placer, checkpoint_keys, component_dtype, declared_class,
+                                    ensure_memory, estimate_bytes, iter_tensors, load_state_dict, param_dtype)
 from lisa_kit.checkpoint.safe import refuse_remote_code
 from lisa_kit.errors import CheckpointError
 
@@ -174,18 +174,27 @@ def _targets(model) -> dict:
             "seg_head": model.seg_head, "vision_encoder": model.vision_encoder}
 
 
-def lisa_bytes(path: str | Path, dtype: torch.dtype | None = None) -> int:
-    """Bytes the checkpoint's tensors take once loaded at ``dtype`` (the mask decoder and a
-    load without ``dtype`` in float32, as the components are built); from headers only."""
-    return estimate_bytes(path, lambda k: component_dtype(route_lisa_key(k)[0], dtype) or torch.float32)
+def lisa_bytes(path: str | Path, dtype: torch.dtype | None = None, classes: dict | None = None) -> int:
+    """Bytes the checkpoint's tensors take once loaded at ``dtype`` (a load without ``dtype``,
+    and the keys a component keeps, in float32 as the components are built); from headers
+    only. ``classes``: kind -> what the recipe builds (:func:`~lisa_kit.checkpoint.io.declared_class`;
+    missing: the kind's interface)."""
+    classes = classes or {}
+
+    def dtype_for(k):
+        part, key = route_lisa_key(k)
+        owner = classes.get(part, declared_class(part, None))
+        return param_dtype(owner, key, dtype) or torch.float32
+
+    return estimate_bytes(path, dtype_for)
 
 
 def load_lisa_weights(model, path: str | Path, lora_alpha: float = 16, lora_r: int | None = None,
                       strict: bool = True, dtype: torch.dtype | None = None,
                       device: torch.device | str | None = None) -> list[LoadReport]:
     """Load a LISA checkpoint's weights into a built model (its components possibly built
-    without memory), one tensor at a time, each cast once to ``dtype`` (not the mask
-    decoder: see :data:`~lisa_kit.checkpoint.io.CAST_KINDS`) and placed on ``device``.
+    without memory), one tensor at a time, each cast once to ``dtype`` (but the keys a
+    component keeps: :func:`~lisa_kit.checkpoint.io.param_dtype`) and placed on ``device``.
     Returns one report per component."""
     path = Path(path)
     if _is_peft(checkpoint_keys(path)):  # LoRA pairs may sit in different shards: merged in memory
@@ -194,7 +203,7 @@ def load_lisa_weights(model, path: str | Path, lora_alpha: float = 16, lora_r: i
     else:
         source = iter_tensors(path)
     targets = _targets(model)
-    placers = {kind: Placer(mod, kind, dtype=component_dtype(kind, dtype), device=device, file=path)
+    placers = {kind: Placer(mod, kind, dtype=dtype, device=device, file=path)
                for kind, mod in targets.items()}
     # A component that renames keys (transformers' SAM; CLIP 4.x/5.x layouts) sees its whole part at once.
     collected = {kind: {} for kind, mod in targets.items() if hasattr(mod, "normalize_keys")}
@@ -239,7 +248,8 @@ def ensure_lisa_memory(recipe: dict, path: str | Path, dtype: torch.dtype | None
                        device: torch.device | str | None = None) -> None:
     """Refuse (:class:`~lisa_kit.errors.InsufficientMemoryError`) before reading anything
     when the checkpoint and the CLIP tower it names will not fit ``device`` at ``dtype``."""
-    needed = lisa_bytes(path, dtype)
+    classes = {kind: declared_class(kind, recipe["model"].get(kind)) for kind in LISA_PARTS}
+    needed = lisa_bytes(path, dtype, classes)
     tower = (recipe["model"]["vision_encoder"] or {}).get("pretrained")
     if tower:
         try:

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from lisa_kit.checkpoint.io import component_dtype, ensure_memory, estimate_bytes, load_file_into, save_safetensors
+from lisa_kit.checkpoint.io import (declared_class, ensure_memory, estimate_bytes, load_file_into, param_dtype,
+                                    save_safetensors)
 from lisa_kit.errors import CheckpointError, RecipeError
 from lisa_kit.interfaces import KINDS
 from lisa_kit.recipes import env_free
@@ -105,7 +106,8 @@ def load_model(path: str | os.PathLike, registry=None, strict: bool = True, dtyp
                device: torch.device | str | None = None):
     """Load a directory written by :func:`save_model`. With ``strict`` (the default) the
     components are built without memory and each file is streamed into them, every tensor
-    cast once to ``dtype`` (:data:`~lisa_kit.checkpoint.io.CAST_KINDS`; ``None``: as built)
+    cast once to ``dtype`` (but the keys a component keeps: :func:`~lisa_kit.checkpoint.io.param_dtype`;
+    ``None``: as built)
     and placed on ``device``; a load that cannot fit is refused before reading."""
     from lisa_kit.builder import build_model
     from lisa_kit.recipes import check_recipe
@@ -125,12 +127,13 @@ def load_model(path: str | os.PathLike, registry=None, strict: bool = True, dtyp
     except RecipeError as e:
         raise CheckpointError(f"recipe.yaml is not a valid recipe: {e}", file=path / "recipe.yaml") from e
     files = {kind: _weights_file(path, kind) for kind in KINDS}
-    ensure_memory(sum(estimate_bytes(f, lambda k, kind=kind: component_dtype(kind, dtype) or torch.float32)
+    owners = {kind: declared_class(kind, recipe["model"].get(kind), registry) for kind in KINDS}
+    ensure_memory(sum(estimate_bytes(f, lambda k, kind=kind: param_dtype(owners[kind], k, dtype) or torch.float32)
                       for kind, f in files.items()), device, str(path))
     model = build_model(recipe, registry, empty=KINDS if strict else (), dtype=dtype)
     comps = _components(model)
     for kind in KINDS:
-        load_file_into(comps[kind], files[kind], kind, strict, dtype=component_dtype(kind, dtype), device=device)
+        load_file_into(comps[kind], files[kind], kind, strict, dtype=dtype, device=device)
     for name, module in _extras(model).items():
         f = path / f"{name}.safetensors"
         if not f.exists():

@@ -6,6 +6,7 @@ state dict is Meta's key layout and ``sam_vit_*.pth`` files load as they are.
 Shapes: ``preprocess(uint8 (H, W, 3)) -> (3, S, S)`` with ``S = image_size`` (1024);
 ``encode_image((I, 3, S, S)) -> {"image_embeddings": (I, P, S/16, S/16)}``;
 ``decode(features, prompts (M, P)) -> low_res (M, 1, S/4, S/4), scores (M, 1)``;
+image embeddings of any dtype are decoded in the decoder's (fp32: see ``fp32_prefixes``);
 ``postprocess(low_res, meta) -> (M, H, W)`` logits at the original size.
 """
 from __future__ import annotations
@@ -51,6 +52,12 @@ def resize_longest_side(h: int, w: int, long_side: int) -> tuple[int, int]:
 
 
 class SamMaskDecoder(MaskDecoder):
+    # At bf16/fp16 the image encoder (ViT-H: 632M of SAM's 641M parameters) is stored and run
+    # in that precision, as LISA's `model.bfloat16()`; the prompt encoder stays fp32 because
+    # segment-anything builds its positional encoding grid in fp32 (a matmul against bf16
+    # weights fails), and the mask decoder (4M) with it, so mask logits are computed in fp32.
+    fp32_prefixes = ("prompt_encoder.", "mask_decoder.")
+
     def __init__(self, cfg: dict):
         super().__init__()
         from segment_anything.modeling import ImageEncoderViT, MaskDecoder as MetaMaskDecoder, PromptEncoder
@@ -122,7 +129,8 @@ class SamMaskDecoder(MaskDecoder):
         tokens (``keys = keys + attn(image -> prompt tokens)``), so after the first layer
         every prompt has different image tokens anyway. At 1024 px it is 4 MiB per prompt
         (fp32), small next to the image encoder, so the call stays Meta's own code."""
-        emb = features["image_embeddings"]
+        # Embeddings of any dtype (a bf16 image encoder) are decoded in the decoder's own (fp32).
+        emb = features["image_embeddings"].to(self.mask_decoder.iou_token.weight.dtype)
         m = prompts.shape[0]
         sparse = prompts.unsqueeze(1).to(emb.dtype)  # (M, 1, P): the text prompt is the only sparse token
         h, w = emb.shape[-2:]
@@ -169,15 +177,22 @@ def sam_config(variant: str = "vit_h", config: dict | None = None) -> dict:
     return cfg
 
 
-def build_sam(variant: str = "vit_h", checkpoint: str | None = None, config: dict | None = None) -> SamMaskDecoder:
+def build_sam(variant: str = "vit_h", checkpoint: str | None = None, config: dict | None = None,
+              dtype: str | torch.dtype | None = None) -> SamMaskDecoder:
     """``variant``: ``vit_h``/``vit_l``/``vit_b`` (Meta's sizes) or ``custom`` (all sizes from
     ``config``, keys as in ``DEFAULTS``); ``config`` entries override the variant's.
-    ``checkpoint``: a Meta ``sam_vit_*.pth`` (or safetensors) to load."""
+    ``checkpoint``: a Meta ``sam_vit_*.pth`` (or safetensors) to load, its tensors read
+    straight into ``dtype`` (``bf16``/``fp16``; default fp32) but for what
+    :attr:`SamMaskDecoder.fp32_prefixes` keeps fp32."""
+    from lisa_kit.components._util import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
     model = SamMaskDecoder(sam_config(variant, config))
     if checkpoint is not None:
         from lisa_kit.checkpoint.io import load_file_into
 
-        load_file_into(model, checkpoint, component="mask_decoder", strict=True)  # streamed, tensor by tensor
+        # streamed, tensor by tensor, each cast once by the module's precision rule
+        load_file_into(model, checkpoint, component="mask_decoder", strict=True, dtype=dtype)
     return model
 
 
@@ -195,4 +210,5 @@ TINY_SAM = {"image_size": 64, "vit_patch_size": 16, "encoder_embed_dim": 32, "en
 @lisa_kit.hookimpl
 def lisa_kit_components():
     return [ComponentSpec("mask_decoder", "sam", build_sam, tiny={"variant": "custom", "config": TINY_SAM},
-                          description="segment-anything SAM ViT-B/L/H (Meta .pth layout)", sizes=sizes_sam)]
+                          description="segment-anything SAM ViT-B/L/H (Meta .pth layout)", sizes=sizes_sam,
+                          component_class=SamMaskDecoder)]
