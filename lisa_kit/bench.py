@@ -387,12 +387,6 @@ def make_inputs(model, n_images: int, questions: int, image_size, seed: int = 0)
     return prompts, rows, torch.stack(vis), torch.stack(sam), metas
 
 
-def _cast(model, dtype):
-    from lisa_kit.components._util import cast_keep_buffers
-
-    cast_keep_buffers(model, dtype)
-
-
 def resolve_device(name: str) -> torch.device:
     if name in ("auto", "", None):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -524,12 +518,17 @@ def run_matrix(matrix: Matrix, out: str | os.PathLike | None = None, *, log=prin
     for v in chosen:
         torch.manual_seed(matrix.seed)
         t0 = time.perf_counter()
-        model = load(v.recipe, v.overrides)
+        low = dtype if dtype != torch.float32 else None
+        model = load(v.recipe, v.overrides, dtype=low)  # checkpoint tensors cast once, as they stream in
         if v.vocab_size and v.vocab_size > model.llm.vocab_size:
             model.llm.resize_vocab(v.vocab_size)  # real-size embedding / lm_head for a stand-in tokenizer
         model = model.eval()
-        if dtype != torch.float32:
-            _cast(model, dtype)
+        if low is not None:
+            # Random-weight recipes and resized rows: the API's rule (parts a component declares,
+            # e.g. SAM's prompt encoder, stay fp32; a part already in `dtype` is not copied).
+            from lisa_kit.api import _cast
+
+            _cast(model, low)
         model.to(device)
         build_s = time.perf_counter() - t0
         info = {"recipe": v.recipe if isinstance(v.recipe, str) else "<inline>", "overrides": v.overrides,

@@ -121,3 +121,28 @@ def test_bad_matrix_names_the_key(tmp_path, capsys, patch, key):
     assert main(["bench", str(path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and key in err and str(path) in err
+
+
+def test_bf16_matrix_keeps_the_parts_a_component_declares_fp32(tmp_path, monkeypatch):
+    """The bench casts by the API's one precision rule: SAM's prompt encoder (which fails
+    against bf16 weights) stays fp32, its image encoder and the LLM take bf16."""
+    import torch
+
+    import lisa_kit.generation
+
+    seen = {}
+    real = lisa_kit.generation.generate
+
+    def spy(model, *args, **kwargs):
+        sam = model.mask_decoder
+        seen.update(llm=next(model.llm.parameters()).dtype,
+                    image_encoder=next(sam.image_encoder.parameters()).dtype,
+                    prompt_encoder=next(sam.prompt_encoder.parameters()).dtype)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(lisa_kit.generation, "generate", spy)
+    matrix = {k: v for k, v in TINY.items() if k != "quality"}
+    matrix.update(variants={"lisa-tiny": {"recipe": "lisa-tiny"}}, dtype="bf16", repeats=1, warmup=0,
+                  scenarios=[{**TINY["scenarios"][0], "questions_per_image": 1}])
+    bench.run_matrix(bench.parse_matrix(matrix), tmp_path, log=lambda s: None)
+    assert seen == {"llm": torch.bfloat16, "image_encoder": torch.bfloat16, "prompt_encoder": torch.float32}
