@@ -460,7 +460,7 @@ def markdown(res: dict) -> str:
 
 
 def run(a) -> dict:
-    from lisa_kit.cli_export import _size
+    from lisa_kit.cli.export import _size
 
     device = a.device
     keep_work = a.workdir is not None or a.keep

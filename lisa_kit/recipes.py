@@ -934,7 +934,7 @@ def _sources(value, key):
 
 def _section_fields() -> dict[str, dict[str, tuple]]:
     """section -> key -> (check, null allowed): the keys the loaders read
-    (``generation``: api/cli_segment/cli_eval; ``conversation``: every template user;
+    (``generation``: api/cli.segment/cli.eval; ``conversation``: every template user;
     ``data``: :func:`lisa_kit.datasets.hybrid.hybrid_from_config`)."""
     return {
         "generation": {"max_new_tokens": (_positive_int, False)},

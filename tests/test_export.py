@@ -464,7 +464,7 @@ def test_stored_dtype_and_shard_size_option(tmp_path):
     from safetensors.torch import save_file
 
     from lisa_kit.checkpoint.export import stored_dtype
-    from lisa_kit.cli_export import _size
+    from lisa_kit.cli.export import _size
     from lisa_kit.errors import InputError
 
     save_file({"a": torch.zeros(2, dtype=torch.bfloat16), "ids": torch.zeros(2, dtype=torch.long),

@@ -1,5 +1,11 @@
 """The ``lisa-kit`` command line.
 
+This module holds the framework (``main``, :func:`add_subcommand`, error and exit-code
+handling) and the recipe and plugin commands (``plugins``, ``validate``, ``recipe``); each
+other command group is a module of this package that registers itself when imported:
+``segment`` (segment, chat), ``train``, ``eval``, ``export``, ``data``, ``bench``, ``demo``,
+``compare`` (compare-original).
+
 Subcommands are registered with :func:`add_subcommand` (a space in the name nests it
 under a group made with :func:`add_command_group`, e.g. ``"recipe show"``); each has a
 ``setup(parser)`` that adds its arguments and a ``run(args) -> int``. Heavy modules
@@ -309,12 +315,12 @@ add_subcommand(
     description="List recipe names found in $LISA_KIT_RECIPE_PATH and the repository's recipes/ directory.",
 )
 
-from lisa_kit import cli_data as _cli_data  # noqa: E402,F401  (registers the data commands)
+from lisa_kit.cli import data as _data  # noqa: E402,F401  (registers the data commands)
 
-from lisa_kit import cli_eval as _cli_eval  # noqa: E402,F401
-from lisa_kit import cli_bench as _cli_bench  # noqa: E402,F401
-from lisa_kit import cli_segment as _cli_segment  # noqa: E402,F401
-from lisa_kit import cli_export as _cli_export  # noqa: E402,F401
-from lisa_kit import cli_train as _cli_train  # noqa: E402,F401
-from lisa_kit import cli_demo as _cli_demo  # noqa: E402,F401
-from lisa_kit import cli_compare as _cli_compare  # noqa: E402,F401
+from lisa_kit.cli import eval as _eval  # noqa: E402,F401
+from lisa_kit.cli import bench as _bench  # noqa: E402,F401
+from lisa_kit.cli import segment as _segment  # noqa: E402,F401
+from lisa_kit.cli import export as _export  # noqa: E402,F401
+from lisa_kit.cli import train as _train  # noqa: E402,F401
+from lisa_kit.cli import demo as _demo  # noqa: E402,F401
+from lisa_kit.cli import compare as _compare  # noqa: E402,F401

@@ -11,7 +11,7 @@ import argparse
 import os
 
 from lisa_kit.cli import add_subcommand
-from lisa_kit.cli_segment import _add_model_args, _load_segmenter
+from lisa_kit.cli.segment import _add_model_args, _load_segmenter
 
 MAX_PORT = 65535
 
