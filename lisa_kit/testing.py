@@ -279,3 +279,36 @@ def force_generation(monkeypatch, plan) -> None:
 
     monkeypatch.setattr(g, "_pick", pick)
     monkeypatch.setattr(g, "generate", generate)
+
+
+def generation_inputs(model, questions_per_image: list[int], questions=("Segment the red square",),
+                      text_row: bool = False):
+    """Inputs of :func:`lisa_kit.generation.generate` for several questions per image, as
+    ``(prompt_ids, row_images, vision_pixels (I,3,h,w), mask_pixels (I,3,S,S), metas)``.
+
+    Image ``i`` (a synthetic scene of its own odd size) gets ``questions_per_image[i]``
+    rows; row ``q`` asks ``questions[q % len(questions)]`` with ``q`` times " please"
+    added, so rows differ in length. The conversation template is the model's recipe's
+    (default ``llava_v1``). ``text_row``: one more row without an image."""
+    import torch
+
+    from lisa_kit.conversation import IMAGE, Conversation, encode, get_template
+
+    tok = model.tokenizer
+    tpl = get_template(((model.recipe or {}).get("conversation") or {}).get("template") or "llava_v1", tok)
+    slot_ids = model.fusion.wrap_image(tok)
+    prompts, rows, vis, sam, metas = [], [], [], [], []
+    for i, n in enumerate(questions_per_image):
+        img, _ = synthetic_image(40 + 7 * i, 56 - 5 * i, i)
+        vis.append(model.vision_encoder.preprocess(img))
+        px, meta = model.mask_decoder.preprocess(img)
+        sam.append(px)
+        metas.append(meta)
+        for q in range(n):
+            text = "\n" + questions[q % len(questions)] + " please" * q + "."
+            prompts.append(encode(Conversation(tpl).add([IMAGE, text], None), tok, slot_ids)[0])
+            rows.append([i])
+    if text_row:
+        prompts.append(encode(Conversation(tpl).add(["What is a square?"], None), tok, slot_ids)[0])
+        rows.append([])
+    return prompts, rows, torch.stack(vis), torch.stack(sam), metas

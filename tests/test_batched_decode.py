@@ -9,10 +9,9 @@ import lisa_kit.generation as g
 from lisa_kit.builder import load
 from lisa_kit.components.sam import TINY_SAM, SamMaskDecoder, sam_config
 from lisa_kit.conformance import ConformanceError, check_component
-from lisa_kit.conversation import IMAGE, Conversation, encode, get_template
 from lisa_kit.generation import REJECTED_LOGIT, GenerationConfig
 from lisa_kit.interfaces import ComponentSpec
-from lisa_kit.testing import synthetic_image
+from lisa_kit.testing import generation_inputs
 
 # SAM (reject token on), and the plugin's two decoders (the sam2 / hf_sam recipes).
 RECIPES = ["lisa-tiny-reject", "lisa-tiny-sam2", "lisa-tiny-hf-sam"]
@@ -26,20 +25,7 @@ def _model(name):
 
 def _inputs(model, questions_per_image: list[int]):
     """One row per question; image ``i`` of odd size gets ``questions_per_image[i]`` rows."""
-    tok, tpl = model.tokenizer, get_template("llava_v1")
-    slot_ids = model.fusion.wrap_image(tok)
-    prompts, rows, vis, sam, metas = [], [], [], [], []
-    for i, n in enumerate(questions_per_image):
-        img, _ = synthetic_image(40 + 7 * i, 56 - 5 * i, i)
-        vis.append(model.vision_encoder.preprocess(img))
-        px, meta = model.mask_decoder.preprocess(img)
-        sam.append(px)
-        metas.append(meta)
-        for q in range(n):
-            conv = Conversation(tpl).add([IMAGE, "\nSegment the red square" + " please" * q + "."], None)
-            prompts.append(encode(conv, tok, slot_ids)[0])
-            rows.append([i])
-    return prompts, rows, torch.stack(vis), torch.stack(sam), metas
+    return generation_inputs(model, questions_per_image)
 
 
 def _script_rows(monkeypatch, scripts: list[list[int]], pad: int):

@@ -15,7 +15,7 @@ import lisa_kit.generation as g
 from lisa_kit.builder import load
 from lisa_kit.conversation import IMAGE, Conversation, encode, get_template
 from lisa_kit.generation import GenerationConfig, generate
-from lisa_kit.testing import synthetic_image
+from lisa_kit.testing import generation_inputs, synthetic_image
 
 RECIPES = ["lisa-tiny", "lisa-tiny-seg-mix", "lisa-tiny-seg-token", "lisa-tiny-qwen2", "lisa-tiny-reject"]
 CLOSE = {"atol": 1e-5, "rtol": 0}  # the issue's bar for fp32
@@ -30,25 +30,9 @@ def _model(name):
 def _inputs(model, questions_per_image: list[int], text_row: bool = False):
     """One row per question (each a different length); image ``i`` gets
     ``questions_per_image[i]`` rows. ``text_row``: one more row without an image."""
-    tok = model.tokenizer
-    tpl = get_template((model.recipe.get("conversation") or {}).get("template") or "llava_v1", tok)
-    slot_ids = model.fusion.wrap_image(tok)
-    prompts, rows, vis, sam, metas = [], [], [], [], []
-    for i, n in enumerate(questions_per_image):
-        img, _ = synthetic_image(40 + 7 * i, 56 - 5 * i, i)
-        vis.append(model.vision_encoder.preprocess(img))
-        px, meta = model.mask_decoder.preprocess(img)
-        sam.append(px)
-        metas.append(meta)
-        for q in range(n):
-            question = ["Segment the red square", "Where is the dog?", "Which one is the largest object here"][q % 3]
-            conv = Conversation(tpl).add([IMAGE, "\n" + question + " please" * q + "."], None)
-            prompts.append(encode(conv, tok, slot_ids)[0])
-            rows.append([i])
-    if text_row:
-        prompts.append(encode(Conversation(tpl).add(["What is a square?"], None), tok, slot_ids)[0])
-        rows.append([])
-    return prompts, rows, torch.stack(vis), torch.stack(sam), metas
+    return generation_inputs(model, questions_per_image, text_row=text_row,
+                             questions=("Segment the red square", "Where is the dog?",
+                                        "Which one is the largest object here"))
 
 
 def _both(model, inputs, max_new_tokens=6):
