@@ -239,3 +239,23 @@ def test_chat_survives_invalid_utf8_on_stdin(tmp_path, capsys, monkeypatch, forc
     assert captured.err.count("not valid text") == 2 and captured.out.count("answer: ") == 1
     turns = json.loads((tmp_path / "chat" / "result.json").read_text())["turns"]
     assert [t["prompt"] for t in turns] == ["Segment the red square."]
+
+
+def test_an_answer_without_seg_says_why_no_mask_was_made(tmp_path, capsys, monkeypatch):
+    """issue 13: 'Segment the blue square.' gave 0 masks with no hint why."""
+    force_generation(monkeypatch, lambda m: {1: m.tokenizer.encode_text("square")[0], 2: m.tokenizer.eos_id})
+    img = tmp_path / "shapes.png"
+    Image.fromarray(synthetic_image(37, 53, 1)[0]).save(img)
+    out = tmp_path / "out"
+    assert main(["segment", *TINY, "--image", str(img), "--prompt", "Segment the blue square.",
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "0 mask(s)" in captured.out
+    assert "no [SEG]" in captured.err and "Please output segmentation mask." in captured.err
+
+
+def test_an_answer_with_seg_gives_no_hint(tmp_path, capsys, forced_seg):
+    img = tmp_path / "shapes.png"
+    Image.fromarray(synthetic_image(37, 53, 1)[0]).save(img)
+    assert main(["segment", *TINY, "--image", str(img), "--prompt", "Segment it.", "--out", str(tmp_path / "o")]) == 0
+    assert "note:" not in capsys.readouterr().err
