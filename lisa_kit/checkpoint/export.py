@@ -142,7 +142,7 @@ def lora_merged(model, mode: str = "copy") -> Iterator[object]:
     swapped in for the block; the model is restored afterwards) or ``inplace`` (merged for
     good). Yields the LLM's transformers model."""
     if mode not in ("copy", "inplace"):
-        raise ValueError(f"merge_lora must be 'copy' or 'inplace', got {mode!r}")
+        raise CheckpointError(f"merge_lora must be 'copy' or 'inplace', got {mode!r}")
     llm = model.llm
     if not has_lora(model):
         yield llm.model
@@ -316,12 +316,6 @@ def lisa_tensors(model, hf_llm=None, dtype: torch.dtype | None = None,
                                   ("model.text_hidden_fcs.0.", "layers.", model.seg_head)):
         out += [plan(prefix + k.removeprefix(strip), v, dtype) for k, v in module.state_dict().items()]
     return out
-
-
-def lisa_state_dict(model, hf_llm=None, rotary_inv_freq: bool = True) -> dict[str, torch.Tensor]:
-    """:func:`lisa_tensors` as one dict (the model's own tensors; LoRA-merged ones are new).
-    Export does not use it: it never holds a second full state dict."""
-    return {t.key: t.make() for t in lisa_tensors(model, hf_llm, None, rotary_inv_freq)}
 
 
 def _llama_fields(model, cfg) -> dict:
@@ -514,14 +508,6 @@ def write_shards(tensors: list[PlannedTensor], path: str | os.PathLike, safetens
     return names
 
 
-def write_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, safetensors: bool = True,
-                  max_shard_size: int = DEFAULT_MAX_SHARD, prefix: str | None = None,
-                  dtype: torch.dtype | None = None) -> list[str]:
-    """:func:`write_shards` of a state dict (floating tensors cast to ``dtype`` one shard at
-    a time; ``None`` keeps each tensor's own)."""
-    return write_shards([plan(k, v, dtype) for k, v in state.items()], path, safetensors, max_shard_size, prefix)
-
-
 def with_fill(tensors: list[PlannedTensor], fill: Callable[[PlannedTensor], torch.Tensor] | None
               ) -> list[PlannedTensor]:
     """``tensors`` made by ``fill(planned)`` instead of from the model (``None``: unchanged).
@@ -662,13 +648,13 @@ def write_lisa_hf(model, path: str | os.PathLike, *, vision_tower: str | os.Path
     path.mkdir(parents=True, exist_ok=True)
     notes = compatibility_notes(model)
     tower = _tower_reference(model, vision_tower, Path(final_path) if final_path else None)
+    if merge_lora not in ("copy", "inplace"):  # checked before anything is written
+        raise CheckpointError(f"merge_lora must be 'copy' or 'inplace', got {merge_lora!r}")
     if tower is None:
-        write_vision_tower(model.vision_encoder, path / TOWER_DIR, safetensors, fill=fill)
+        write_vision_tower(model.vision_encoder, path / TOWER_DIR, safetensors, dtype=dtype, fill=fill)
         tower = TOWER_DIR
         notes.append(f"the CLIP tower was written to {TOWER_DIR}/ and config.json names it relatively: LISA's "
                      f"code resolves it from the working directory, so pass vision_tower=<this dir>/{TOWER_DIR}")
-    if merge_lora not in ("copy", "inplace"):
-        raise ValueError(f"merge_lora must be 'copy' or 'inplace', got {merge_lora!r}")
     # copy mode with plain LoRA needs no merged copy of the LLM: layers merge as they are written
     streaming = merge_lora == "copy" and has_lora(model) and _lora_layers(model.llm.model) is not None
     with contextlib.nullcontext(model.llm.model) if streaming else lora_merged(model, merge_lora) as hf_llm:

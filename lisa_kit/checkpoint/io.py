@@ -232,6 +232,7 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
 _HEADER_LEN_BYTES = 8  # safetensors: a little-endian u64 header length, the JSON header, then the data
+_MAX_HEADER_BYTES = 100 * 1000 * 1000  # the safetensors library's own cap on the JSON header
 
 
 def _safetensors_header(path: Path) -> tuple[int, dict]:
@@ -241,7 +242,7 @@ def _safetensors_header(path: Path) -> tuple[int, dict]:
     with open(path, "rb") as fh:
         raw = fh.read(_HEADER_LEN_BYTES)
         n = int.from_bytes(raw, "little") if len(raw) == _HEADER_LEN_BYTES else -1
-        if n < 0 or _HEADER_LEN_BYTES + n > size:
+        if n < 0 or _HEADER_LEN_BYTES + n > size or n > _MAX_HEADER_BYTES:
             raise CheckpointError(f"{path.name} is not a safetensors file or is truncated (header runs past the end)",
                                   file=path)
         try:
@@ -256,6 +257,8 @@ def _safetensors_header(path: Path) -> tuple[int, dict]:
             continue
         try:
             name, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+            if not (isinstance(begin, int) and isinstance(end, int)):
+                raise TypeError("data_offsets must be integers")
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path.name}: malformed header entry", key=k, file=path) from e
         dtype = _SAFETENSORS_DTYPES.get(name)
@@ -521,5 +524,9 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike) ->
         ptr = v.untyped_storage().data_ptr()
         out[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
         seen.add(ptr)
-    save_file(out, str(tmp))
-    os.replace(tmp, path)
+    try:
+        save_file(out, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: no half-written file left beside the real one
+        tmp.unlink(missing_ok=True)
+        raise

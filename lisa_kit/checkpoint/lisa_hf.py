@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from lisa_kit.checkpoint.io import (LoadReport, Placer, checkpoint_keys, component_dtype, declared_class,
-                                    ensure_memory, estimate_bytes, iter_tensors, load_state_dict, param_dtype)
+                                    ensure_memory, estimate_bytes, iter_tensors, load_state_dict, meta_keys,
+                                    param_dtype)
 from lisa_kit.checkpoint.safe import refuse_remote_code
 from lisa_kit.errors import CheckpointError
 
@@ -232,6 +233,9 @@ def load_lisa_weights(model, path: str | Path, lora_alpha: float = 16, lora_r: i
         # `pretrained`) returns None and stays as built.
         state = targets[kind].normalize_keys(state)
         if state is None:
+            if meta_keys(targets[kind]):  # built empty, and nothing will fill it
+                raise CheckpointError(f"the {kind} cannot take this checkpoint's SAM weights and names no weights of "
+                                      "its own (give it `pretrained:`)", component=kind, file=path)
             loaded.remove(kind)
             continue
         for key, v in state.items():

@@ -30,15 +30,3 @@ def hf_config_dict(config) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def cast_keep_buffers(module, dtype) -> None:
-    """``module.to(dtype)`` that keeps non-persistent float buffers (pixel mean/std, RoPE
-    tables) in their precision, as transformers' ``from_pretrained(dtype=...)`` does."""
-    keep = []
-    for mod in module.modules():
-        for name in getattr(mod, "_non_persistent_buffers_set", ()):
-            buf = mod._buffers.get(name)
-            if buf is not None and buf.is_floating_point():
-                keep.append((mod, name, buf))
-    module.to(dtype)
-    for mod, name, buf in keep:
-        mod._buffers[name] = buf

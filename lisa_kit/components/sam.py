@@ -12,7 +12,6 @@ image embeddings of any dtype are decoded in the decoder's (fp32: see ``fp32_pre
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -152,14 +151,6 @@ class SamMaskDecoder(MaskDecoder):
         return {"variant": "custom", "config": self.cfg}
 
 
-def load_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A SAM checkpoint in Meta's layout (``.pth`` via ``torch.load(weights_only=True)``,
-    or ``.safetensors``)."""
-    from lisa_kit.checkpoint.io import load_state_dict
-
-    return load_state_dict(path)
-
-
 def sam_config(variant: str = "vit_h", config: dict | None = None) -> dict:
     """The full size config of a ``variant`` with ``config`` entries over it (see :func:`build_sam`)."""
     if variant not in VARIANTS and variant != "custom":
@@ -186,11 +177,15 @@ def build_sam(variant: str = "vit_h", checkpoint: str | None = None, config: dic
     :attr:`SamMaskDecoder.fp32_prefixes` keeps fp32."""
     from lisa_kit.components._util import resolve_dtype
 
-    dtype = resolve_dtype(dtype)
-    model = SamMaskDecoder(sam_config(variant, config))
-    if checkpoint is not None:
-        from lisa_kit.checkpoint.io import load_file_into
+    from contextlib import nullcontext
 
+    from lisa_kit.checkpoint.io import empty_weights, load_file_into
+
+    dtype = resolve_dtype(dtype)
+    # Weights named: built without memory (buffers stay real), never initialised only to be overwritten.
+    with empty_weights() if checkpoint is not None else nullcontext():
+        model = SamMaskDecoder(sam_config(variant, config))
+    if checkpoint is not None:
         # streamed, tensor by tensor, each cast once by the module's precision rule
         load_file_into(model, checkpoint, component="mask_decoder", strict=True, dtype=dtype)
     return model
