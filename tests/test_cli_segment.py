@@ -259,3 +259,22 @@ def test_an_answer_with_seg_gives_no_hint(tmp_path, capsys, forced_seg):
     Image.fromarray(synthetic_image(37, 53, 1)[0]).save(img)
     assert main(["segment", *TINY, "--image", str(img), "--prompt", "Segment it.", "--out", str(tmp_path / "o")]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+def test_a_full_disk_while_writing_results_is_one_error_line(tmp_path, capsys, monkeypatch, forced_seg):
+    """Writing masks or result.json can fail for reasons of the disk, not of lisa_kit: one
+    `error:` line naming the file and the reason, no traceback."""
+    import errno
+
+    from PIL import Image as PILImage
+
+    def full(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    img = tmp_path / "shapes.png"
+    Image.fromarray(synthetic_image(37, 53, 1)[0]).save(img)  # the input, written before the disk "fills"
+    monkeypatch.setattr(PILImage.Image, "save", full)
+    rc = main(["segment", *TINY, "--image", str(img), "--prompt", "Segment it.", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "error: cannot write" in err and "No space left on device" in err
+    assert "Traceback" not in err

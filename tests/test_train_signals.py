@@ -139,7 +139,7 @@ def _signal_at(monkeypatch, step: int, signum: int, during_save: int = 0):
     monkeypatch.setattr(ckpt, "_write_torch", write)
 
 
-def test_second_signal_while_saving_keeps_the_checkpoint_third_aborts(tmp_path, monkeypatch, one_thread, capsys):
+def test_second_signal_while_saving_keeps_the_checkpoint_third_aborts(tmp_path, monkeypatch, one_thread, capfd):
     from lisa_kit.train.loop import Trainer
     from lisa_kit.train.signals import Interrupted
 
@@ -149,7 +149,7 @@ def test_second_signal_while_saving_keeps_the_checkpoint_third_aborts(tmp_path, 
     run = tmp_path / "run"
     summary = Trainer(RECIPE, run, overrides=ov, progress=False).fit()
     assert (summary["step"], summary["signal"], summary["exit_code"]) == (3, "SIGINT", 130)
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "SIGINT received: stopping" in err and "SIGINT received again" in err
     assert ckpt.read_checkpoint(run / "checkpoints/step_000003").meta["step"] == 3
     assert signal.getsignal(signal.SIGINT) is previous  # handlers restored after fit()

@@ -18,6 +18,7 @@ interrupted, 141 stdout closed early (``lisa-kit plugins --json | head``; no tra
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -139,9 +140,21 @@ def _main(argv: Sequence[str] | None) -> int:
         except LisaKitError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:
+            if exc.errno not in _STORAGE_ERRNOS:
+                raise
+            # Where a command writes its results (masks, result.json, exports, metrics): a full
+            # disk or a read-only folder is the user's to fix, said in one line. What was written
+            # before stays (every writer replaces its files atomically).
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"error: cannot write{where}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             return 130
 
+
+# Errors of the storage a command writes to, not of lisa_kit: reported in one line.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 # Exit status of a process ended by SIGPIPE in a shell (128 + 13), as `yes | head` gives.
 EXIT_BROKEN_PIPE = 141

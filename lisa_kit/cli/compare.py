@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from lisa_kit.cli import add_subcommand
+from lisa_kit.errors import InputError
 
 
 def _setup(p: argparse.ArgumentParser) -> None:
@@ -43,7 +44,12 @@ def _run(args: argparse.Namespace) -> int:
                                      python=args.lisa_python, vision_tower=args.vision_tower, device=args.device,
                                      precision=args.precision, repeats=args.repeats,
                                      max_new_tokens=args.max_new_tokens)
-    sam = json.loads(Path(args.sam_config).read_text()) if args.sam_config else None
+    sam = None
+    if args.sam_config:
+        try:
+            sam = json.loads(Path(args.sam_config).read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read --sam-config {args.sam_config}: {e}") from e
     seg = Segmenter.from_checkpoint(args.checkpoint, vision_tower=args.vision_tower, sam=sam, device=args.device,
                                     precision=args.precision)
     report = original.compare(seg, orig, args.image, args.prompt, repeats=args.repeats)

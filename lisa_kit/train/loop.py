@@ -53,7 +53,7 @@ from lisa_kit.train.config import TrainConfig
 from lisa_kit.train.distributed import (DistEnv, all_gather_object, all_reduce_sum, barrier, full_state,
                                         init_distributed, launched_rank, load_optimizer_state, optimizer_state,
                                         wrap_model)
-from lisa_kit.train.signals import StopSignals, exit_code
+from lisa_kit.train.signals import StopSignals, exit_code, stderr_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -610,7 +610,7 @@ class Trainer:
         except OSError as e:
             failure = e
         self._agree_on_failure(failure, "the run files")
-        announce = (lambda text: print(text, file=sys.stderr, flush=True)) if main else (lambda text: None)
+        announce = stderr_line if main else (lambda text: None)
         with StopSignals(announce) as signals:  # also while saying where it stopped: torchrun may signal again
             saved = self._fit(signals)
             stopped = signal.Signals(self.stopped_by).name if self.stopped_by is not None else None

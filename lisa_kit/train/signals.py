@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
@@ -34,6 +33,13 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"{signal.Signals(signum).name} received {ABORT_AFTER} times")
 
 
+def stderr_line(text: str) -> None:
+    """One line to stderr for a signal handler: ``os.write``, not ``print``, because a handler
+    that prints can land inside the main thread's own write to stderr (the progress bar) and
+    raise "reentrant call" there, killing the run it meant to stop cleanly."""
+    os.write(2, (text + "\n").encode("utf-8", "replace"))
+
+
 class StopSignals:
     """Context manager: SIGINT/SIGTERM set :attr:`received` instead of ending the process.
 
@@ -44,7 +50,7 @@ class StopSignals:
     def __init__(self, announce=None):
         self.received: int | None = None  # the first signal's number
         self.count = 0
-        self._announce = announce or (lambda text: print(text, file=sys.stderr, flush=True))
+        self._announce = announce or stderr_line
         self._previous: dict[int, object] = {}
         self._pid = os.getpid()
 
