@@ -77,6 +77,17 @@ class SegResult:
     def num_masks(self) -> int:
         return int(self.masks.shape[0])
 
+    def no_mask_reason(self) -> str | None:
+        """Why the answer came with no mask, for a person (``None`` when it has a ``[SEG]``):
+        the answer was cut (:attr:`stop`) before any ``[SEG]``, or the model wrote none --
+        LISA-style models were trained on questions that ask for a mask."""
+        if self.seg_spans:
+            return None
+        if self.stop != "end":
+            return f"the answer was cut ({self.stop}) before any [SEG], so no mask was made; allow more new tokens"
+        return ("the answer holds no [SEG], so no mask was made. LISA-style models were trained on questions that "
+                "ask for a mask: try ending the question with 'Please output segmentation mask.'")
+
     def to_dict(self) -> dict:
         """JSON-able summary (no mask pixels): text, sizes, areas and scores."""
         return {"prompt": self.prompt, "text": self.text, "image_size": list(self.image_size),

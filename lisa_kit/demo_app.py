@@ -42,13 +42,12 @@ if TYPE_CHECKING:  # numpy is imported when answering, to keep `lisa-kit --help`
     import numpy as np
 
 __all__ = ["build_demo", "launch", "answer", "answer_picture", "load_examples", "examples_for", "describe_model",
-           "require_gradio", "EXAMPLES_DIR", "DEFAULT_HOST", "DEFAULT_PORT", "NO_SEG_NOTE"]
+           "require_gradio", "EXAMPLES_DIR", "DEFAULT_HOST", "DEFAULT_PORT"]
 
 #: The shipped example images and ``examples.json`` (made by ``scripts/make_examples.py``).
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 DEFAULT_HOST = "127.0.0.1"  # loopback: the demo runs arbitrary uploads through a model
 DEFAULT_PORT = 7860  # gradio's usual port
-NO_SEG_NOTE = "(no [SEG] in the answer: no mask)"
 INSTALL_HINT = 'pip install "lisa-kit[demo]"'
 TITLE = "lisa-kit: reasoning segmentation"
 EXAMPLES_FILE = "examples.json"  # next to a model: example questions that fit it
@@ -149,7 +148,8 @@ def answer_picture(segmenter, image, question: str):
     res = segmenter.seg(rgb, question)
     masks = [(m.astype(np.uint8) * 255, f"[SEG] {k}: score {s:.2f}, {int(m.sum())} px")
              for k, (m, s) in enumerate(zip(res.masks, res.scores))]
-    text = res.text if res.num_masks else f"{res.text}\n{NO_SEG_NOTE}".strip()
+    why = res.no_mask_reason()
+    text = res.text if why is None else f"{res.text}\n({why})".strip()
     picture = annotate_result(rgb, res, caption=text)
     return picture, masks, text
 
@@ -161,7 +161,7 @@ def answer(segmenter, image, question: str) -> tuple[np.ndarray, list[tuple[np.n
     the image enlarged when small, with the answer as caption and one legend entry per
     ``[SEG]`` in bands below it); the masks as ``(uint8 (H, W) 0/255, caption)`` pairs,
     one per ``[SEG]``, at the image's size; and the answer text, with
-    :data:`NO_SEG_NOTE` appended when the answer has no ``[SEG]``. Raises
+    the reason (:meth:`~lisa_kit.api.SegResult.no_mask_reason`) appended when the answer has no ``[SEG]``. Raises
     :class:`~lisa_kit.errors.ImageError` / ``InputError`` for bad input."""
     picture, masks, text = answer_picture(segmenter, image, question)
     return picture.pixels, masks, text

@@ -120,19 +120,6 @@ def _save_outputs(out: Path, stem: str, image, res) -> dict:
             "annotated": annotated, "masks": masks}
 
 
-def _no_mask_hint(res) -> str | None:
-    """Why an answer came with no mask, for the terminal: the model wrote no ``[SEG]``
-    (LISA-style models were trained on questions that ask for a mask), or the answer was
-    cut before one (``SegResult.stop``)."""
-    if res.seg_spans:
-        return None
-    if res.stop != "end":
-        return (f"note: the answer was cut ({res.stop}) before any [SEG], so no mask was made; "
-                "raise --max-new-tokens")
-    return ("note: the answer holds no [SEG], so no mask was made. LISA-style models were trained on "
-            "questions that ask for a mask: try ending the question with 'Please output segmentation mask.'")
-
-
 def _write_json(path: Path, data: dict) -> None:
     """Atomically (write aside, then rename). A file name that is not UTF-8 (Python holds
     its bytes as lone surrogates) is written as ``\\udcNN`` escapes, which ``json.load``
@@ -316,8 +303,8 @@ def _run_segment(args: argparse.Namespace) -> int:
         if not is_dir:
             print(f"{_shown(path)}: {res.text}")
             print(f"{len(res.masks)} mask(s) written to {_shown(out)}")
-            if (hint := _no_mask_hint(res)) is not None:
-                print(hint, file=sys.stderr)
+            if (why := res.no_mask_reason()) is not None:
+                print(f"note: {why}", file=sys.stderr)
     run.finish(failed=failed)
     if is_dir:
         print(f"{len(paths) - failed}/{len(paths)} images segmented; results in {_shown(out / RESULT_JSON)}")
@@ -449,8 +436,8 @@ def _run_chat(args: argparse.Namespace) -> int:
         if entry["masks"]:
             print("masks: " + ", ".join(_shown(out / m["file"]) for m in entry["masks"])
                   + f"; overlay: {_shown(out / entry['overlay'])}", flush=True)
-        elif (hint := _no_mask_hint(res)) is not None:
-            print(hint, file=sys.stderr, flush=True)
+        elif (why := res.no_mask_reason()) is not None:
+            print(f"note: {why}", file=sys.stderr, flush=True)
     run.finish()
     return 0
 
