@@ -58,6 +58,6 @@ def hf_load(fn: Callable[..., T], path: str | os.PathLike, *, component: str | N
     except CheckpointError:
         raise
     except Exception as e:  # transformers raises OSError, ValueError, UnpicklingError, ...
-        name = what or getattr(fn, "__qualname__", "from_pretrained")
-        raise CheckpointError(f"cannot load {path} ({name}): {type(e).__name__}: {e}", component=component,
+        name = what or getattr(fn, "__qualname__", "a model").split(".")[0]  # the class, not its loader
+        raise CheckpointError(f"cannot load {path} as {name}: {type(e).__name__}: {e}", component=component,
                               file=path) from e

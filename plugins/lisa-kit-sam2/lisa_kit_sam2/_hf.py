@@ -45,16 +45,11 @@ def load_pretrained(model_cls, path: str, component: str):
     if not any((p / f).is_file() for f in WEIGHT_FILES):
         raise CheckpointError(f"no weights in {p} (looked for {', '.join(WEIGHT_FILES)})",
                               component=component, file=p)
-    from lisa_kit.checkpoint.safe import HF_LOAD_KWARGS, refuse_remote_code
+    from lisa_kit.checkpoint.safe import hf_load
 
-    refuse_remote_code(p, component)
-    try:
-        # Mis-shaped tensors are reported below, by key, rather than as transformers' error.
-        model, info = model_cls.from_pretrained(str(p), **HF_LOAD_KWARGS, output_loading_info=True,
-                                                ignore_mismatched_sizes=True)
-    except Exception as e:  # corrupt files, unreadable config: all name the directory
-        raise CheckpointError(f"cannot load {p} as {model_cls.__name__}: {type(e).__name__}: {e}",
-                              component=component, file=p) from e
+    # Mis-shaped tensors are reported below, by key, rather than as transformers' error.
+    model, info = hf_load(model_cls.from_pretrained, p, component=component, what=model_cls.__name__,
+                          output_loading_info=True, ignore_mismatched_sizes=True)
     problems, first = [], None
     for label in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         entries = sorted(info.get(label) or (), key=str)
