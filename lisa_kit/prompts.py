@@ -30,6 +30,13 @@ made, so samples stay LISA's):
   from scratch (the shipped demo model) learns far faster to put the target's identity
   into the ``[SEG]`` state this way. With a reject token, an absent target with an
   explanation is answered the same way: "There is no purple triangle in the image. [REJ]."
+  ``explain_first: after_name`` puts the mask right after the target's name where the
+  target says how its explanation splits (``meta["name"]`` and ``meta["predicate"]``, as
+  synthetic records do): "The blue square [SEG] is the largest shape." The ``[SEG]`` state
+  then sits next to the words that identify its target, not after the anchors and
+  comparisons an explanation goes on to mention ("... left of the red circle"), which a
+  small model otherwise confuses with the target. Targets without that split fall back
+  to ``true``.
 * **any phrasing** (recipe ``data.phrasing: any``; default ``lisa``): each target's
   question is drawn from one of :data:`PHRASING_KINDS` -- a bare noun phrase ("the blue
   square"), an imperative ("Show me the blue square."), a question ("Where is the blue
@@ -75,6 +82,8 @@ ANSWERS = (
 )
 EVAL_ANSWER = "[SEG]."  # LISA's validation answer (teacher mode)
 SEG = "[SEG]"
+#: ``data.explain_first`` value: the mask right after the target's name (module docstring).
+EXPLAIN_AFTER_NAME = "after_name"
 REJ = "[REJ]"  # stands for the model's reject token in the phrasings below
 REJECT_ANSWERS = (
     "There is no such object, [REJ].",
@@ -294,7 +303,8 @@ def _answer(rng: np.random.Generator, tgt: Target, reject_token: str | None, nam
 
 def seg_turns(record: Record, rng: np.random.Generator, classes_per_sample: int = 3,
               explanatory: float = -1.0, multi_seg: MultiSeg | None = None,
-              reject_token: str | None = None, explain_first: bool = False, phrasing: str = "lisa") -> list[Turn]:
+              reject_token: str | None = None, explain_first: bool | str = False,
+              phrasing: str = "lisa") -> list[Turn]:
     """Up to ``classes_per_sample`` targets drawn without replacement, one turn each.
 
     ``explanatory`` (LISA's ``--explanatory``, -1 = off): for a record with an
@@ -334,7 +344,12 @@ def seg_turns(record: Record, rng: np.random.Generator, classes_per_sample: int 
             # (data.explain_first; not LISA's order, see the module docstring); an absent
             # target's reason ("There is no ...") comes before the reject token.
             mark = reject_token if is_absent(tgt) else SEG
-            turns.append(Turn(_question(tgt, text, rng, phrasing), f"{why} {mark}.", int(t)))
+            name, predicate = tgt.meta.get("name"), tgt.meta.get("predicate")
+            if explain_first == EXPLAIN_AFTER_NAME and mark == SEG and name and predicate:
+                answer = f"{name[0].upper() + name[1:]} {SEG} {predicate}"
+            else:
+                answer = f"{why} {mark}."
+            turns.append(Turn(_question(tgt, text, rng, phrasing), answer, int(t)))
         elif mode == "seg":
             turns.append(Turn(_question(tgt, text, rng, phrasing),
                               _answer(rng, tgt, reject_token, named=phrasing == "any"), int(t)))
@@ -391,7 +406,8 @@ def turns_to_sample(record: Record, turns: list[Turn], template: Template, image
 
 def build_sample(record: Record, rng: np.random.Generator, template: Template, classes_per_sample: int = 3,
                  explanatory: float = -1.0, multi_seg: MultiSeg | None = None,
-                 reject_token: str | None = None, explain_first: bool = False, phrasing: str = "lisa") -> Sample:
+                 reject_token: str | None = None, explain_first: bool | str = False,
+                 phrasing: str = "lisa") -> Sample:
     """A training :class:`~lisa_kit.data.Sample` from a record: VQA rounds as one
     conversation, segmentation targets as sampled question/answer turns (``multi_seg``,
     ``reject_token``, ``explain_first``, ``phrasing``: see the module docstring)."""

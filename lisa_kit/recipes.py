@@ -888,6 +888,13 @@ def _phrasing(value, key):
     return None if value in PHRASINGS else (key, f"expected one of {', '.join(PHRASINGS)}, got {_short(value)}")
 
 
+def _explain_first(value, key):
+    from lisa_kit.prompts import EXPLAIN_AFTER_NAME
+
+    ok = isinstance(value, bool) or value == EXPLAIN_AFTER_NAME
+    return None if ok else (key, f"expected true, false or {EXPLAIN_AFTER_NAME}, got {_short(value)}")
+
+
 def _multi_seg(value, key):
     from lisa_kit.prompts import MultiSeg
 
@@ -944,7 +951,7 @@ def _section_fields() -> dict[str, dict[str, tuple]]:
             "samples_per_epoch": (_positive_int, False),
             "classes_per_sample": (_positive_int, False),
             "explanatory": (_probability_or_off, False),
-            "explain_first": (_boolean, False),
+            "explain_first": (_explain_first, False),
             "phrasing": (_phrasing, False),
             "multi_seg": (_multi_seg, True),
             "sources": (_sources, True),

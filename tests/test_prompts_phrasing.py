@@ -55,7 +55,7 @@ def _turns(records, **kw):
     return out
 
 
-@pytest.mark.parametrize("explain_first", [False, True])
+@pytest.mark.parametrize("explain_first", [False, True, "after_name"])
 def test_every_kind_for_every_question_type_present_and_absent(records, explain_first):
     seen: dict[str, set[str]] = {}
     for rec, turn in _turns(records, explain_first=explain_first):
@@ -71,7 +71,7 @@ def test_lisa_plain_questions_lack_the_suffix_and_lisa_ones_have_it(records):
     assert plain and not any("segmentation mask" in q for q in plain)
 
 
-@pytest.mark.parametrize("explain_first", [False, True])
+@pytest.mark.parametrize("explain_first", [False, True, "after_name"])
 def test_masks_stay_paired_with_seg_and_answers_name_what_they_paint(records, explain_first):
     n_named = 0
     for i, rec in enumerate(records):
@@ -95,6 +95,27 @@ def test_masks_stay_paired_with_seg_and_answers_name_what_they_paint(records, ex
         for got, want in zip(sample.masks, expected):
             np.testing.assert_array_equal(got, want.astype(np.float32))
     assert n_named > 100
+
+
+def test_after_name_puts_seg_right_after_the_name_and_the_rest_after_it(records):
+    """``explain_first: after_name``: "<Name> [SEG] <predicate>", which reads as the
+    explanation with [SEG] inserted after the name; absent targets keep "... [REJ]."."""
+    n = 0
+    for i, rec in enumerate(records):
+        first = seg_turns(rec, np.random.default_rng(i), 3, -1.0, None, REJ, True, "any")
+        after = seg_turns(rec, np.random.default_rng(i), 3, -1.0, None, REJ, "after_name", "any")
+        for a, b in zip(first, after):
+            tgt = rec.targets[b.target]
+            assert a.question == b.question and a.target == b.target
+            if tgt.meta["absent"]:
+                assert b.answer == a.answer
+                continue
+            name = tgt.meta["name"]
+            assert b.answer.startswith(name[0].upper() + name[1:] + f" {SEG} ")
+            assert b.answer.replace(f" {SEG}", "") == tgt.meta["explanation"]
+            assert a.answer == f"{tgt.meta['explanation']} {SEG}."
+            n += 1
+    assert n > 100
 
 
 def test_no_digits_in_answers_without_pixel_counts():

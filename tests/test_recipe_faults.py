@@ -145,7 +145,7 @@ def test_training_run_and_checkpoints_hold_no_environment_value(tmp_path, secret
     ("data.samples_per_epoch=many", "data.samples_per_epoch", "expected a positive int"),
     ("data.classes_per_sample=true", "data.classes_per_sample", "expected a positive int, got True"),
     ("data.explanatory=2", "data.explanatory", "expected a probability"),
-    ("data.explain_first=yes please", "data.explain_first", "expected true or false"),
+    ("data.explain_first=yes please", "data.explain_first", "expected true, false or after_name"),
     ("data.multi_seg={prob: 3}", "data.multi_seg.prob", "must be a probability in [0, 1]"),
     ("data.sources={a: {datasets: [nope]}}", "data.sources.a.datasets", "unknown dataset 'nope'"),
     ("data.sources={a: {datasets: [synthetic], rate: -1}}", "data.sources.a.rate", "expected a number >= 0"),

@@ -185,7 +185,7 @@ def open_dataset(name: str, root: str | Path, split: str | None = None, **option
 def _import_readers() -> None:
     import importlib
 
-    for mod in ("reason_seg", "refer", "semantic", "vqa", "synthetic"):
+    for mod in ("reason_seg", "refer", "semantic", "vqa", "synthetic", "synthetic_describe"):
         try:
             importlib.import_module(f"lisa_kit.datasets.{mod}")
         except ModuleNotFoundError as e:

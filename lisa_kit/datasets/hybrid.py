@@ -51,7 +51,7 @@ class HybridDataset:
 
     def __init__(self, groups: list[SourceGroup], template: Template, samples_per_epoch: int, seed: int = 0,
                  classes_per_sample: int = 3, explanatory: float = 0.1, multi_seg=None,
-                 reject_token: str | None = None, explain_first: bool = False, phrasing: str = "lisa"):
+                 reject_token: str | None = None, explain_first: bool | str = False, phrasing: str = "lisa"):
         from lisa_kit.prompts import check_phrasing
 
         groups = [g for g in groups if g.rate > 0]
@@ -71,7 +71,7 @@ class HybridDataset:
         self.explanatory = explanatory
         self.multi_seg = multi_seg
         self.reject_token = reject_token
-        self.explain_first = bool(explain_first)
+        self.explain_first = explain_first
         self.phrasing = check_phrasing(phrasing)
 
     def set_epoch(self, epoch: int) -> None:
@@ -116,7 +116,8 @@ def hybrid_from_config(cfg: dict, template: Template, seed: int = 0, reject_toke
           classes_per_sample: 3
           explanatory: 0.1
           multi_seg: {prob: 0.5, max_targets: 3}   # several targets per question (default: off)
-          explain_first: false                     # true: "<explanation> [SEG]." (the reason before the mask)
+          explain_first: false                     # true: "<explanation> [SEG]." (the reason before the mask);
+                                                   # after_name: "<Name> [SEG] <rest of the explanation>"
           phrasing: lisa                           # any: noun phrases, imperatives, questions, LISA's templates
           sources:                              # default: LISA's four groups and rates
             reason_seg: {datasets: [reason_seg], rate: 1, split: train}
@@ -137,5 +138,5 @@ def hybrid_from_config(cfg: dict, template: Template, seed: int = 0, reject_toke
                          classes_per_sample=int(cfg.get("classes_per_sample", 3)),
                          explanatory=float(cfg.get("explanatory", 0.1)),
                          multi_seg=MultiSeg.from_config(cfg.get("multi_seg")), reject_token=reject_token,
-                         explain_first=bool(cfg.get("explain_first", False)),
+                         explain_first=cfg.get("explain_first", False),
                          phrasing=cfg.get("phrasing", "lisa"))

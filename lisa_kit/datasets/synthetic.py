@@ -33,9 +33,10 @@ from which ``Target.meta["answer"]``, an index into ``Record.meta["shapes"]``, f
 Every type but ``attribute`` and ``absent`` is a full question (``kind="sentence"``).
 Each target's meta also holds ``explanation`` (why the answer is the answer),
 ``phrase`` (a noun phrase for what is asked: "the largest blue shape", "the shape
-closest to the red circle") and ``name`` (the answer shape, "the blue square"; ``None``
-when absent), so prompts can ask any type in other phrasings and answers can name what
-the mask paints.
+closest to the red circle"), ``name`` (the answer shape, "the blue square"; ``None``
+when absent) and ``predicate`` (the explanation after the name: "is the largest shape.";
+``None`` when absent), so prompts can ask any type in other phrasings and answers can
+name what the mask paints.
 Geometry uses image coordinates: ``x`` to the right, ``y`` down, a shape's ``center`` is
 the centroid ``[x, y]`` of its mask pixels and ``bbox`` is ``[x0, y0, x1, y1)``.
 
@@ -417,33 +418,40 @@ def _phrase(qtype: str, q: dict) -> str:
 
 
 def _explain(qtype: str, q: dict, s: dict | None, pixel_counts: bool = True) -> str:
-    """One sentence saying why the answer is the answer (ReasonSeg's explanatory style).
+    """One sentence saying why the answer is the answer (ReasonSeg's explanatory style):
+    the answer's name, then :func:`_predicate` ("The blue square is the largest shape.").
     ``pixel_counts``: a size answer also states the winner's area in pixels (a number a
     model cannot read off the image, so at inference it is invented; off in lisa-demo-v2)."""
     if qtype == "absent":
         return f"There is no {_noun(q['color'], q['kind'])} in the image."
-    it = _name(s).capitalize()
+    return f"{_name(s).capitalize()} {_predicate(qtype, q, s, pixel_counts)}"
+
+
+def _predicate(qtype: str, q: dict, s: dict, pixel_counts: bool = True) -> str:
+    """What the explanation says of the answer shape ``s``, after its name: "is the
+    largest shape.", "has six corners, more than any other shape." (a whole clause, ending
+    in a full stop, so "<name> [SEG] <predicate>" reads as one sentence)."""
     g = _noun(q.get("color"), q.get("kind"))
     if qtype == "attribute":
-        return f"{it} is the only {g} in the image."
+        return f"is the only {g} in the image."
     if qtype == "size":
         area = f", covering {s['area']} pixels" if pixel_counts else ""
-        return f"{it} is the {q['order']} {g}{area}."
+        return f"is the {q['order']} {g}{area}."
     if qtype == "corners":
         n = _NUMBERS.get(s["corners"], str(s["corners"]))
         more = "more" if q["order"] == "most" else "fewer"
-        return f"{it} has {n} corner{'' if s['corners'] == 1 else 's'}, {more} than any other {g}."
+        return f"has {n} corner{'' if s['corners'] == 1 else 's'}, {more} than any other {g}."
     if qtype == "extreme":
         where = {"left": "further left", "right": "further right", "top": "higher up", "bottom": "lower down"}
-        return f"{it} is {where[q['side']]} than any other {g}."
+        return f"is {where[q['side']]} than any other {g}."
     a = _anchor_text(q["anchor"])
     if qtype == "relation":
-        return f"{it} is the nearest shape {_DIRECTION_WORDS[q['direction']]} {a}."
+        return f"is the nearest shape {_DIRECTION_WORDS[q['direction']]} {a}."
     if qtype == "nearest":
-        return f"{it} is closer to {a} than any other shape."
+        return f"is closer to {a} than any other shape."
     if q["attribute"] == "color":
-        return f"{it} is {s['color']}, the same color as {a}."
-    return f"{it} is a {s['kind']}, the same shape as {a}."
+        return f"is {s['color']}, the same color as {a}."
+    return f"is a {s['kind']}, the same shape as {a}."
 
 
 # --------------------------------------------------------------------------- reader
@@ -595,7 +603,9 @@ class SyntheticReasoningSet(DatasetReader):
                       "explanation": _explain(qtype, q, shapes[answer] if answer is not None else None,
                                               o["pixel_counts"]),
                       "phrase": _phrase(qtype, q),
-                      "name": _name(shapes[answer]) if answer is not None else None}))
+                      "name": _name(shapes[answer]) if answer is not None else None,
+                      "predicate": (_predicate(qtype, q, shapes[answer], o["pixel_counts"])
+                                    if answer is not None else None)}))
         return SyntheticRecord(
             source=self.name, key=f"{self.split}/{i:06d}", image_path=Path(f"synthetic/{self.split}/{i:06d}.png"),
             targets=targets, explanation=targets[0].meta["explanation"] if targets else None,
