@@ -240,7 +240,7 @@ class Sam3MaskDecoder(MaskDecoder):
     # -- model ----------------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(I, 3, S, S)`` -> the four FPN levels ``fpn_0`` .. ``fpn_3``, ``(I, P, h_l, w_l)``."""
-        dtype = self.model.vision_encoder.backbone.embeddings.patch_embeddings.projection.weight.dtype
+        dtype = next(self.model.vision_encoder.parameters()).dtype  # bf16 when cast (not under fp32_prefixes)
         out = self.model.vision_encoder(pixels.to(dtype), return_dict=True)
         return {f"fpn_{i}": x for i, x in enumerate(out.fpn_hidden_states)}
 
@@ -249,7 +249,7 @@ class Sam3MaskDecoder(MaskDecoder):
         prompts, in the detector's precision, with the neck's position encodings."""
         from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
-        dtype = self.model.detr_encoder.layers[0].self_attn.q_proj.weight.dtype
+        dtype = next(self.model.detr_encoder.parameters()).dtype  # fp32 (fp32_prefixes) in any precision
         levels = [features[f"fpn_{i}"] for i in range(len(features))]
         if any(x.shape[0] != 1 for x in levels):
             raise InputError(f"sam3: decode takes the features of one image (batch 1), got "

@@ -281,6 +281,26 @@ def test_save_pretrained_round_trip(sam3_dir, tiny, tmp_path):
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_official_video_checkpoint_layout_loads(tiny, tmp_path):
+    """facebook/sam3 is a Sam3VideoModel directory: config.json nests the image model under
+    detector_config and the weights under detector_model.*; those load, the tracker's are
+    skipped, and sizes reads the nested config."""
+    from safetensors.torch import save_file
+    from transformers import Sam3VideoConfig
+
+    d = tmp_path / "sam3-video"
+    Sam3VideoConfig(detector_config=tiny.model.config.to_dict()).save_pretrained(d)
+    state = {f"detector_model.{k}": v.contiguous() for k, v in tiny.model.state_dict().items()}
+    state["tracker_model.memory_attention.layers.0.self_attn.q_proj.weight"] = torch.zeros(4, 4)
+    state["tracker_neck.convs.0.weight"] = torch.zeros(2)
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    assert sizes_sam3(pretrained=str(d)) == {"prompt_dim": WIDTH}
+    comp = build_sam3(pretrained=str(d))
+    own = tiny.model.state_dict()
+    for k, v in comp.model.state_dict().items():
+        assert torch.equal(v, own[k]), k
+
+
 def test_tokenizer_option_and_broken_directories(sam3_dir, tmp_path):
     from transformers import Sam3Model
 
