@@ -119,6 +119,8 @@ VARIANTS = [
                  marks=_needs_sam2),
     pytest.param("lisa-tiny-hf-sam", "model.seg_head.out_dim", "hf_sam", "prompt_dim", 32, id="hf_sam",
                  marks=_needs_sam2),
+    pytest.param("lisa-tiny-sam3", "model.seg_head.out_dim", "sam3", "prompt_dim", 32, id="sam3",
+                 marks=_needs_sam2),
 ]
 
 

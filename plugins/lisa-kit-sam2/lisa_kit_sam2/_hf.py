@@ -1,4 +1,4 @@
-"""Helpers shared by the two transformers-backed decoders: checked ``from_pretrained``,
+"""Helpers shared by the transformers-backed decoders: checked ``from_pretrained``,
 config dicts, and the pixel arithmetic of transformers' torchvision image processors."""
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from lisa_kit.errors import CheckpointError
 # transformers' IMAGENET_DEFAULT_MEAN / _STD: what both the SAM and the SAM2 processors use.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# transformers' IMAGENET_STANDARD_MEAN / _STD: what the SAM 3 processor uses.
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
 RESCALE_FACTOR = 1 / 255
 DEFAULT_WIDTH = 256  # SamMaskDecoderConfig / Sam2MaskDecoderConfig hidden_size: SAM's and SAM2's prompt size
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

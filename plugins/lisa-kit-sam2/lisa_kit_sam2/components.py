@@ -1,12 +1,13 @@
 """The plugin module named in this distribution's ``lisa_kit`` entry point: it registers
-``mask_decoder:sam2`` and ``mask_decoder:hf_sam`` with their ``tiny`` configurations (the
-main suite's conformance tests build every registered component that way)."""
+``mask_decoder:sam2``, ``mask_decoder:hf_sam`` and ``mask_decoder:sam3`` with their ``tiny``
+configurations (the main suite's conformance tests build every registered component that way)."""
 from __future__ import annotations
 
 import lisa_kit
 from lisa_kit.interfaces import ComponentSpec
 from lisa_kit_sam2.hf_sam import TINY_HF_SAM, build_hf_sam, sizes_hf_sam
 from lisa_kit_sam2.sam2 import TINY_SAM2, build_sam2, sizes_sam2
+from lisa_kit_sam2.sam3 import TINY_SAM3, Sam3MaskDecoder, build_sam3, sizes_sam3
 
 
 @lisa_kit.hookimpl
@@ -18,4 +19,8 @@ def lisa_kit_components():
         ComponentSpec("mask_decoder", "hf_sam", build_hf_sam, tiny={"config": TINY_HF_SAM},
                       description="SAM ViT-B/L/H through transformers' SamModel (HF dirs or Meta .pth)",
                       sizes=sizes_hf_sam),
+        ComponentSpec("mask_decoder", "sam3", build_sam3, tiny={"config": TINY_SAM3},
+                      description="SAM 3 through transformers' Sam3Model ([SEG] as the text phrase; the query with "
+                                  "the highest presence-weighted score, or all above a threshold)",
+                      sizes=sizes_sam3, component_class=Sam3MaskDecoder),
     ]
