@@ -36,6 +36,14 @@ class ImageMeta:
     original_size: tuple[int, int]
     input_size: tuple[int, int]
 
+    def to_input(self, xy: torch.Tensor) -> torch.Tensor:
+        """``(..., 2)`` x, y in original-image pixels -> the same points in the decoder's
+        input frame (pixels of the resized image inside the padded square): scaled by
+        ``input_size / original_size`` per axis."""
+        sy = self.input_size[0] / self.original_size[0]
+        sx = self.input_size[1] / self.original_size[1]
+        return xy * xy.new_tensor([sx, sy])
+
 
 class VisionEncoder(nn.Module):
     """Image -> visual tokens for the LLM.
