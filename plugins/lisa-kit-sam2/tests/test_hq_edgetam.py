@@ -257,6 +257,32 @@ def test_bad_builds_are_typed():
             **edgetam.TINY_EDGETAM["vision_config"], "backbone_feature_sizes": [[32, 32], [16, 16], [8, 8]]}})
 
 
+def test_edgetam_loads_from_a_video_model_directory(tmp_path):
+    """EdgeTAM's published weights are an EdgeTamVideoModel directory: the image model's
+    weights load from it, the memory modules are skipped."""
+    import json
+
+    from transformers import EdgeTamVideoConfig, EdgeTamVideoModel
+
+    tiny = edgetam.TINY_EDGETAM
+    torch.manual_seed(0)
+    video = EdgeTamVideoModel(EdgeTamVideoConfig(
+        vision_config=edgetam.edgetam_config(tiny).vision_config, prompt_encoder_config=tiny["prompt_encoder_config"],
+        mask_decoder_config=tiny["mask_decoder_config"], image_size=64, memory_attention_hidden_size=32,
+        memory_attention_mlp_hidden_size=64, memory_attention_num_layers=1, memory_attention_rope_feat_sizes=[4, 4],
+        memory_attention_rope_k_sizes=[4, 4], perceiver_resampler_num_latents=4, perceiver_resampler_hidden_size=16,
+        perceiver_resampler_mlp_intermediate_size=32, perceiver_resampler_attention_head_dim=8,
+        perceiver_resampler_num_layers=1, memory_encoder_hidden_size=32, memory_encoder_output_channels=16,
+        mask_downsampler_embed_dim=32, memory_fuser_intermediate_dim=64, memory_fuser_embed_dim=32))
+    video.save_pretrained(tmp_path / "edgetam-video")
+    assert json.loads((tmp_path / "edgetam-video" / "config.json").read_text())["model_type"] == "edgetam_video"
+    comp = edgetam.build_edgetam(pretrained=str(tmp_path / "edgetam-video"))
+    own, image = video.state_dict(), comp.model.state_dict()
+    assert any(k.startswith("memory_") for k in set(own) - set(image))  # what was skipped
+    for k, v in image.items():
+        assert torch.equal(v, own[k]), k
+
+
 @pytest.mark.parametrize("name", NEW)
 def test_released_lisa_sam_weights_are_not_loaded(saved, name):
     """A released LISA checkpoint holds SAM's ViT decoder in Meta's layout: not loaded (warned);
