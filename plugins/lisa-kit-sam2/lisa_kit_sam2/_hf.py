@@ -247,7 +247,9 @@ def check_geometry(boxes, points, point_labels, component: str):
 
 
 def _describe(x) -> str:
-    return f"{str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+    if isinstance(x, torch.Tensor):
+        return f"{str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}"
+    return type(x).__name__
 
 
 class GeometryPrompts:

@@ -15,6 +15,8 @@ reproduce LISA's numbers exactly, use ``sam``.
 Shapes (``P`` = prompt size, 256 at full size): ``preprocess(uint8 (H, W, 3)) -> (3, S, S)``;
 ``encode_image((I, 3, S, S)) -> {"image_embeddings": (I, P, S/16, S/16)}``;
 ``decode(features, prompts (M, P)) -> low_res (M, 1, S/4, S/4), scores (M, 1)``;
+``decode_geometry(features, boxes (M, 4), points (M, K, 2), point_labels (M, K))`` -> the same
+(box/point prompts in the input frame, through ``SamModel``'s prompt encoder);
 ``postprocess(low_res, meta) -> (M, H, W)`` fp32 logits at the original size.
 """
 from __future__ import annotations
@@ -112,6 +114,7 @@ _META_ONLY = ("pixel_mean", "pixel_std")  # constants, not weights (non-persiste
 
 
 def is_meta_layout(state: dict) -> bool:
+    """SAM weights in Meta's layout (a released LISA checkpoint's decoder, a ``sam_vit_*.pth``)."""
     return any(k.startswith("image_encoder.") or k == _META_PE for k in state)
 
 

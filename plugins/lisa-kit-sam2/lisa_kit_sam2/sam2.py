@@ -28,6 +28,9 @@ How LISA's recipe maps onto SAM2 (image mode, one frame, no memory):
   the same way (``dynamic_multimask: true`` restores SAM2's click behaviour). The
   object-score head is computed by the decoder but not applied (SAM2's image predictor
   does not apply it either).
+* ``decode_geometry(features, boxes (M, 4), points (M, K, 2), point_labels (M, K))``: box
+  and point prompts in the input frame, embedded by the model's own prompt encoder as
+  ``Sam2Model.forward`` embeds ``input_boxes``/``input_points``, then decoded as above.
 * ``postprocess``: bilinear to the original size (what ``post_process_masks`` and SAM2's
   own predictor do; there is no padding to crop).
 
@@ -69,6 +72,7 @@ from lisa_kit_sam2._hf import (
     sam_weights_or_none,
     to_uint8_chw,
 )
+from lisa_kit_sam2.hf_sam import is_meta_layout
 
 COMPONENT = "mask_decoder:sam2"
 HIERA_MODEL_TYPE = "sam2_hiera_det_model"
@@ -129,11 +133,6 @@ def sam2_config(config: dict):
     return make_config(Sam2Config, cfg, COMPONENT)
 
 
-def _is_sam_vit(state: dict) -> bool:
-    """A released LISA checkpoint's decoder: SAM's ViT, in Meta's key layout."""
-    return any(k.startswith(("image_encoder.", "prompt_encoder.pe_layer.")) for k in state)
-
-
 class Sam2MaskDecoder(GeometryPrompts, ModelParts, MaskDecoder):
     """``model``: a transformers ``Sam2Model``. ``mean``/``std``: the processor's (ImageNet)."""
 
@@ -150,7 +149,8 @@ class Sam2MaskDecoder(GeometryPrompts, ModelParts, MaskDecoder):
         self.prompt_dim = int(md.hidden_size)
         if not (vc.fpn_hidden_size == pe.hidden_size == md.hidden_size):
             raise DecoderConfigError(f"{self.component}: the FPN width ({vc.fpn_hidden_size}), prompt encoder "
-                                     f"({pe.hidden_size}) and mask decoder ({md.hidden_size}) hidden sizes must be equal")
+                                     f"({pe.hidden_size}) and mask decoder ({md.hidden_size}) hidden sizes must be "
+                                     "equal")
         self._check_image_size(vc)
         self.dynamic_multimask = bool(dynamic_multimask)
         model.mask_decoder.dynamic_multimask_via_stability = self.dynamic_multimask
@@ -216,7 +216,7 @@ class Sam2MaskDecoder(GeometryPrompts, ModelParts, MaskDecoder):
         weights, which do not fit SAM2: ``None`` tells its importer to leave this decoder
         as built (weights from ``pretrained``); bare ``Sam2Model`` keys get the ``model.``
         prefix."""
-        return sam_weights_or_none(state, self.component, self.label, self.warning, _is_sam_vit)
+        return sam_weights_or_none(state, self.component, self.label, self.warning, is_meta_layout)
 
     def export_config(self) -> dict:
         from lisa_kit.components._util import hf_config_dict

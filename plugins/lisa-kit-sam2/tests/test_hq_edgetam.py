@@ -18,7 +18,7 @@ pytest.importorskip("lisa_kit_sam2", reason="the plugin distribution lisa-kit-sa
 from lisa_kit_sam2 import edgetam, hf_sam, sam2, sam_hq  # noqa: E402
 from lisa_kit_sam2._hf import ForeignWeightsWarning  # noqa: E402
 
-# name -> (module, build, tiny config, config maker, transformers model class name)
+# name -> (build, tiny config, config maker, transformers model class name)
 DECODERS = {
     "sam_hq": (sam_hq.build_sam_hq, sam_hq.TINY_SAM_HQ, sam_hq.sam_hq_config, "SamHQModel"),
     "edgetam": (edgetam.build_edgetam, edgetam.TINY_EDGETAM, edgetam.edgetam_config, "EdgeTamModel"),
@@ -160,16 +160,18 @@ def test_prompts_together_equal_each_alone(saved, name):
     px, _ = comp.preprocess(_image())
     with torch.no_grad():
         feats = comp.encode_image(px[None])
-        calls = {"sparse": (lambda i: comp.decode(feats, prompts[i])),
-                 "geometry": (lambda i: comp.decode_geometry(feats, boxes[i], points[i], labels[i]))}
-        for what, run in calls.items():
+        def sparse(rows):
+            return comp.decode(feats, prompts[rows])
+
+        def geometry(rows):
+            return comp.decode_geometry(feats, boxes[rows], points[rows], labels[rows])
+
+        for run in (sparse, geometry):
             together = run(slice(None))
-            m = together[0].shape[0]
-            for i in range(m):
-                alone = run(slice(i, i + 1))
-                for a, b in zip(alone, together):
-                    torch.testing.assert_close(a, b[i:i + 1], **TOL, msg=lambda s: f"{what} prompt {i}: {s}")
-            assert (together[0][0] - together[0][1]).abs().max() > 0, what  # the prompts do differ
+            for i in range(together[0].shape[0]):
+                for a, b in zip(run(slice(i, i + 1)), together):
+                    torch.testing.assert_close(a, b[i:i + 1], **TOL)
+            assert (together[0][0] - together[0][1]).abs().max() > 0, run.__name__  # the prompts do differ
 
 
 def test_box_from_original_pixels_via_to_input(saved):
@@ -207,11 +209,11 @@ def test_bad_geometry_is_an_input_error(saved, args, match):
 def test_sizes_and_export_round_trip(saved):
     from lisa_kit.builder import build_component
 
-    for name, sizes in (("sam_hq", sam_hq.sizes_sam_hq), ("edgetam", edgetam.sizes_edgetam)):
-        build, tiny, _, _ = DECODERS[name]
+    for name, sizes, variant in (("sam_hq", sam_hq.sizes_sam_hq, "vit_h"),
+                                 ("edgetam", edgetam.sizes_edgetam, "repvit_m1")):
+        tiny = DECODERS[name][1]
         assert sizes(config=tiny) == sizes(pretrained=str(saved[name])) == {"prompt_dim": 32}
-        assert sizes(variant=next(iter(getattr(sam_hq if name == "sam_hq" else edgetam, "VARIANTS")))) == {
-            "prompt_dim": 256}
+        assert sizes(variant=variant) == {"prompt_dim": 256}
         comp, _ = _pair(saved, name)
         # lisa_kit's own format rebuilds it from export_config alone (EdgeTAM: the timm config
         # transformers wrote, with its classifier-head keys, comes back as a TimmWrapperConfig).
