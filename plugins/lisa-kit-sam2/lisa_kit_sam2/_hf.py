@@ -49,11 +49,12 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_pretrained(model_cls, path: str, component: str):
+def load_pretrained(model_cls, path: str, component: str, model_types: tuple[str, ...] = ()):
     """``model_cls.from_pretrained(path)`` from a local directory, refusing anything that
-    does not fit exactly: a missing directory or file, or weights with missing, unexpected
-    or mis-shaped keys raise :class:`CheckpointError` naming the path (transformers would
-    only warn and leave those tensors randomly initialised)."""
+    does not fit exactly: a missing directory or file, a ``config.json`` whose
+    ``model_type`` is not one of ``model_types`` (when given), or weights with missing,
+    unexpected or mis-shaped keys raise :class:`CheckpointError` naming the path
+    (transformers would only warn and leave those tensors randomly initialised)."""
     p = Path(path).expanduser()
     if not p.is_dir():
         raise CheckpointError(f"pretrained directory not found: {p}", component=component, file=p)
@@ -63,6 +64,12 @@ def load_pretrained(model_cls, path: str, component: str):
     if not any((p / f).is_file() for f in WEIGHT_FILES):
         raise CheckpointError(f"no weights in {p} (looked for {', '.join(WEIGHT_FILES)})",
                               component=component, file=p)
+    found = _model_type(p / "config.json")
+    # transformers only warns, and where the weights happen to fit builds the other model in
+    # this class's clothing (a SAM2 directory gives EdgeTamModel a Hiera trunk).
+    if model_types and found is not None and found not in model_types:
+        raise CheckpointError(f"{p} holds a {found!r} model, not {' or '.join(map(repr, model_types))} "
+                              f"({model_cls.__name__})", component=component, file=p / "config.json")
     from lisa_kit.checkpoint.safe import hf_load
 
     # Mis-shaped tensors are reported below, by key, rather than as transformers' error.
@@ -95,16 +102,16 @@ def make_config(config_cls, config: dict, component: str):
 
 
 def build_model(model_cls, make_config, variants: dict, variant: str | None, pretrained: str | None,
-                config: dict | None, component: str):
+                config: dict | None, component: str, model_types: tuple[str, ...] = ()):
     """The transformers model a decoder's build arguments describe: ``pretrained`` (a local
-    directory, loaded strictly by :func:`load_pretrained`), or random weights of
-    ``make_config(config over the variant's)``. Wrong combinations and unknown variants
-    raise :class:`DecoderConfigError`."""
+    directory of one of ``model_types``, loaded strictly by :func:`load_pretrained`), or
+    random weights of ``make_config(config over the variant's)``. Wrong combinations and
+    unknown variants raise :class:`DecoderConfigError`."""
     name = component.split(":")[-1]
     if pretrained is not None:
         if variant is not None or config is not None:
             raise DecoderConfigError(f"{name}: give either `pretrained` or `variant`/`config`, not both")
-        return load_pretrained(model_cls, pretrained, component)
+        return load_pretrained(model_cls, pretrained, component, model_types)
     if variant is not None and variant not in variants:
         raise DecoderConfigError(f"unknown {name} variant {variant!r}; available: {', '.join(variants)}")
     if variant is None and config is None:
@@ -124,6 +131,18 @@ def sam_weights_or_none(state: dict, component: str, label: str, warning_cls: ty
                       "seg head was trained for SAM, so train before use", warning_cls, stacklevel=3)
         return None
     return {k if k.startswith("model.") else f"model.{k}": v for k, v in state.items()}
+
+
+def _model_type(config_json: Path) -> str | None:
+    """``model_type`` of a ``config.json``; ``None`` when unreadable (``from_pretrained`` then
+    reports it)."""
+    import json
+
+    try:
+        value = json.loads(config_json.read_text())
+    except (OSError, ValueError):
+        return None
+    return value.get("model_type") if isinstance(value, dict) else None
 
 
 def decoder_width(variants: dict, variant: str | None, pretrained: str | None, config: dict | None) -> dict:

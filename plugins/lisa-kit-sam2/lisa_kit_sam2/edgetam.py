@@ -129,7 +129,8 @@ def build_edgetam(variant: Literal["repvit_m1"] | None = None, pretrained: str |
     random weights. ``dynamic_multimask``, ``mean``/``std``: as ``sam2``."""
     from transformers import EdgeTamModel
 
-    model = build_model(EdgeTamModel, edgetam_config, VARIANTS, variant, pretrained, config, COMPONENT)
+    model = build_model(EdgeTamModel, edgetam_config, VARIANTS, variant, pretrained, config, COMPONENT,
+                        ("edgetam", "edgetam_video"))
     pre = read_preprocessor(pretrained)
     return EdgeTamMaskDecoder(model, dynamic_multimask=dynamic_multimask,
                               mean=mean or pre.get("image_mean", IMAGENET_MEAN),

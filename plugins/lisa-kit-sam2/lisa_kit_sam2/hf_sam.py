@@ -247,7 +247,7 @@ def build_hf_sam(variant: Literal["vit_b", "vit_l", "vit_h"] | None = None, pret
 
     if pretrained is not None and checkpoint is not None:
         raise DecoderConfigError("hf_sam: give either `pretrained` or `variant`/`config`/`checkpoint`, not both")
-    model = build_model(SamModel, sam_config, VARIANTS, variant, pretrained, config, COMPONENT)
+    model = build_model(SamModel, sam_config, VARIANTS, variant, pretrained, config, COMPONENT, ("sam",))
     pre = read_preprocessor(pretrained)
     comp = HFSamMaskDecoder(model, mean=mean or pre.get("image_mean", IMAGENET_MEAN),
                             std=std or pre.get("image_std", IMAGENET_STD))

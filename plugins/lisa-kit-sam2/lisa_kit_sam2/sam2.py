@@ -236,7 +236,8 @@ def build_sam2(variant: Literal["hiera_tiny", "hiera_small", "hiera_base_plus", 
     ImageNet's."""
     from transformers import Sam2Model
 
-    model = build_model(Sam2Model, sam2_config, VARIANTS, variant, pretrained, config, COMPONENT)
+    model = build_model(Sam2Model, sam2_config, VARIANTS, variant, pretrained, config, COMPONENT,
+                        ("sam2", "sam2_video"))
     pre = read_preprocessor(pretrained)
     return Sam2MaskDecoder(model, dynamic_multimask=dynamic_multimask,
                            mean=mean or pre.get("image_mean", IMAGENET_MEAN),

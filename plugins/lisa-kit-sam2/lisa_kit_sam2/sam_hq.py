@@ -110,7 +110,8 @@ def build_sam_hq(variant: Literal["vit_b", "vit_l", "vit_h"] | None = None, pret
     else ImageNet's."""
     from transformers import SamHQModel
 
-    model = build_model(SamHQModel, sam_hq_config, VARIANTS, variant, pretrained, config, COMPONENT)
+    model = build_model(SamHQModel, sam_hq_config, VARIANTS, variant, pretrained, config, COMPONENT,
+                        ("sam_hq",))
     pre = read_preprocessor(pretrained)
     return SamHQMaskDecoder(model, hq_token_only=hq_token_only, mean=mean or pre.get("image_mean", IMAGENET_MEAN),
                             std=std or pre.get("image_std", IMAGENET_STD))

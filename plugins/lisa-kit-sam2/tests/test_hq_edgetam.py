@@ -249,6 +249,17 @@ def test_edgetam_backbone_must_be_named(backbone, match):
         edgetam.build_edgetam(config={**edgetam.TINY_EDGETAM, "vision_config": vision})
 
 
+def test_a_directory_of_another_model_is_refused(saved):
+    """transformers only warns: a SAM2 directory would give EdgeTamModel a Hiera trunk (its
+    weights fit), a SAM directory SAM-HQ without its HQ parts."""
+    from lisa_kit.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"holds a 'sam2' model, not 'edgetam' or 'edgetam_video'"):
+        edgetam.build_edgetam(pretrained=str(saved["sam2"]))
+    with pytest.raises(CheckpointError, match=r"holds a 'sam' model, not 'sam_hq' \(SamHQModel\)"):
+        sam_hq.build_sam_hq(pretrained=str(saved["hf_sam"]))
+
+
 def test_bad_builds_are_typed():
     with pytest.raises(RecipeError, match="either"):
         sam_hq.build_sam_hq(pretrained="/x", config=sam_hq.TINY_SAM_HQ)
