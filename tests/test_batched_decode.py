@@ -13,8 +13,9 @@ from lisa_kit.generation import REJECTED_LOGIT, GenerationConfig
 from lisa_kit.interfaces import ComponentSpec
 from lisa_kit.testing import generation_inputs
 
-# SAM (reject token on), and the plugin's decoders (the sam2 / hf_sam / sam3 recipes).
-RECIPES = ["lisa-tiny-reject", "lisa-tiny-sam2", "lisa-tiny-hf-sam", "lisa-tiny-sam3"]
+# SAM (reject token on), and the plugin's decoders (the sam2 / hf_sam / sam_hq / edgetam / sam3 recipes).
+RECIPES = ["lisa-tiny-reject", "lisa-tiny-sam2", "lisa-tiny-hf-sam", "lisa-tiny-sam-hq", "lisa-tiny-edgetam",
+           "lisa-tiny-sam3"]
 EXACT = {"atol": 1e-6, "rtol": 1e-6}  # the bar: same masks/scores as row by row
 
 

@@ -39,7 +39,8 @@ def test_every_kind_has_a_component():
 BUILTIN_PRODUCERS = (("vision_encoder", "hf_clip"), ("vision_encoder", "open_clip"),
                      ("vision_encoder", "open_clip_siglip"), ("vision_encoder", "timm"),
                      ("llm", "hf_causal_lm"), ("mask_decoder", "sam"))
-SAM2_PLUGIN_PRODUCERS = (("mask_decoder", "sam2"), ("mask_decoder", "hf_sam"), ("mask_decoder", "sam3"))
+SAM2_PLUGIN_PRODUCERS = (("mask_decoder", "sam2"), ("mask_decoder", "hf_sam"), ("mask_decoder", "sam_hq"),
+                         ("mask_decoder", "edgetam"), ("mask_decoder", "sam3"))
 
 
 def test_builtin_producers_declare_sizes():

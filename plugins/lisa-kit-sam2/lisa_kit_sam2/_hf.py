@@ -1,15 +1,19 @@
-"""Helpers shared by the transformers-backed decoders: checked ``from_pretrained``,
-config dicts, and the pixel arithmetic of transformers' torchvision image processors."""
+"""Helpers shared by the transformers-backed decoders (``hf_sam``, ``sam_hq``, ``sam2``,
+``edgetam``, ``sam3``): checked ``from_pretrained``, config dicts, the pixel arithmetic of
+transformers' torchvision image processors, box/point prompts through the model's own
+prompt encoder, and the handling of a released LISA checkpoint's SAM weights."""
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from lisa_kit.errors import CheckpointError
+from lisa_kit.errors import CheckpointError, InputError, RecipeError
 
 # transformers' IMAGENET_DEFAULT_MEAN / _STD: what both the SAM and the SAM2 processors use.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -23,6 +27,20 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 
 
+class DecoderConfigError(RecipeError, ValueError):
+    """A decoder's ``variant``/``config``/``pretrained`` arguments do not describe a model.
+    A :class:`RecipeError` (the CLI prints one line) and a ``ValueError`` (what these
+    builders raised before it existed)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, key="model.mask_decoder")
+
+
+class ForeignWeightsWarning(UserWarning):
+    """A checkpoint's weights belong to another decoder (a released LISA checkpoint holds
+    SAM's) and were not loaded."""
+
+
 def deep_merge(base: dict, over: dict) -> dict:
     """``over`` on top of ``base``; nested dicts merge key by key (a copy is returned)."""
     out = copy.deepcopy(base)
@@ -34,11 +52,12 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_pretrained(model_cls, path: str, component: str):
+def load_pretrained(model_cls, path: str, component: str, model_types: tuple[str, ...] = ()):
     """``model_cls.from_pretrained(path)`` from a local directory, refusing anything that
-    does not fit exactly: a missing directory or file, or weights with missing, unexpected
-    or mis-shaped keys raise :class:`CheckpointError` naming the path (transformers would
-    only warn and leave those tensors randomly initialised)."""
+    does not fit exactly: a missing directory or file, a ``config.json`` whose
+    ``model_type`` is not one of ``model_types`` (when given), or weights with missing,
+    unexpected or mis-shaped keys raise :class:`CheckpointError` naming the path
+    (transformers would only warn and leave those tensors randomly initialised)."""
     p = Path(path).expanduser()
     if not p.is_dir():
         raise CheckpointError(f"pretrained directory not found: {p}", component=component, file=p)
@@ -48,6 +67,12 @@ def load_pretrained(model_cls, path: str, component: str):
     if not any((p / f).is_file() for f in WEIGHT_FILES):
         raise CheckpointError(f"no weights in {p} (looked for {', '.join(WEIGHT_FILES)})",
                               component=component, file=p)
+    found = _model_type(p / "config.json")
+    # transformers only warns, and where the weights happen to fit builds the other model in
+    # this class's clothing (a SAM2 directory gives EdgeTamModel a Hiera trunk).
+    if model_types and found is not None and found not in model_types:
+        raise CheckpointError(f"{p} holds a {found!r} model, not {' or '.join(map(repr, model_types))} "
+                              f"({model_cls.__name__})", component=component, file=p / "config.json")
     from lisa_kit.checkpoint.safe import hf_load
 
     # Mis-shaped tensors are reported below, by key, rather than as transformers' error.
@@ -67,6 +92,60 @@ def load_pretrained(model_cls, path: str, component: str):
         raise CheckpointError(f"the weights in {p} do not fit {model_cls.__name__}: " + "; ".join(problems),
                               component=component, key=first, file=p)
     return model
+
+
+def make_config(config_cls, config: dict, component: str):
+    """``config_cls(**config)``, its errors typed (:class:`DecoderConfigError` naming the
+    component); ``model_type`` (written by ``export_config``) is dropped."""
+    cfg = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        return config_cls(**cfg)
+    except (TypeError, ValueError, KeyError) as e:
+        raise DecoderConfigError(f"invalid {config_cls.__name__} for {component}: {type(e).__name__}: {e}") from e
+
+
+def build_model(model_cls, make_config, variants: dict, variant: str | None, pretrained: str | None,
+                config: dict | None, component: str, model_types: tuple[str, ...] = ()):
+    """The transformers model a decoder's build arguments describe: ``pretrained`` (a local
+    directory of one of ``model_types``, loaded strictly by :func:`load_pretrained`), or
+    random weights of ``make_config(config over the variant's)``. Wrong combinations and
+    unknown variants raise :class:`DecoderConfigError`."""
+    name = component.split(":")[-1]
+    if pretrained is not None:
+        if variant is not None or config is not None:
+            raise DecoderConfigError(f"{name}: give either `pretrained` or `variant`/`config`, not both")
+        return load_pretrained(model_cls, pretrained, component, model_types)
+    if variant is not None and variant not in variants:
+        raise DecoderConfigError(f"unknown {name} variant {variant!r}; available: {', '.join(variants)}")
+    if variant is None and config is None:
+        raise DecoderConfigError(f"{name} needs `pretrained` (a {model_cls.__name__} directory), `variant` or `config`")
+    return model_cls(make_config(deep_merge(variants.get(variant, {}), config or {})))
+
+
+def sam_weights_or_none(state: dict, component: str, label: str, warning_cls: type[UserWarning],
+                        is_sam) -> dict | None:
+    """``normalize_keys`` of a decoder that cannot use SAM's weights: when ``is_sam(state)``
+    (a released LISA checkpoint's SAM ViT decoder), warn and return ``None`` (the importer
+    then leaves the decoder as built, with the weights of its own ``pretrained``); other
+    keys get the ``model.`` prefix of the wrapped transformers model."""
+    if is_sam(state):
+        warnings.warn(f"{component}: the checkpoint's SAM (ViT) mask-decoder weights do not apply to {label} and are "
+                      f"not loaded; {label} keeps the weights of model.mask_decoder.pretrained, and the checkpoint's "
+                      "seg head was trained for SAM, so train before use", warning_cls, stacklevel=3)
+        return None
+    return {k if k.startswith("model.") else f"model.{k}": v for k, v in state.items()}
+
+
+def _model_type(config_json: Path) -> str | None:
+    """``model_type`` of a ``config.json``; ``None`` when unreadable (``from_pretrained`` then
+    reports it)."""
+    import json
+
+    try:
+        value = json.loads(config_json.read_text())
+    except (OSError, ValueError):
+        return None
+    return value.get("model_type") if isinstance(value, dict) else None
 
 
 def decoder_width(variants: dict, variant: str | None, pretrained: str | None, config: dict | None) -> dict:
@@ -141,3 +220,84 @@ class ModelParts:
     @property
     def mask_decoder(self) -> nn.Module:
         return self.model.mask_decoder
+
+    def encoder_dtype(self) -> torch.dtype:
+        """The image encoder's precision (pixels are cast to it)."""
+        return next(self.model.vision_encoder.parameters()).dtype
+
+
+# Point labels of the geometry interface (SAM's): foreground, background, padding.
+POINT_LABELS = (1, 0, -1)
+
+
+def check_geometry(boxes, points, point_labels, component: str):
+    """Validate ``decode_geometry``'s arguments (:class:`InputError` naming what is wrong):
+    ``boxes (M, 4)`` xyxy with ``x1 <= x2``, ``y1 <= y2``; ``points (M, K, 2)`` with
+    ``point_labels (M, K)`` in :data:`POINT_LABELS`; finite floats; at least one of them,
+    the same ``M >= 1`` for both."""
+    if boxes is None and points is None:
+        raise InputError(f"{component}: decode_geometry needs boxes or points (got neither)")
+    counts = []
+    if boxes is not None:
+        if not (isinstance(boxes, torch.Tensor) and boxes.is_floating_point() and boxes.dim() == 2
+                and boxes.shape[1] == 4):
+            raise InputError(f"{component}: boxes must be a float tensor (M, 4) x1, y1, x2, y2, got {_describe(boxes)}")
+        if not torch.isfinite(boxes).all():
+            raise InputError(f"{component}: boxes must be finite")
+        if (boxes[:, 2:] < boxes[:, :2]).any():
+            raise InputError(f"{component}: boxes must have x1 <= x2 and y1 <= y2 (xyxy)")
+        counts.append(boxes.shape[0])
+    if points is None:
+        if point_labels is not None:
+            raise InputError(f"{component}: point_labels given without points")
+    else:
+        if not (isinstance(points, torch.Tensor) and points.is_floating_point() and points.dim() == 3
+                and points.shape[2] == 2 and points.shape[1] >= 1):
+            raise InputError(f"{component}: points must be a float tensor (M, K >= 1, 2) x, y, got {_describe(points)}")
+        if not torch.isfinite(points).all():
+            raise InputError(f"{component}: points must be finite")
+        if not (isinstance(point_labels, torch.Tensor) and not point_labels.is_floating_point()
+                and tuple(point_labels.shape) == tuple(points.shape[:2])):
+            raise InputError(f"{component}: point_labels must be an integer tensor (M, K) = {tuple(points.shape[:2])} "
+                             f"with the points, got {_describe(point_labels)}")
+        if not torch.isin(point_labels, torch.tensor(POINT_LABELS, device=point_labels.device)).all():
+            raise InputError(f"{component}: point_labels must be 1 (foreground), 0 (background) or -1 (padding)")
+        counts.append(points.shape[0])
+    if min(counts) < 1 or len(set(counts)) > 1:
+        raise InputError(f"{component}: boxes and points must give the same number M >= 1 of masks, got "
+                         f"{' and '.join(map(str, counts))}")
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}"
+    return type(x).__name__
+
+
+class GeometryPrompts:
+    """``decode_geometry`` for a transformers SAM-family model (``SamModel``, ``SamHQModel``,
+    ``Sam2Model``, ``EdgeTamModel``): boxes and points go through the model's own prompt
+    encoder exactly as its ``forward`` sends ``input_boxes``/``input_points`` (a box is two
+    corner tokens; points without a box get SAM's padding point), and the resulting sparse
+    tokens through the component's ``decode_tokens``. The class sets ``component``."""
+
+    accepts_geometry: ClassVar[bool] = True
+    component: ClassVar[str]
+
+    def decode_geometry(self, features: dict[str, torch.Tensor], boxes: torch.Tensor | None,
+                        points: torch.Tensor | None,
+                        point_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``boxes (M, 4)`` xyxy and/or ``points (M, K, 2)`` xy with ``point_labels (M, K)``
+        (1 foreground, 0 background, -1 padding), in the input frame (pixels of the resized
+        image inside the ``S x S`` square: :meth:`ImageMeta.to_input`) -> ``low_res
+        (M, 1, S/4, S/4)`` logits and ``(M, 1)`` scores, like ``decode``."""
+        check_geometry(boxes, points, point_labels, self.component)
+        pe = self.model.prompt_encoder
+        device = pe.no_mask_embed.weight.device
+        # Coordinates stay float32 (in bf16 a 1024 px frame would be cut to 8 px steps); the
+        # positional encoding casts them itself. One image, M prompt sets: a leading 1.
+        sparse, _ = pe(input_points=None if points is None else points.to(device, torch.float32)[None],
+                       input_labels=None if points is None else point_labels.to(device, torch.long)[None],
+                       input_boxes=None if boxes is None else boxes.to(device, torch.float32)[None],
+                       input_masks=None)
+        return self.decode_tokens(features, sparse[0])  # (M, T, P)

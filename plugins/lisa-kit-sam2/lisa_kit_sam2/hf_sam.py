@@ -15,6 +15,8 @@ reproduce LISA's numbers exactly, use ``sam``.
 Shapes (``P`` = prompt size, 256 at full size): ``preprocess(uint8 (H, W, 3)) -> (3, S, S)``;
 ``encode_image((I, 3, S, S)) -> {"image_embeddings": (I, P, S/16, S/16)}``;
 ``decode(features, prompts (M, P)) -> low_res (M, 1, S/4, S/4), scores (M, 1)``;
+``decode_geometry(features, boxes (M, 4), points (M, K, 2), point_labels (M, K))`` -> the same
+(box/point prompts in the input frame, through ``SamModel``'s prompt encoder);
 ``postprocess(low_res, meta) -> (M, H, W)`` fp32 logits at the original size.
 """
 from __future__ import annotations
@@ -28,12 +30,16 @@ import torch.nn.functional as F
 
 from lisa_kit.interfaces import ImageMeta, MaskDecoder
 from lisa_kit_sam2._hf import (
+    DEFAULT_WIDTH,
+    DecoderConfigError,
+    GeometryPrompts,
     ModelParts,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    build_model,
     decoder_width,
     deep_merge,
-    load_pretrained,
+    make_config,
     normalize,
     read_preprocessor,
     resize_bilinear,
@@ -62,22 +68,20 @@ TINY_HF_SAM = {
 }
 
 
-def sam_config(config: dict):
-    """A ``SamConfig`` from a plain dict. Where the vision config leaves them out, its
-    ``output_channels`` (the embedding width) and ``num_pos_feats`` (half of it) follow the
-    prompt encoder's ``hidden_size``, which they must equal."""
-    from transformers import SamConfig
+def sam_config(config: dict, config_cls=None, component: str = COMPONENT):
+    """A ``SamConfig`` (or ``config_cls``: ``SamHQConfig``, same layout) from a plain dict.
+    Where the vision config leaves them out, its ``output_channels`` (the embedding width)
+    and ``num_pos_feats`` (half of it) follow the prompt encoder's ``hidden_size``, which
+    they must equal."""
+    if config_cls is None:
+        from transformers import SamConfig as config_cls
 
     cfg = deep_merge({}, config)
-    cfg.pop("model_type", None)
-    width = cfg.setdefault("prompt_encoder_config", {}).get("hidden_size", 256)
+    width = cfg.setdefault("prompt_encoder_config", {}).get("hidden_size", DEFAULT_WIDTH)
     vision = cfg.setdefault("vision_config", {})
     vision.setdefault("output_channels", width)
     vision.setdefault("num_pos_feats", width // 2)
-    try:
-        return SamConfig(**cfg)
-    except (TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"invalid SamConfig for mask_decoder 'hf_sam': {type(e).__name__}: {e}") from e
+    return make_config(config_cls, cfg, component)
 
 
 # -- Meta's key layout -> SamModel's --------------------------------------------------
@@ -110,6 +114,7 @@ _META_ONLY = ("pixel_mean", "pixel_std")  # constants, not weights (non-persiste
 
 
 def is_meta_layout(state: dict) -> bool:
+    """SAM weights in Meta's layout (a released LISA checkpoint's decoder, a ``sam_vit_*.pth``)."""
     return any(k.startswith("image_encoder.") or k == _META_PE for k in state)
 
 
@@ -144,8 +149,10 @@ def meta_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-class HFSamMaskDecoder(ModelParts, MaskDecoder):
+class HFSamMaskDecoder(GeometryPrompts, ModelParts, MaskDecoder):
     """``model``: a transformers ``SamModel``. ``mean``/``std``: the processor's (ImageNet)."""
+
+    component = COMPONENT
 
     def __init__(self, model, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
@@ -155,11 +162,11 @@ class HFSamMaskDecoder(ModelParts, MaskDecoder):
         self.image_size = int(pe.image_size)
         self.prompt_dim = int(md.hidden_size)
         if not (vc.output_channels == pe.hidden_size == md.hidden_size):
-            raise ValueError(f"hf_sam: the image embedding ({vc.output_channels}), prompt encoder ({pe.hidden_size}) "
-                             f"and mask decoder ({md.hidden_size}) widths must be equal")
+            raise DecoderConfigError(f"{self.component}: the image embedding ({vc.output_channels}), prompt encoder "
+                                     f"({pe.hidden_size}) and mask decoder ({md.hidden_size}) widths must be equal")
         if int(vc.image_size) != self.image_size:
-            raise ValueError(f"hf_sam: the image encoder's image_size ({vc.image_size}) differs from the prompt "
-                             f"encoder's ({self.image_size})")
+            raise DecoderConfigError(f"{self.component}: the image encoder's image_size ({vc.image_size}) differs "
+                                     f"from the prompt encoder's ({self.image_size})")
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
 
@@ -177,11 +184,13 @@ class HFSamMaskDecoder(ModelParts, MaskDecoder):
 
     # -- model --------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(I, 3, S, S)`` -> ``{"image_embeddings": (I, P, S/16, S/16)}``."""
+        return {"image_embeddings": torch.cat([out.last_hidden_state for out in self._encode_each(pixels)], 0)}
+
+    def _encode_each(self, pixels: torch.Tensor) -> list:
         # One image at a time, as the built-in `sam`: ViT activations at 1024 px dominate memory.
-        dtype = self.model.vision_encoder.patch_embed.projection.weight.dtype
-        embs = [self.model.vision_encoder(pixels[i:i + 1].to(dtype)).last_hidden_state
-                for i in range(pixels.shape[0])]
-        return {"image_embeddings": torch.cat(embs, 0)}
+        dtype = self.encoder_dtype()
+        return [self.model.vision_encoder(pixels[i:i + 1].to(dtype)) for i in range(pixels.shape[0])]
 
     def decode(self, features: dict[str, torch.Tensor], prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``features`` of one image, ``prompts (M, P)`` (each the only sparse token of its
@@ -190,7 +199,8 @@ class HFSamMaskDecoder(ModelParts, MaskDecoder):
 
     def decode_tokens(self, features: dict[str, torch.Tensor],
                       tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``tokens (M, T, P)``: ``T`` sparse prompt tokens per mask (``decode`` uses one)."""
+        """``tokens (M, T, P)``: ``T`` sparse prompt tokens per mask (``decode`` uses one;
+        ``decode_geometry`` the prompt encoder's point/box tokens)."""
         emb = features["image_embeddings"]  # (1, P, h, w)
         sparse = tokens.to(emb.dtype)[None]  # one image, M prompt sets
         h, w = emb.shape[-2:]
@@ -198,8 +208,12 @@ class HFSamMaskDecoder(ModelParts, MaskDecoder):
         pos = self.model.get_image_wide_positional_embeddings().to(emb.dtype)
         masks, iou = self.model.mask_decoder(image_embeddings=emb, image_positional_embeddings=pos,
                                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                             multimask_output=False)
+                                             multimask_output=False, **self._decoder_extras(features))
         return masks[0], iou[0]  # (M, 1, 4h, 4w), (M, 1)
+
+    def _decoder_extras(self, features: dict[str, torch.Tensor]) -> dict:
+        """More arguments of the transformers mask decoder (SAM's takes none)."""
+        return {}
 
     def postprocess(self, low_res: torch.Tensor, meta: ImageMeta) -> torch.Tensor:
         """Upsample to the padded square, crop the resized image, resize to the original
@@ -231,16 +245,9 @@ def build_hf_sam(variant: Literal["vit_b", "vit_l", "vit_h"] | None = None, pret
     ``checkpoint`` may load a Meta ``sam_vit_*.pth`` (or safetensors, either layout) into it."""
     from transformers import SamModel
 
-    if pretrained is not None:
-        if variant is not None or config is not None or checkpoint is not None:
-            raise ValueError("hf_sam: give either `pretrained` or `variant`/`config`/`checkpoint`, not both")
-        model = load_pretrained(SamModel, pretrained, COMPONENT)
-    else:
-        if variant is not None and variant not in VARIANTS:
-            raise ValueError(f"unknown hf_sam variant {variant!r}; available: {', '.join(VARIANTS)}")
-        if variant is None and config is None:
-            raise ValueError("hf_sam needs `pretrained` (a SamModel directory), `variant` or `config`")
-        model = SamModel(sam_config(deep_merge(VARIANTS.get(variant, {}), config or {})))
+    if pretrained is not None and checkpoint is not None:
+        raise DecoderConfigError("hf_sam: give either `pretrained` or `variant`/`config`/`checkpoint`, not both")
+    model = build_model(SamModel, sam_config, VARIANTS, variant, pretrained, config, COMPONENT, ("sam",))
     pre = read_preprocessor(pretrained)
     comp = HFSamMaskDecoder(model, mean=mean or pre.get("image_mean", IMAGENET_MEAN),
                             std=std or pre.get("image_std", IMAGENET_STD))

@@ -28,6 +28,9 @@ How LISA's recipe maps onto SAM2 (image mode, one frame, no memory):
   the same way (``dynamic_multimask: true`` restores SAM2's click behaviour). The
   object-score head is computed by the decoder but not applied (SAM2's image predictor
   does not apply it either).
+* ``decode_geometry(features, boxes (M, 4), points (M, K, 2), point_labels (M, K))``: box
+  and point prompts in the input frame, embedded by the model's own prompt encoder as
+  ``Sam2Model.forward`` embeds ``input_boxes``/``input_points``, then decoded as above.
 * ``postprocess``: bilinear to the original size (what ``post_process_masks`` and SAM2's
   own predictor do; there is no padding to crop).
 
@@ -45,7 +48,6 @@ split work unchanged.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Literal
 
 import numpy as np
@@ -54,23 +56,29 @@ import torch.nn.functional as F
 
 from lisa_kit.interfaces import ImageMeta, MaskDecoder
 from lisa_kit_sam2._hf import (
+    DecoderConfigError,
+    ForeignWeightsWarning,
+    GeometryPrompts,
     ModelParts,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    build_model,
     decoder_width,
     deep_merge,
-    load_pretrained,
+    make_config,
     normalize,
     read_preprocessor,
     resize_bilinear,
+    sam_weights_or_none,
     to_uint8_chw,
 )
+from lisa_kit_sam2.hf_sam import is_meta_layout
 
 COMPONENT = "mask_decoder:sam2"
 HIERA_MODEL_TYPE = "sam2_hiera_det_model"
 
 
-class Sam2Warning(UserWarning):
+class Sam2Warning(ForeignWeightsWarning):
     """Weights a checkpoint holds for another decoder were left out."""
 
 
@@ -119,18 +127,18 @@ def sam2_config(config: dict):
     from transformers import Sam2Config
 
     cfg = deep_merge({}, config)
-    cfg.pop("model_type", None)
     backbone = cfg.setdefault("vision_config", {}).setdefault("backbone_config", {})
     if isinstance(backbone, dict):
         backbone.setdefault("model_type", HIERA_MODEL_TYPE)
-    try:
-        return Sam2Config(**cfg)
-    except (TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"invalid Sam2Config for mask_decoder 'sam2': {type(e).__name__}: {e}") from e
+    return make_config(Sam2Config, cfg, COMPONENT)
 
 
-class Sam2MaskDecoder(ModelParts, MaskDecoder):
+class Sam2MaskDecoder(GeometryPrompts, ModelParts, MaskDecoder):
     """``model``: a transformers ``Sam2Model``. ``mean``/``std``: the processor's (ImageNet)."""
+
+    component = COMPONENT
+    label = "SAM2"  # in messages
+    warning = Sam2Warning
 
     def __init__(self, model, dynamic_multimask: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
@@ -140,17 +148,22 @@ class Sam2MaskDecoder(ModelParts, MaskDecoder):
         self.image_size = int(pe.image_size)
         self.prompt_dim = int(md.hidden_size)
         if not (vc.fpn_hidden_size == pe.hidden_size == md.hidden_size):
-            raise ValueError(f"sam2: the FPN width ({vc.fpn_hidden_size}), prompt encoder ({pe.hidden_size}) and "
-                             f"mask decoder ({md.hidden_size}) hidden sizes must be equal")
-        backbone_size = vc.backbone_config.image_size
-        backbone_size = backbone_size[0] if isinstance(backbone_size, (list, tuple)) else backbone_size
-        if int(backbone_size) != self.image_size:
-            raise ValueError(f"sam2: the image encoder's image_size ({backbone_size}) differs from the prompt "
-                             f"encoder's ({self.image_size})")
+            raise DecoderConfigError(f"{self.component}: the FPN width ({vc.fpn_hidden_size}), prompt encoder "
+                                     f"({pe.hidden_size}) and mask decoder ({md.hidden_size}) hidden sizes must be "
+                                     "equal")
+        self._check_image_size(vc)
         self.dynamic_multimask = bool(dynamic_multimask)
         model.mask_decoder.dynamic_multimask_via_stability = self.dynamic_multimask
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
+
+    def _check_image_size(self, vision_config) -> None:
+        """The Hiera trunk is built for one input size: the prompt encoder's."""
+        backbone_size = vision_config.backbone_config.image_size
+        backbone_size = backbone_size[0] if isinstance(backbone_size, (list, tuple)) else backbone_size
+        if int(backbone_size) != self.image_size:
+            raise DecoderConfigError(f"{self.component}: the image encoder's image_size ({backbone_size}) differs "
+                                     f"from the prompt encoder's ({self.image_size})")
 
     # -- preprocessing ------------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, ImageMeta]:
@@ -165,8 +178,7 @@ class Sam2MaskDecoder(ModelParts, MaskDecoder):
     def encode_image(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(I, 3, S, S)`` -> the stride-16 embedding (with ``no_memory_embedding``) and
         the raw stride-4/8 FPN maps, every value with batch dimension ``I``."""
-        dtype = self.model.vision_encoder.backbone.patch_embed.projection.weight.dtype
-        out = self.model.vision_encoder(pixels.to(dtype), return_dict=True)
+        out = self.model.vision_encoder(pixels.to(self.encoder_dtype()), return_dict=True)
         s4, s8, s16 = out.fpn_hidden_states  # high to low resolution
         emb = s16 + self.model.no_memory_embedding.reshape(1, -1, 1, 1).to(s16.dtype)
         return {"image_embeddings": emb, "high_res_feats_0": s4, "high_res_feats_1": s8}
@@ -179,7 +191,7 @@ class Sam2MaskDecoder(ModelParts, MaskDecoder):
     def decode_tokens(self, features: dict[str, torch.Tensor],
                       tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``tokens (M, T, P)``: ``T`` sparse prompt tokens per mask (``decode`` uses one;
-        SAM2's point/box embeddings also fit here)."""
+        ``decode_geometry`` the prompt encoder's point/box tokens)."""
         emb = features["image_embeddings"]  # (1, P, h, w)
         md = self.model.mask_decoder
         high_res = [md.conv_s0(features["high_res_feats_0"]),  # (1, P/8, 4h, 4w)
@@ -204,12 +216,7 @@ class Sam2MaskDecoder(ModelParts, MaskDecoder):
         weights, which do not fit SAM2: ``None`` tells its importer to leave this decoder
         as built (weights from ``pretrained``); bare ``Sam2Model`` keys get the ``model.``
         prefix."""
-        if any(k.startswith(("image_encoder.", "prompt_encoder.pe_layer.")) for k in state):
-            warnings.warn("sam2: the checkpoint's SAM (ViT) mask-decoder weights do not apply to SAM2 and are not "
-                          "loaded; SAM2 keeps the weights of model.mask_decoder.pretrained, and the checkpoint's "
-                          "seg head was trained for SAM, so train before use", Sam2Warning, stacklevel=2)
-            return None
-        return {k if k.startswith("model.") else f"model.{k}": v for k, v in state.items()}
+        return sam_weights_or_none(state, self.component, self.label, self.warning, is_meta_layout)
 
     def export_config(self) -> dict:
         from lisa_kit.components._util import hf_config_dict
@@ -229,16 +236,8 @@ def build_sam2(variant: Literal["hiera_tiny", "hiera_small", "hiera_base_plus", 
     ImageNet's."""
     from transformers import Sam2Model
 
-    if pretrained is not None:
-        if variant is not None or config is not None:
-            raise ValueError("sam2: give either `pretrained` or `variant`/`config`, not both")
-        model = load_pretrained(Sam2Model, pretrained, COMPONENT)
-    elif variant is not None or config is not None:
-        if variant is not None and variant not in VARIANTS:
-            raise ValueError(f"unknown sam2 variant {variant!r}; available: {', '.join(VARIANTS)}")
-        model = Sam2Model(sam2_config(deep_merge(VARIANTS.get(variant, {}), config or {})))
-    else:
-        raise ValueError("sam2 needs `pretrained` (a Sam2Model directory), `variant` or `config`")
+    model = build_model(Sam2Model, sam2_config, VARIANTS, variant, pretrained, config, COMPONENT,
+                        ("sam2", "sam2_video"))
     pre = read_preprocessor(pretrained)
     return Sam2MaskDecoder(model, dynamic_multimask=dynamic_multimask,
                            mean=mean or pre.get("image_mean", IMAGENET_MEAN),
