@@ -131,6 +131,7 @@ def build_model(recipe, registry: Registry | None = None, resolve: dict | None =
 
     from lisa_kit.geometry_answers import text_geometry_of
 
+    registry = registry or get_registry()  # plugins loaded first: they may register answer formats
     geometry = text_geometry_of(m)  # a bad prompt_strategy / text_geometry fails before anything is built
     vision = build("vision_encoder")
     llm = build("llm")

@@ -321,3 +321,53 @@ def test_trains_on_synthetic_with_falling_token_loss_and_evaluates(tmp_path, one
         r = res[mode]["all"]
         assert r["n_queries"] > 0 and 0.0 <= r["giou"] <= 1.0 and 0.0 <= r["ciou"] <= 1.0
     assert all(isinstance(t, str) for t in ev.answers["generate"].values())
+
+
+def test_segment_cli_and_demo_show_why_a_mask_is_empty(segmenter, monkeypatch, tmp_path, capsys):
+    from PIL import Image
+
+    from lisa_kit.cli import main
+    from lisa_kit.demo_app import answer
+
+    image = np.random.default_rng(1).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    path = tmp_path / "img.png"
+    Image.fromarray(image).save(path)
+    bad = vr([{"bbox_2d": [2, 2, 20, 20]}, {"bbox_2d": [2, 2, 2000, 20]}])
+    _force(monkeypatch, segmenter.tokenizer, [bad])
+    assert main(["segment", "--recipe", RECIPE, "--image", str(path), "--prompt", "Where?", "--out",
+                 str(tmp_path / "out"), "--max-new-tokens", "100"]) == 0
+    entry = json.loads((tmp_path / "out" / "result.json").read_text())["results"][0]
+    assert [("malformed" in m) for m in entry["masks"]] == [False, True]
+    assert "outside the 64x48 image" in entry["masks"][1]["malformed"]
+    assert "mask 1 is empty" in capsys.readouterr().err
+    _force(monkeypatch, segmenter.tokenizer, ["no tags at all"])
+    _, masks, text = answer(segmenter, image, "Where?")
+    assert len(masks) == 1 and not masks[0][0].any() and "<answer>" in text.splitlines()[-1]
+
+
+def test_training_answers_list_every_target_of_a_turn_with_its_box():
+    from lisa_kit.datasets.base import open_dataset
+    from lisa_kit.geometry_answers import geometry_turns
+    from lisa_kit.prompts import MultiSeg, seg_turns
+
+    reader = open_dataset("synthetic", None, "train", size=4)
+    g = geo(think=True)
+    record = next(r for r in (reader[i] for i in range(len(reader))) if len(r.targets) >= 3)
+    turns = seg_turns(record, np.random.default_rng(0), 3, multi_seg=MultiSeg(prob=1.0, max_targets=3))
+    assert any(len(t.mask_targets()) >= 2 for t in turns)
+    shapes = record.meta["shapes"]
+    for t, new in zip(turns, geometry_turns(record, turns, g)):
+        assert new.mask_targets() == [] and new.question == t.question
+        size = record.targets[0].mask.shape[:2]
+        objects = g.parse(new.answer, size).objects
+        present = [k for k in t.mask_targets() if record.targets[k].mask.any()]
+        assert [o.box for o in objects] == [tuple(shapes[record.targets[k].meta["answer"]]["bbox"]) for k in present]
+        assert new.answer.startswith("<think>")
+
+
+def test_native_checkpoint_keeps_the_strategy(segmenter, tmp_path):
+    from lisa_kit.checkpoint.native import load_model, save_model
+
+    save_model(segmenter.model, tmp_path / "ckpt")
+    back = load_model(tmp_path / "ckpt")
+    assert back.text_geometry == segmenter.model.text_geometry and type(back.seg_head).__name__ == "NoSegHead"
