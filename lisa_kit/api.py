@@ -376,6 +376,8 @@ class Segmenter:
         from lisa_kit.conversation import IMAGE, Conversation
 
         _check_prompt(prompt, what)
+        geometry = getattr(self.model, "text_geometry", None)  # text box/point answers: its instruction
+        ask = geometry.ask if geometry is not None else str
         conv = Conversation(self.template)
         turns = list(history or [])
         for k, turn in enumerate(turns):
@@ -390,8 +392,8 @@ class Segmenter:
                           allow_empty=True)
             # Answers are the model's own: their "[SEG]" become tokens again.
             markers = (self.model.seg_token, *([self.model.reject_token] if self.model.reject_token else []))
-            conv.add([IMAGE, "\n" + q] if k == 0 else [q], a, markers=markers)
-        conv.add([IMAGE, "\n" + prompt] if not turns else [prompt], None)
+            conv.add([IMAGE, "\n" + ask(q)] if k == 0 else [ask(q)], a, markers=markers)
+        conv.add([IMAGE, "\n" + ask(prompt)] if not turns else [ask(prompt)], None)
         return conv
 
     def prompt_ids(self, prompt: str, history=None, *, what: str = "prompt") -> list[int]:

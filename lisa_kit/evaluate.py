@@ -227,6 +227,9 @@ class Evaluator:
 
     def _conv(self, record: Record, q: Query, answer: str | None) -> Conversation:
         question = q.question if q.question is not None else eval_question(q.text, q.kind, _lower(record))
+        geometry = getattr(self.model, "text_geometry", None)  # text box/point answers: its instruction
+        if geometry is not None:
+            question = geometry.ask(question)
         return Conversation(self.template).add([IMAGE, "\n" + question], answer)
 
     def queries(self, record: Record, i: int) -> list[Query]:

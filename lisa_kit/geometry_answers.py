@@ -14,6 +14,7 @@ Recipe::
         points: true                          # pass the answer's points to the decoder with its box
         think: false                          # training answers start with <think>name</think>
         max_objects: 16                       # objects read from one answer at most
+        instruction: null                     # or "... {question} ...": every question asked inside it
       seg_head: {name: none}
 
 **Formats.** Both built-in formats put a reasoning block and a JSON answer in tags,
@@ -47,6 +48,12 @@ problem gives that object an empty mask; both are flagged per mask
 or instance) when its module is imported, e.g. from the plugin's ``lisa_kit_components``
 hook module; recipes then name it in ``text_geometry.format`` and ``lisa-kit validate``
 accepts it.
+
+**Instruction.** Released reasoning models were trained with every question put inside an
+instruction that asks for the thinking and the JSON answer. ``text_geometry.instruction``
+(a string holding ``{question}`` once; only that field is replaced, so JSON braces in it
+stay) wraps every user question the same way in training, evaluation, ``segment``,
+``chat`` and the API (:meth:`TextGeometry.ask`); ``null`` asks questions as they are.
 """
 from __future__ import annotations
 
@@ -68,7 +75,10 @@ PROMPT_STRATEGIES = (SEG_TOKEN, TEXT_GEOMETRY)
 #: ``text_geometry.frame`` values that are not a size.
 FRAME_ORIGINAL, FRAME_FORMAT = "original", "format"
 #: Keys of ``model.text_geometry`` and their defaults.
-DEFAULTS = {"format": "vision_reasoner", "frame": FRAME_ORIGINAL, "points": True, "think": False, "max_objects": 16}
+DEFAULTS = {"format": "vision_reasoner", "frame": FRAME_ORIGINAL, "points": True, "think": False, "max_objects": 16,
+            "instruction": None}
+#: Where the user's question goes in ``text_geometry.instruction``.
+QUESTION_FIELD = "{question}"
 #: Longest answer text parsed, in characters: bounds the work of a runaway generation
 #: (a longer ``<answer>`` block is reported as bad JSON, never parsed).
 MAX_ANSWER_CHARS = 20_000
@@ -233,6 +243,7 @@ class TextGeometry:
     points: bool = True
     think: bool = False
     max_objects: int = 16
+    instruction: str | None = None
 
     @classmethod
     def from_config(cls, node, key: str = "model.text_geometry") -> TextGeometry:
@@ -270,7 +281,15 @@ class TextGeometry:
         most = c["max_objects"]
         if isinstance(most, bool) or not isinstance(most, int) or most < 1:
             raise RecipeError(f"must be an integer >= 1, got {most!r}", key=f"{key}.max_objects")
-        return cls(fmt, size, c["points"], c["think"], most)
+        ins = c["instruction"]
+        if ins is not None and not (isinstance(ins, str) and ins.count(QUESTION_FIELD) == 1):
+            raise RecipeError(f"must be text holding {QUESTION_FIELD} exactly once (where the question goes), or "
+                              f"null, got {ins!r}", key=f"{key}.instruction")
+        return cls(fmt, size, c["points"], c["think"], most, ins)
+
+    def ask(self, question: str) -> str:
+        """``question`` inside :attr:`instruction` (unchanged without one)."""
+        return question if self.instruction is None else self.instruction.replace(QUESTION_FIELD, question)
 
     # -- frames ----------------------------------------------------------------
     def _frame(self, image_size: tuple[int, int]) -> tuple[int, int]:
@@ -570,8 +589,9 @@ def geometry_turns(record, turns: list, geometry: TextGeometry) -> list:
     """Training turns with their mask answers rewritten as ``geometry``'s text: each turn
     that asks for masks (:meth:`~lisa_kit.prompts.Turn.mask_targets`) answers the boxes and
     points of those targets (absent ones, with empty masks, left out), thinking the target's
-    name when :attr:`TextGeometry.think` is on; text-only turns stay. The new turns have
-    no ``[SEG]``, so the sample has no mask targets."""
+    name when :attr:`TextGeometry.think` is on; text-only turns stay. Questions are put in
+    the :attr:`TextGeometry.instruction`. The new turns have no ``[SEG]``, so the sample
+    has no mask targets."""
     from lisa_kit.prompts import Turn
 
     shapes = (record.meta or {}).get("shapes") or []
@@ -579,7 +599,7 @@ def geometry_turns(record, turns: list, geometry: TextGeometry) -> list:
     for t in turns:
         targets = t.mask_targets()
         if not targets:
-            out.append(t)
+            out.append(Turn(geometry.ask(t.question), t.answer, t.target, t.seg_targets))
             continue
         masks, centers, names = [], [], []
         for k in targets:
@@ -590,5 +610,5 @@ def geometry_turns(record, turns: list, geometry: TextGeometry) -> list:
             names.append(tgt.meta.get("name") or tgt.text)
         size = np.asarray(masks[0]).shape[:2]
         answer = geometry.write_masks(masks, size, think=", ".join(str(n) for n in names), centers=centers)
-        out.append(Turn(t.question, answer, t.target, seg_targets=[]))
+        out.append(Turn(geometry.ask(t.question), answer, t.target, seg_targets=[]))
     return out

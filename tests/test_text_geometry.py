@@ -371,3 +371,21 @@ def test_native_checkpoint_keeps_the_strategy(segmenter, tmp_path):
     save_model(segmenter.model, tmp_path / "ckpt")
     back = load_model(tmp_path / "ckpt")
     assert back.text_geometry == segmenter.model.text_geometry and type(back.seg_head).__name__ == "NoSegHead"
+
+
+def test_instruction_wraps_every_question(segmenter, monkeypatch):
+    from lisa_kit.datasets.base import open_dataset
+    from lisa_kit.geometry_answers import geometry_turns
+    from lisa_kit.prompts import seg_turns
+
+    with pytest.raises(RecipeError) as e:
+        geo(instruction="no field here")
+    assert e.value.key == "model.text_geometry.instruction"
+    g = geo(instruction='Find {question} and answer {"bbox_2d": [..]}.')
+    assert g.ask("the cat") == 'Find the cat and answer {"bbox_2d": [..]}.'
+    record = open_dataset("synthetic", None, "train", size=1)[0]
+    turns = seg_turns(record, np.random.default_rng(0), 2)
+    assert [t.question for t in geometry_turns(record, turns, g)] == [g.ask(t.question) for t in turns]
+    monkeypatch.setattr(segmenter.model, "text_geometry", g)
+    text = segmenter.tokenizer.decode([i for i in segmenter.prompt_ids("the cat") if i >= 0])
+    assert 'Find the cat and answer {"bbox_2d": [..]}.' in text
