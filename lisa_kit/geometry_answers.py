@@ -416,8 +416,9 @@ def decode_answers(model, texts: list[str], images: list[int | None], mask_featu
     ``texts[b]``: row ``b``'s answer about image ``images[b]`` (``None``: a row without an
     image, which gets no masks); ``mask_features``: ``mask_decoder.encode_image`` of the
     batch's images (``I`` of them); ``metas[i]``: image ``i``'s sizes. The valid objects of
-    all rows about one image go to one ``decode_geometry`` call (prompts are independent,
-    the decoder contract): boxes ``(M, 4)``, points ``(M, K, 2)`` padded with label -1.
+    all rows about one image with the same number of points ``K`` go to one
+    ``decode_geometry`` call (prompts are independent, the decoder contract): boxes
+    ``(M, 4)`` and points ``(M, K, 2)``, labels 1, in the decoder's input frame.
 
     Returns per row ``{"masks": (N, H, W) logits, "scores": (N,), "low_res": (n, 1, h', w')
     of the decoded objects, "malformed": [str | None] * N, "spans": [(start, end)] * n,
@@ -435,25 +436,23 @@ def decode_answers(model, texts: list[str], images: list[int | None], mask_featu
     for img in sorted({i for i in images if i is not None}):
         todo = [(b, k, o) for b, (p, i) in enumerate(zip(parsed, images)) if i == img
                 for k, o in enumerate(p.objects) if o.problem is None]
-        if not todo:
-            continue
+        # One call per number of points: padding an object's points to another's count would
+        # add "not a point" tokens, and its mask would depend on what else the batch holds.
+        groups: dict[int, list] = {}
+        for item in todo:
+            groups.setdefault(len(item[2].points) if geo.points else 0, []).append(item)
         meta = metas[img]
-        boxes = meta.to_input(torch.tensor([o.box for _, _, o in todo], dtype=torch.float32).view(-1, 2, 2)).view(-1, 4)
-        points = labels = None
-        most = max(len(o.points) for _, _, o in todo) if geo.points else 0
-        if most:
-            points = torch.zeros(len(todo), most, 2)
-            labels = torch.full((len(todo), most), -1, dtype=torch.long)
-            for r, (_, _, o) in enumerate(todo):
-                if o.points:
-                    points[r, :len(o.points)] = meta.to_input(torch.tensor(o.points, dtype=torch.float32))
-                    labels[r, :len(o.points)] = 1
         feats = {k: v[img:img + 1] for k, v in mask_features.items()}
-        low, scores = dec.decode_geometry(feats, boxes.to(device), None if points is None else points.to(device),
-                                          None if labels is None else labels.to(device))
-        masks = dec.postprocess(low, meta)
-        for r, (b, k, _) in enumerate(todo):
-            decoded[(b, k)] = (masks[r], scores[r, 0], low[r])
+        for n_points, group in sorted(groups.items()):
+            boxes = meta.to_input(torch.tensor([o.box for _, _, o in group], dtype=torch.float32).view(-1, 2, 2))
+            points = labels = None
+            if n_points:
+                points = meta.to_input(torch.tensor([o.points for _, _, o in group], dtype=torch.float32)).to(device)
+                labels = torch.ones(len(group), n_points, dtype=torch.long, device=device)  # all foreground
+            low, scores = dec.decode_geometry(feats, boxes.view(-1, 4).to(device), points, labels)
+            masks = dec.postprocess(low, meta)
+            for r, (b, k, _) in enumerate(group):
+                decoded[(b, k)] = (masks[r], scores[r, 0], low[r])
     out = []
     for b, (p, img) in enumerate(zip(parsed, images)):
         h, w = metas[img].original_size if img is not None else (0, 0)

@@ -247,13 +247,19 @@ def test_decode_answers_sends_input_frame_boxes_and_padded_points(segmenter, mon
         feats = dec.encode_image(px[None])
         out = decode_answers(model, [vr([{"bbox_2d": [0, 0, W, H], "point_2d": [W, H]}, {"bbox_2d": [8, 6, 16, 12]}]),
                                      vr([{"bbox_2d": [30, 6, 20, 12]}]), "no answer"], [0, 0, 0], feats, [meta])
-    (boxes, points, labels), = calls  # one call for all rows about the image, valid objects only
+    # valid objects only, one call per number of points (no padding between objects)
+    (b0, p0, l0), (b1, p1, l1) = sorted(calls, key=lambda c: c[1] is not None)
     s = torch.tensor([meta.input_size[1] / W, meta.input_size[0] / H])
-    assert torch.allclose(boxes, torch.tensor([[0, 0, W, H], [8, 6, 16, 12]]) * s.repeat(2))
-    assert torch.allclose(points[0, 0], torch.tensor([W, H]) * s) and labels.tolist() == [[1], [-1]]
+    assert torch.allclose(b0, torch.tensor([[8, 6, 16, 12]]) * s.repeat(2)) and p0 is None and l0 is None
+    assert torch.allclose(b1, torch.tensor([[0, 0, W, H]]) * s.repeat(2))
+    assert torch.allclose(p1, (torch.tensor([W, H]) * s).view(1, 1, 2)) and l1.tolist() == [[1]]
     assert [o["masks"].shape for o in out] == [(2, H, W), (1, H, W), (1, H, W)]
     assert [o["malformed"][0] is None for o in out] == [True, False, False]
     assert not (out[1]["masks"] > 0).any() and out[1]["scores"].tolist() == [0.0]
+    with torch.no_grad():  # each object decoded alone gives the mask it got in the batch
+        for k, obj in enumerate([{"bbox_2d": [0, 0, W, H], "point_2d": [W, H]}, {"bbox_2d": [8, 6, 16, 12]}]):
+            (alone,) = decode_answers(model, [vr([obj])], [0], feats, [meta])
+            torch.testing.assert_close(alone["masks"][0], out[0]["masks"][k], atol=1e-5, rtol=1e-5)
 
 
 # -- end to end: Segmenter, training, evaluation ------------------------------------------------
