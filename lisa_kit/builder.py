@@ -133,6 +133,9 @@ def build_model(recipe, registry: Registry | None = None, resolve: dict | None =
 
     registry = registry or get_registry()  # plugins loaded first: they may register answer formats
     geometry = text_geometry_of(m)  # a bad prompt_strategy / text_geometry fails before anything is built
+    if geometry is not None and m.get("reject_token"):
+        raise RecipeError("is not read with prompt_strategy: text_geometry (an answer listing no object says the "
+                          "target is not there)", key="model.reject_token")
     vision = build("vision_encoder")
     llm = build("llm")
     fusion = build("fusion")

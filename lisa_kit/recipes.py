@@ -743,6 +743,9 @@ class _Checker:
             message, prefix = str(exc), f"{key}: "
             self.report(key, message[len(prefix):] if message.startswith(prefix) else message)
             return
+        if geometry is not None and model.get("reject_token") not in (None, MISSING, _UNRESOLVED):
+            self.report("model.reject_token", "is not read with prompt_strategy: text_geometry (an answer that "
+                        "lists no object is how such a model says the target is not there)")
         head = model.get("seg_head")
         if geometry is None and isinstance(head, dict) and head.get("name") == "none":
             self.report("model.seg_head.name", f"'none' is for prompt_strategy: text_geometry; with {SEG_TOKEN} "

@@ -189,10 +189,17 @@ def test_validate_rejects_bad_choices_without_building(monkeypatch):
     assert any("unknown answer format 'bogus'" in str(p) for p in _problems(**{"text_geometry.format": "bogus"}))
     assert any("model.seg_head.name" in str(p) for p in _problems(prompt_strategy="seg_token", text_geometry="null"))
     assert any("only with model.prompt_strategy" in str(p) for p in _problems(prompt_strategy="seg_token"))
+    assert any("model.reject_token" in str(p) for p in _problems(reject_token="[REJ]"))
     from lisa_kit.components.sam import SamMaskDecoder
 
     monkeypatch.setattr(SamMaskDecoder, "accepts_geometry", False)
     assert any("box/point prompts" in str(p) for p in _problems())
+    from lisa_kit.builder import build_model
+    from lisa_kit.recipes import load_recipe
+
+    with pytest.raises(RecipeError, match="box/point prompts") as e:
+        build_model(load_recipe(RECIPE).cfg)
+    assert e.value.key == "model.mask_decoder"
 
 
 def test_a_plugin_format_is_accepted():
