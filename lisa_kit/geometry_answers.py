@@ -112,7 +112,7 @@ class GeometryObject:
     """One object of an answer. ``box`` ``(x0, y0, x1, y1)`` and ``points`` ``[(x, y), ...]``
     in original-image pixels (mapped from the model's frame); ``span``: ``(start, end)`` of
     the object's text in the answer; ``problem``: set when it cannot prompt the decoder
-    (then ``box``/``points`` are what could be read, possibly ``None``/empty)."""
+    (then ``box`` is ``None`` and ``points`` empty)."""
 
     box: tuple[float, float, float, float] | None
     points: list[tuple[float, float]] = field(default_factory=list)
@@ -309,9 +309,14 @@ class TextGeometry:
         data = _load_json(body)
         if data is _BAD:
             return ParsedAnswer([], Problem("bad_json", f"the <answer> block is not JSON: {_clip(body)}"), think_text)
-        raw = self.format.objects(data)
-        if not raw:
-            return ParsedAnswer([], Problem("no_objects", "the answer lists no object"), think_text)
+        try:
+            raw = self.format.objects(data)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):  # a plugin format reading naively
+            raw = None
+        if not isinstance(raw, list) or not raw:
+            return ParsedAnswer([], Problem("no_objects", "the answer lists no object" if raw == [] or data == []
+                                            else f"the answer's JSON is not {self.format.name}'s layout: "
+                                                 f"{_clip(body)}"), think_text)
         raw = raw[:self.max_objects]
         spans = _object_spans(body, len(raw))
         objects = [self._check(r, (start + a, start + b), image_size, k) for k, (r, (a, b)) in enumerate(zip(raw, spans))]
@@ -321,12 +326,14 @@ class TextGeometry:
         fh, fw = self._frame(image_size)
         h, w = int(image_size[0]), int(image_size[1])
         what = f"object {k}"
-        if raw.get("box") is None:
+        if not isinstance(raw, dict) or raw.get("box") is None:
             return GeometryObject(None, [], span, Problem("missing_box", f"{what} has no box"))
         box = _numbers(raw["box"], 4)
-        points = [_numbers(p, 2) for p in (raw.get("points") or [])]
+        given = raw.get("points") or []
+        given = list(given) if isinstance(given, (list, tuple)) else [given]
+        points = [_numbers(p, 2) for p in given]
         if box is None or any(p is None for p in points):
-            bad = raw["box"] if box is None else next(q for q, p in zip(raw["points"], points) if p is None)
+            bad = raw["box"] if box is None else next(q for q, p in zip(given, points) if p is None)
             return GeometryObject(None, [], span, Problem(
                 "not_numeric", f"{what}: {_clip(repr(bad))} is not " + ("a box of four finite numbers" if box is None
                                                                           else "a point of two finite numbers")))

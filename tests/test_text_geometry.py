@@ -402,3 +402,21 @@ def test_instruction_wraps_every_question(segmenter, monkeypatch):
     monkeypatch.setattr(segmenter.model, "text_geometry", g)
     text = segmenter.tokenizer.decode([i for i in segmenter.prompt_ids("the cat") if i >= 0])
     assert 'Find the cat and answer {"bbox_2d": [..]}.' in text
+
+
+def test_a_plugin_format_that_reads_naively_gives_problems_not_exceptions():
+    class Naive(AnswerFormat):
+        name = "test_naive"
+
+        def objects(self, data):
+            return [{"box": item["b"], "points": item["p"]} if item["b"] else "junk" for item in data]
+
+    register_format(Naive)
+    try:
+        g = geo(format="test_naive")
+        assert g.parse('<answer>{"x": 1}</answer>', (H, W)).problem.code == "no_objects"  # KeyError inside
+        p = g.parse('<answer>[{"b": [1, 2, 3, 4], "p": [5, 6]}, {"b": 0, "p": 0}]</answer>', (H, W))
+        assert p.objects[0].problem.code == "not_numeric"  # a lone number is not a point
+        assert p.objects[1].problem.code == "missing_box"
+    finally:
+        FORMATS.pop("test_naive")
