@@ -184,8 +184,12 @@ def _problems(**model):
     return [p for p in validate_recipe(load_recipe(RECIPE, over))]
 
 
-def test_validate_rejects_bad_choices_without_building(monkeypatch):
+def test_validate_rejects_bad_choices_without_building(monkeypatch, capsys):
+    from lisa_kit.cli import main
+
     assert _problems() == []
+    assert main(["validate", "--set", "model.text_geometry.format=bogus", RECIPE]) == 1
+    assert "model.text_geometry.format: unknown answer format 'bogus'" in capsys.readouterr().out
     assert any("unknown answer format 'bogus'" in str(p) for p in _problems(**{"text_geometry.format": "bogus"}))
     assert any("model.seg_head.name" in str(p) for p in _problems(prompt_strategy="seg_token", text_geometry="null"))
     assert any("only with model.prompt_strategy" in str(p) for p in _problems(prompt_strategy="seg_token"))
