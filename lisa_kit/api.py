@@ -60,7 +60,11 @@ class SegResult:
     is the ``[REJ]`` in ``text`` (all ``False`` for models without a reject token);
     ``stop``: why the answer ended: ``"end"`` (the model's end of sequence),
     ``"max_new_tokens"`` (the length asked for) or ``"context"`` (this row's prompt left
-    fewer positions than ``max_new_tokens`` in the LLM, and they ran out)."""
+    fewer positions than ``max_new_tokens`` in the LLM, and they ran out);
+    ``malformed`` (``model.prompt_strategy: text_geometry``, whose answers write boxes and
+    points as text, :mod:`lisa_kit.geometry_answers`): per mask, why it is empty -- the
+    answer (one empty mask) or that object is malformed -- ``None`` for a decoded mask
+    (empty for ``[SEG]`` models); ``seg_spans`` then locate each object's text."""
 
     text: str
     masks: np.ndarray
@@ -72,6 +76,7 @@ class SegResult:
     finished: bool = True
     rejected: list[bool] = field(default_factory=list)
     stop: str = "end"
+    malformed: list[str | None] = field(default_factory=list)
 
     @property
     def num_masks(self) -> int:
@@ -80,7 +85,15 @@ class SegResult:
     def no_mask_reason(self) -> str | None:
         """Why the answer came with no mask, for a person (``None`` when it has a ``[SEG]``):
         the answer was cut (:attr:`stop`) before any ``[SEG]``, or the model wrote none --
-        LISA-style models were trained on questions that ask for a mask."""
+        LISA-style models were trained on questions that ask for a mask. For a text
+        box/point answer (:attr:`malformed`): what was wrong with it or with each object
+        that got an empty mask (also when other objects got theirs)."""
+        bad = [(k, why) for k, why in enumerate(self.malformed) if why is not None]
+        if bad:
+            cut = f"the answer was cut ({self.stop}); " if self.stop != "end" else ""
+            if len(self.malformed) == 1:
+                return f"{cut}no mask: {bad[0][1]}"
+            return cut + "; ".join(f"mask {k} is empty: {why}" for k, why in bad)
         if self.seg_spans:
             return None
         if self.stop != "end":
@@ -92,8 +105,10 @@ class SegResult:
         """JSON-able summary (no mask pixels): text, sizes, areas and scores."""
         return {"prompt": self.prompt, "text": self.text, "image_size": list(self.image_size),
                 "seg_spans": [list(s) for s in self.seg_spans], "finished": self.finished, "stop": self.stop,
-                "masks": [{"area": int(m.sum()), "score": float(s), "rejected": bool(r)}
-                          for m, s, r in zip(self.masks, self.scores, self.rejected or [False] * len(self.scores))]}
+                "masks": [{"area": int(m.sum()), "score": float(s), "rejected": bool(r),
+                           **({"malformed": why} if why is not None else {})}
+                          for m, s, r, why in zip(self.masks, self.scores, self.rejected or [False] * len(self.scores),
+                                                  self.malformed or [None] * len(self.scores))]}
 
 
 # -- model sources ------------------------------------------------------------------
@@ -361,6 +376,8 @@ class Segmenter:
         from lisa_kit.conversation import IMAGE, Conversation
 
         _check_prompt(prompt, what)
+        geometry = getattr(self.model, "text_geometry", None)  # text box/point answers: its instruction
+        ask = geometry.ask if geometry is not None else str
         conv = Conversation(self.template)
         turns = list(history or [])
         for k, turn in enumerate(turns):
@@ -375,8 +392,8 @@ class Segmenter:
                           allow_empty=True)
             # Answers are the model's own: their "[SEG]" become tokens again.
             markers = (self.model.seg_token, *([self.model.reject_token] if self.model.reject_token else []))
-            conv.add([IMAGE, "\n" + q] if k == 0 else [q], a, markers=markers)
-        conv.add([IMAGE, "\n" + prompt] if not turns else [prompt], None)
+            conv.add([IMAGE, "\n" + ask(q)] if k == 0 else [ask(q)], a, markers=markers)
+        conv.add([IMAGE, "\n" + ask(prompt)] if not turns else [ask(prompt)], None)
         return conv
 
     def prompt_ids(self, prompt: str, history=None, *, what: str = "prompt") -> list[int]:
@@ -535,8 +552,14 @@ class Segmenter:
         if masks.shape[0] == 0:
             masks = np.zeros((0, h, w), dtype=bool)
         rejected = [bool(r) for r in getattr(g, "rejected", None) or [False] * masks.shape[0]]
+        malformed = list(getattr(g, "malformed", None) or [])
+        geometry = getattr(self.model, "text_geometry", None)
+        if geometry is not None:  # no [SEG] in a box/point answer: each object's text is its span
+            objects = geometry.parse(text, (h, w)).objects
+            spans = [o.span for o in objects] if len(objects) == masks.shape[0] else []
         return SegResult(text=text, masks=masks, scores=scores, seg_spans=spans, image_size=(h, w), prompt=prompt,
-                         token_ids=list(g.token_ids), finished=bool(g.finished), rejected=rejected, stop=stop)
+                         token_ids=list(g.token_ids), finished=bool(g.finished), rejected=rejected, stop=stop,
+                         malformed=malformed)
 
 
 def _check_prompt(prompt, what: str, *, allow_empty: bool = False) -> None:

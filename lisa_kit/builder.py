@@ -129,10 +129,20 @@ def build_model(recipe, registry: Registry | None = None, resolve: dict | None =
         return build_component(kind, node, registry, derived=derived, resolve=resolve,
                                empty=kind in empty and not own, dtype=cast)
 
+    from lisa_kit.geometry_answers import text_geometry_of
+
+    registry = registry or get_registry()  # plugins loaded first: they may register answer formats
+    geometry = text_geometry_of(m)  # a bad prompt_strategy / text_geometry fails before anything is built
+    if geometry is not None and m.get("reject_token"):
+        raise RecipeError("is not read with prompt_strategy: text_geometry (an answer listing no object says the "
+                          "target is not there)", key="model.reject_token")
     vision = build("vision_encoder")
     llm = build("llm")
     fusion = build("fusion")
     mask_decoder = build("mask_decoder")
+    if geometry is not None and not getattr(mask_decoder, "accepts_geometry", False):
+        raise RecipeError(f"prompt_strategy text_geometry needs a mask decoder that takes box/point prompts; "
+                          f"{m['mask_decoder'].get('name')!r} does not (accepts_geometry)", key="model.mask_decoder")
     projector = build("projector", {"in_dim": vision.feature_dim, "out_dim": llm.hidden_size})
     seg_head = build("seg_head", {"in_dim": llm.hidden_size, "out_dim": mask_decoder.prompt_dim})
     seg_token = m.get("seg_token", "[SEG]")
@@ -145,7 +155,8 @@ def build_model(recipe, registry: Registry | None = None, resolve: dict | None =
     llm.resize_vocab(len(llm.tokenizer))
     return LisaModel(vision, projector, llm, mask_decoder, fusion, seg_head, seg_token=seg_token,
                      seg_hidden=m.get("seg_hidden", "previous"), train_image_encoder=m.get("train_image_encoder", False),
-                     recipe=cfg, seg_layers=m.get("seg_layers", "last"), reject_token=reject)
+                     recipe=cfg, seg_layers=m.get("seg_layers", "last"), reject_token=reject,
+                     text_geometry=geometry)
 
 
 def _overlay(derived: dict, given: dict) -> dict:

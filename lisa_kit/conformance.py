@@ -32,6 +32,7 @@ __all__ = ["ConformanceError", "check_component", "check_meta_build", "build_tin
 # Odd, non-square image sizes: preprocessing must not assume a shape.
 _IMAGE_HW = ((37, 53), (60, 40))
 _BATCH, _TOKENS, _SEG_ROWS, _PROMPTS = 2, 5, 4, 3
+_GEOMETRY_POINTS = 3  # points per geometric prompt: foreground, background, padding
 _FUSION_EMBED_DIM, _FUSION_FEATURES = 8, 5
 _CACHE_TOL = 1e-5  # cached decoding vs a full pass, fp32
 _DECODE_TOL = 1e-5  # one mask decoded with others vs alone, fp32 (batched matmuls may round differently)
@@ -172,7 +173,45 @@ def _mask_decoder(comp, label):
     _check(tuple(masks.shape) == (_PROMPTS, h, w) and masks.dtype == torch.float32, label,
            f"postprocess must return float32 (M, H, W) = {(_PROMPTS, h, w)} at the original size, "
            f"got {_describe(masks)}")
-    return [low, scores, masks]
+    geometry = _geometry(comp, label, feats, meta) if getattr(comp, "accepts_geometry", False) else []
+    return [low, scores, masks, *geometry]
+
+
+def _geometry_prompts(meta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_PROMPTS`` boxes ``(M, 4)`` and ``_GEOMETRY_POINTS`` points ``(M, K, 2)`` with labels
+    ``(M, K)`` (one background point, one padding point) inside an image's input frame."""
+    g = torch.Generator().manual_seed(1)
+    hw = torch.tensor(meta.input_size[::-1], dtype=torch.float32)  # (w, h): x first
+    corners = torch.rand(_PROMPTS, 2, 2, generator=g) * hw
+    boxes = torch.cat([corners.min(1).values, corners.max(1).values], 1)
+    points = torch.rand(_PROMPTS, _GEOMETRY_POINTS, 2, generator=g) * hw
+    labels = torch.ones(_PROMPTS, _GEOMETRY_POINTS, dtype=torch.long)
+    labels[:, 1], labels[:, -1] = 0, -1
+    return boxes, points, labels
+
+
+def _geometry(comp, label, feats, meta) -> list[torch.Tensor]:
+    """``decode_geometry`` (decoders with ``accepts_geometry``): shapes for boxes and points
+    together, boxes alone and points alone, and each prompt alone equal to the batch."""
+    boxes, points, labels = _geometry_prompts(meta)
+    outs = []
+    for what, args in (("boxes and points", (boxes, points, labels)), ("boxes only", (boxes, None, None)),
+                       ("points only", (None, points, labels))):
+        low, scores = comp.decode_geometry(feats, *args)
+        _check(tuple(low.shape[:2]) == (_PROMPTS, 1) and tuple(scores.shape) == (_PROMPTS, 1), label,
+               f"decode_geometry with {what} (M={_PROMPTS}) must return (M, 1, h', w') and (M, 1), "
+               f"got {_describe(low)} and {_describe(scores)}")
+        for m in range(_PROMPTS):
+            one = tuple(a[m:m + 1] if a is not None else None for a in args)
+            _close(comp.decode_geometry(feats, *one), (low[m:m + 1], scores[m:m + 1]), label,
+                   f"decode_geometry ({what}): prompt {m} decoded alone differs from prompt {m} decoded with "
+                   f"{_PROMPTS - 1} others (the prompts of one call must be independent)",
+                   atol=_DECODE_TOL, rtol=_DECODE_TOL)
+        outs += [low, scores]
+    masks = comp.postprocess(outs[0], meta)
+    _check(tuple(masks.shape) == (_PROMPTS, *meta.original_size), label,
+           f"postprocess of decode_geometry's logits must return (M, H, W) at the original size, got {_describe(masks)}")
+    return outs
 
 
 def _fusion(comp, label):

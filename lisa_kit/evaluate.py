@@ -7,6 +7,10 @@ Two modes:
   each ``[SEG]`` is scored. The prompt is LISA's validation question
   (:func:`lisa_kit.prompts.eval_question`). For ReasonSeg LISA asks ``text[0]`` only; so
   does this mode unless ``all_texts`` is set.
+  With ``model.prompt_strategy: text_geometry`` (:mod:`lisa_kit.geometry_answers`) the
+  given answer is the ground truth's box and point in the model's format, and the mask
+  comes from the model's greedy token at every answer position, read back as an answer
+  (:func:`~lisa_kit.geometry_answers.teacher_answers`).
 * ``generate``: what users live with. The model answers by itself; the first ``[SEG]``
   of the answer gives the query's mask, and a query answered without ``[SEG]`` scores an
   empty mask. A model with a reject token (``model.reject_token``, GSVA's ``[REJ]``)
@@ -223,6 +227,9 @@ class Evaluator:
 
     def _conv(self, record: Record, q: Query, answer: str | None) -> Conversation:
         question = q.question if q.question is not None else eval_question(q.text, q.kind, _lower(record))
+        geometry = getattr(self.model, "text_geometry", None)  # text box/point answers: its instruction
+        if geometry is not None:
+            question = geometry.ask(question)
         return Conversation(self.template).add([IMAGE, "\n" + question], answer)
 
     def queries(self, record: Record, i: int) -> list[Query]:
@@ -240,6 +247,13 @@ class Evaluator:
     @torch.inference_mode()
     def teacher(self, record: Record, image: np.ndarray, qs: list[Query]) -> list[torch.Tensor]:
         """Mask logits ``(H, W)`` per query from one teacher-forced forward."""
+        geometry = getattr(self.model, "text_geometry", None)
+        if geometry is not None:  # box/point answers: the ground truth's, read back greedily token by token
+            from lisa_kit.geometry_answers import teacher_answers
+
+            convs = [self._conv(record, q, geometry.write_masks([q.gt], q.gt.shape[:2])) for q in qs]
+            batch = collate([Sample(image, convs, None)], self.model).to(self._device())
+            return [a["masks"][0] for a in teacher_answers(self.model, batch)]
         convs = [self._conv(record, q, EVAL_ANSWER) for q in qs]
         batch = collate([Sample(image, convs, None)], self.model).to(self._device())
         return list(self.model(batch).pred_masks[0])

@@ -12,6 +12,11 @@ one token through the cache, and only the hidden states a ``[SEG]`` needs are ke
 The states come from the layer(s) ``model.seg_layers`` names (:class:`lisa_kit.model.SegLayers`),
 exactly as the teacher-forced forward reads them.
 
+With ``model.prompt_strategy: text_geometry`` the answer's text (boxes and points in a
+format of :mod:`lisa_kit.geometry_answers`) is parsed after generation and decoded with
+``mask_decoder.decode_geometry``: one mask per object, malformed ones empty and flagged
+in ``Generated.malformed``.
+
 A model with a reject token (``[REJ]``) answers it for a target that is not in the image:
 each ``[REJ]`` gives an empty mask (logits :data:`REJECTED_LOGIT`, so ``> 0`` is all
 False) flagged in ``Generated.rejected``; nothing is decoded for it.
@@ -76,6 +81,9 @@ class Generated:
     finished: bool = True
     extra: dict = field(default_factory=dict)
     rejected: list[bool] = field(default_factory=list)
+    #: ``prompt_strategy: text_geometry`` only: per mask, why it is empty (the answer or that
+    #: object is malformed, :mod:`lisa_kit.geometry_answers`), ``None`` for a decoded mask.
+    malformed: list[str | None] = field(default_factory=list)
 
 
 def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -158,6 +166,10 @@ def generate(model, prompt_ids: list[list[int]], row_images: list[list[int]], vi
             break
 
     mask_features = model.encode_masks(mask_pixels)
+    if getattr(model, "text_geometry", None) is not None:  # the answers' text gives box/point prompts
+        from lisa_kit.geometry_answers import generated_from_answers
+
+        return generated_from_answers(model, new_tokens, row_images, mask_features, metas, steps)
     decoded = _decode_by_image(model, seg_hidden, row_images, mask_features, metas)
     results = []
     for b in range(B):

@@ -37,9 +37,9 @@ class ImageMeta:
     input_size: tuple[int, int]
 
     def to_input(self, xy: torch.Tensor) -> torch.Tensor:
-        """``(..., 2)`` x, y in original-image pixels -> the same points in the input frame
-        (pixels of the resized image inside the decoder's square): scaled per axis by
-        ``input_size / original_size``."""
+        """``(..., 2)`` x, y in original-image pixels -> the same points in the decoder's
+        input frame (pixels of the resized image inside the padded square), scaled per
+        axis by ``input_size / original_size``. Padding is bottom/right, so no shift."""
         sy = self.input_size[0] / self.original_size[0]
         sx = self.input_size[1] / self.original_size[1]
         return xy * xy.new_tensor([sx, sy])
@@ -112,10 +112,28 @@ class MaskDecoder(nn.Module):
       of an image's prompts, from every row that asks about it, in one call
       (the conformance check compares each prompt decoded alone with the batch).
     * ``postprocess(low_res (M, 1, h', w'), meta) -> logits (M, H, W)`` at the original size.
+
+    Geometric prompts (optional; the ``text_geometry`` prompt strategy needs them): a
+    decoder that sets ``accepts_geometry = True`` implements
+    ``decode_geometry(features (batch 1), boxes (M, 4) | None, points (M, K, 2) | None,
+    point_labels (M, K) | None) -> (low_res_logits (M, 1, h', w'), scores (M, 1))``:
+    ``boxes`` float ``x0, y0, x1, y1`` and ``points`` float ``x, y``, both in the decoder's
+    *input* frame (pixels of the resized image inside the padded square, i.e. after
+    ``preprocess``; :meth:`ImageMeta.to_input` maps original pixels there);
+    ``point_labels`` long (1 foreground, 0 background, -1 padding). At least one of
+    ``boxes``/``points`` is given; the ``M`` prompts are independent as in ``decode``
+    (conformance checks both), and ``postprocess`` applies to the result.
     """
 
     kind: ClassVar[str] = "mask_decoder"
     prompt_dim: int
+    #: Whether :meth:`decode_geometry` (box/point prompts) is implemented.
+    accepts_geometry: ClassVar[bool] = False
+
+    def decode_geometry(self, features: dict[str, torch.Tensor], boxes: torch.Tensor | None,
+                        points: torch.Tensor | None, point_labels: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError(f"{type(self).__name__} takes no box/point prompts (accepts_geometry is False)")
     # State-dict keys starting with one of these keep the precision the decoder was built in
     # (fp32) when the model is asked for bf16/fp16; all other floating tensors take it. The
     # default "" keeps the whole decoder fp32 (safe for code that builds fp32 tensors at run

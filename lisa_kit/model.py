@@ -173,7 +173,7 @@ class LisaModel(nn.Module):
 
     def __init__(self, vision_encoder, projector, llm, mask_decoder, fusion, seg_head, seg_token: str = "[SEG]",
                  seg_hidden: str = "previous", train_image_encoder: bool = False, recipe=None,
-                 seg_layers=SEG_LAYERS_LAST, reject_token: str | None = None):
+                 seg_layers=SEG_LAYERS_LAST, reject_token: str | None = None, text_geometry=None):
         super().__init__()
         if seg_hidden not in SEG_HIDDEN_CHOICES:
             raise ValueError(f"seg_hidden must be one of {SEG_HIDDEN_CHOICES}, got {seg_hidden!r}")
@@ -193,6 +193,9 @@ class LisaModel(nn.Module):
         self.recipe = recipe  # the resolved recipe this model was built from (plain dict)
         self.seg_layers = SegLayers(seg_layers, llm_num_layers(llm))
         self.reject_token = reject_token
+        # prompt_strategy: text_geometry (lisa_kit.geometry_answers.TextGeometry; None = [SEG] embeddings):
+        # the answer's text gives box/point prompts, so no seg head or mask decoding in forward.
+        self.text_geometry = text_geometry
 
     # -- ids ----------------------------------------------------------------------
     @property
@@ -282,6 +285,8 @@ class LisaModel(nn.Module):
         fused = self.fuse(batch, image_features)
         out = self.llm(fused.inputs_embeds, attention_mask=fused.attention_mask.long(),
                        position_ids=fused.position_ids, **self.llm_kwargs())
+        if self.text_geometry is not None:
+            return self._text_only(out, fused, batch.metas)
         seg_index = self.seg_rows(batch.input_ids, batch.attention_mask, fused.token_positions)
         prompts = self.seg_head(self.seg_layers.gather(out, seg_index[:, 0], seg_index[:, 2]))
         seg_images = self.image_of_seg(batch.row_images, batch.input_ids, seg_index)
@@ -290,3 +295,15 @@ class LisaModel(nn.Module):
         return ModelOutput(logits=out.logits, hidden=out.hidden, fused=fused, seg_index=seg_index,
                            seg_embeddings=prompts, low_res_masks=low, scores=scores, pred_masks=preds,
                            seg_of_image=which)
+
+    def _text_only(self, out: LMOutput, fused: FusedBatch, metas: list[ImageMeta]) -> ModelOutput:
+        """``prompt_strategy: text_geometry``: the answers are the output (token loss only,
+        as the mask decoder is frozen in that design); no mask per image (``(0, H, W)``).
+        Masks from an answer's text: :func:`lisa_kit.geometry_answers.decode_answers`."""
+        h = out.hidden
+        none = lambda *s: h.new_zeros(*s, dtype=torch.float32)  # noqa: E731
+        return ModelOutput(logits=out.logits, hidden=h, fused=fused,
+                           seg_index=torch.zeros(0, 3, dtype=torch.long, device=h.device),
+                           seg_embeddings=none(0, self.mask_decoder.prompt_dim),
+                           low_res_masks=[none(0, 1, 1, 1) for _ in metas], scores=[none(0, 1) for _ in metas],
+                           pred_masks=[none(0, *m.original_size) for m in metas], seg_of_image=[[] for _ in metas])

@@ -407,14 +407,21 @@ def turns_to_sample(record: Record, turns: list[Turn], template: Template, image
 def build_sample(record: Record, rng: np.random.Generator, template: Template, classes_per_sample: int = 3,
                  explanatory: float = -1.0, multi_seg: MultiSeg | None = None,
                  reject_token: str | None = None, explain_first: bool | str = False,
-                 phrasing: str = "lisa") -> Sample:
+                 phrasing: str = "lisa", geometry=None) -> Sample:
     """A training :class:`~lisa_kit.data.Sample` from a record: VQA rounds as one
     conversation, segmentation targets as sampled question/answer turns (``multi_seg``,
-    ``reject_token``, ``explain_first``, ``phrasing``: see the module docstring)."""
+    ``reject_token``, ``explain_first``, ``phrasing``: see the module docstring).
+    ``geometry`` (a :class:`~lisa_kit.geometry_answers.TextGeometry`, ``prompt_strategy:
+    text_geometry``): each mask answer is rewritten as its targets' boxes and points in that
+    format, and the sample has no mask targets (token loss only)."""
     if record.rounds:
         image = record.image()
         h, w = image.shape[:2]
         return Sample(image, [vqa_conversation(record, template)], np.zeros((0, h, w), np.float32))
     turns = seg_turns(record, rng, classes_per_sample, explanatory, multi_seg, reject_token, explain_first,
                       phrasing)
+    if geometry is not None:
+        from lisa_kit.geometry_answers import geometry_turns
+
+        turns = geometry_turns(record, turns, geometry)
     return turns_to_sample(record, turns, template, reject_token=reject_token)

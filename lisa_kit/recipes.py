@@ -55,7 +55,7 @@ from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseExce
 
 import lisa_kit
 from lisa_kit import registry as _registry
-from lisa_kit.errors import DuplicateComponentError, RecipeError, UnknownComponentError
+from lisa_kit.errors import DuplicateComponentError, LisaKitError, RecipeError, UnknownComponentError
 from lisa_kit.interfaces import KINDS, SEG_HIDDEN_CHOICES, SIZE_LINKS
 
 __all__ = [
@@ -71,7 +71,8 @@ WEIGHT_FORMATS = ("none", "lisa_hf", "llava_hf", "lisa_kit")
 
 TOP_LEVEL_KEYS = ("base", "name", "description", "model", "weights", "loss", "generation",
                   "conversation", "data", "train", "eval", "precision", "bench")
-MODEL_KEYS = KINDS + ("seg_token", "seg_hidden", "extra_tokens", "train_image_encoder", "seg_layers", "reject_token")
+MODEL_KEYS = KINDS + ("seg_token", "seg_hidden", "extra_tokens", "train_image_encoder", "seg_layers", "reject_token",
+                      "prompt_strategy", "text_geometry")
 _COMPONENT_PATHS = frozenset(f"model.{kind}" for kind in KINDS)
 _HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 _DOTTED_MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
@@ -724,6 +725,42 @@ class _Checker:
                 isinstance(layers, list) and layers and all(is_index(v) for v in layers)):
             self.report("model.seg_layers", f"must be last, mix, a layer index or a list of layer indices, "
                         f"got {_short(layers)}")
+        self.check_prompt_strategy(model)
+
+    def check_prompt_strategy(self, model: dict) -> None:
+        """``model.prompt_strategy`` / ``text_geometry`` (:mod:`lisa_kit.geometry_answers`): a
+        known strategy and answer format, a decoder that takes box/point prompts (when its
+        spec names its class), and the ``none`` seg head only where no ``[SEG]`` is read."""
+        from lisa_kit.geometry_answers import SEG_TOKEN, text_geometry_of
+
+        node = {k: model.get(k) for k in ("prompt_strategy", "text_geometry")}
+        if not _complete(node):
+            return
+        try:
+            geometry = text_geometry_of(node)
+        except RecipeError as exc:
+            key = exc.key or "model.prompt_strategy"
+            message, prefix = str(exc), f"{key}: "
+            self.report(key, message[len(prefix):] if message.startswith(prefix) else message)
+            return
+        if geometry is not None and model.get("reject_token") not in (None, MISSING, _UNRESOLVED):
+            self.report("model.reject_token", "is not read with prompt_strategy: text_geometry (an answer that "
+                        "lists no object is how such a model says the target is not there)")
+        head = model.get("seg_head")
+        if geometry is None and isinstance(head, dict) and head.get("name") == "none":
+            self.report("model.seg_head.name", f"'none' is for prompt_strategy: text_geometry; with {SEG_TOKEN} "
+                        "every [SEG] needs a seg head (e.g. mlp2)")
+        dec = model.get("mask_decoder")
+        name = dec.get("name") if isinstance(dec, dict) else None
+        if geometry is None or not isinstance(name, str) or (("mask_decoder", name) not in self.registry):
+            return
+        try:
+            cls = self.registry.get("mask_decoder", name).component_class
+        except LisaKitError:
+            return
+        if cls is not None and not getattr(cls, "accepts_geometry", False):
+            self.report("model.mask_decoder.name", f"{name!r} takes no box/point prompts (accepts_geometry), which "
+                        "prompt_strategy: text_geometry needs")
 
     def check_component(self, kind: str, node: dict, path: str) -> None:
         name = node.get("name")

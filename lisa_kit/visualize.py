@@ -413,6 +413,9 @@ def annotate_result(image: np.ndarray, result, *, title: str | None = None, capt
                     **kwargs) -> Picture:
     """:func:`annotate` for a :class:`lisa_kit.api.SegResult` of ``image``: its masks,
     its answer as caption (``caption`` overrides), legend labels from its ``[SEG]``
-    spans, rejected masks marked. ``title``: e.g. the question."""
+    spans, rejected masks marked. ``title``: e.g. the question. A text box/point answer
+    (``result.malformed`` set) has JSON objects as spans, not names: its legend says ``mask k``."""
+    if getattr(result, "malformed", None):
+        kwargs.setdefault("labels", [None] * len(result.malformed))
     return annotate(image, result.masks, text=result.text, seg_spans=result.seg_spans, rejected=result.rejected,
                     title=title, caption=caption, **kwargs)

@@ -17,7 +17,12 @@ def test_there_are_recipes():
     assert {"lisa-7b", "lisa-13b-llama2", "lisa-tiny"} <= names
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+# Recipes that name components another branch adds (strict: once they exist, the mark must go).
+PENDING = {"seg-zero-7b": "the Qwen2.5-VL components (vision, projector, LLM, fusion) are not merged yet"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(reason=PENDING[p.stem], strict=True))
+                                  if p.stem in PENDING else p for p in RECIPES], ids=[p.stem for p in RECIPES])
 def test_recipe_validates(path):
     recipe = load_recipe(path)
     assert validate_recipe(recipe, allow_missing=True) == []
@@ -38,7 +43,9 @@ def test_self_contained_recipe_builds_and_runs(path):
         [IMAGE, "\nSegment the red square."], "Sure, [SEG].")
     with torch.no_grad():
         out = model(collate([Sample(img, [conv], mask[None])], model))
-    assert out.pred_masks[0].shape == (1, *img.shape[:2])
+    # prompt_strategy text_geometry: the answer's text prompts the decoder, so no mask comes from a forward
+    n = 0 if getattr(model, "text_geometry", None) is not None else 1
+    assert out.pred_masks[0].shape == (n, *img.shape[:2])
     assert np.isfinite(out.logits.numpy()).all()
 
 

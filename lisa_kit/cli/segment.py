@@ -111,7 +111,9 @@ def _save_outputs(out: Path, stem: str, image, res) -> dict:
         name = f"{stem}_mask_{i}.png"
         Image.fromarray(m.astype(np.uint8) * 255, "L").save(out / name)
         rejected = bool(res.rejected[i]) if i < len(res.rejected) else False  # a [REJ]: empty on purpose
-        masks.append({"file": name, "area": int(m.sum()), "score": float(score), "rejected": rejected})
+        why = res.malformed[i] if i < len(res.malformed) else None  # a text box/point object that could not be read
+        masks.append({"file": name, "area": int(m.sum()), "score": float(score), "rejected": rejected,
+                      **({"malformed": why} if why is not None else {})})
     ov = f"{stem}_overlay.png"
     Image.fromarray(overlay(image, res.masks)).save(out / ov)
     annotated = f"{stem}_annotated.png"

@@ -6,6 +6,8 @@ state dict is Meta's key layout and ``sam_vit_*.pth`` files load as they are.
 Shapes: ``preprocess(uint8 (H, W, 3)) -> (3, S, S)`` with ``S = image_size`` (1024);
 ``encode_image((I, 3, S, S)) -> {"image_embeddings": (I, P, S/16, S/16)}``;
 ``decode(features, prompts (M, P)) -> low_res (M, 1, S/4, S/4), scores (M, 1)``;
+``decode_geometry(features, boxes (M, 4), points (M, K, 2), point_labels (M, K))`` -> the same,
+from box/point prompts through SAM's own prompt encoder (input-frame pixels);
 image embeddings of any dtype are decoded in the decoder's (fp32: see ``fp32_prefixes``);
 ``postprocess(low_res, meta) -> (M, H, W)`` logits at the original size.
 """
@@ -56,6 +58,7 @@ class SamMaskDecoder(MaskDecoder):
     # segment-anything builds its positional encoding grid in fp32 (a matmul against bf16
     # weights fails), and the mask decoder (4M) with it, so mask logits are computed in fp32.
     fp32_prefixes = ("prompt_encoder.", "mask_decoder.")
+    accepts_geometry = True
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -137,6 +140,33 @@ class SamMaskDecoder(MaskDecoder):
         low_res, scores = self.mask_decoder(image_embeddings=emb, image_pe=self.prompt_encoder.get_dense_pe(),
                                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                             multimask_output=False)
+        return low_res, scores
+
+    def decode_geometry(self, features: dict[str, torch.Tensor], boxes: torch.Tensor | None,
+                        points: torch.Tensor | None, point_labels: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Box/point prompts of one image -> ``(M, 1, S/4, S/4)`` logits, ``(M, 1)`` IoU.
+
+        ``boxes (M, 4)`` xyxy and ``points (M, K, 2)`` xy in input-frame pixels (the
+        ``S x S`` square after :meth:`preprocess`), ``point_labels (M, K)`` (1 fg, 0 bg,
+        -1 padding). Meta's prompt encoder embeds them (sparse tokens: the box corners and
+        the points; a pad point when no box is given, as ``SamPredictor`` does) and its
+        ``no_mask`` dense embedding is used; one mask per prompt (``multimask_output``
+        off, as LISA decodes)."""
+        if boxes is None and points is None:
+            raise ValueError("decode_geometry needs boxes, points or both")
+        emb = features["image_embeddings"].to(self.mask_decoder.iou_token.weight.dtype)
+        pe_dtype = self.prompt_encoder.point_embeddings[0].weight.dtype
+        pts = None
+        if points is not None:
+            if point_labels is None:
+                point_labels = torch.ones(points.shape[:2], dtype=torch.long, device=points.device)
+            pts = (points.to(pe_dtype), point_labels.to(points.device, torch.long))
+        box = boxes.to(pe_dtype) if boxes is not None else None
+        sparse, dense = self.prompt_encoder(points=pts, boxes=box, masks=None)
+        low_res, scores = self.mask_decoder(image_embeddings=emb, image_pe=self.prompt_encoder.get_dense_pe(),
+                                            sparse_prompt_embeddings=sparse.to(emb.dtype),
+                                            dense_prompt_embeddings=dense.to(emb.dtype), multimask_output=False)
         return low_res, scores
 
     def postprocess(self, low_res: torch.Tensor, meta: ImageMeta) -> torch.Tensor:

@@ -51,7 +51,8 @@ class HybridDataset:
 
     def __init__(self, groups: list[SourceGroup], template: Template, samples_per_epoch: int, seed: int = 0,
                  classes_per_sample: int = 3, explanatory: float = 0.1, multi_seg=None,
-                 reject_token: str | None = None, explain_first: bool | str = False, phrasing: str = "lisa"):
+                 reject_token: str | None = None, explain_first: bool | str = False, phrasing: str = "lisa",
+                 geometry=None):
         from lisa_kit.prompts import check_phrasing
 
         groups = [g for g in groups if g.rate > 0]
@@ -73,6 +74,7 @@ class HybridDataset:
         self.reject_token = reject_token
         self.explain_first = explain_first
         self.phrasing = check_phrasing(phrasing)
+        self.geometry = geometry  # prompt_strategy text_geometry: box/point answers (build_sample)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -102,12 +104,13 @@ class HybridDataset:
             record = reader[k]
             if record.targets or record.rounds:
                 return build_sample(record, rng, self.template, self.classes_per_sample, self.explanatory,
-                                    self.multi_seg, self.reject_token, self.explain_first, self.phrasing)
+                                    self.multi_seg, self.reject_token, self.explain_first, self.phrasing,
+                                    self.geometry)
         raise DataError(f"{self.MAX_REDRAWS} draws in a row found records without targets; check the datasets")
 
 
-def hybrid_from_config(cfg: dict, template: Template, seed: int = 0, reject_token: str | None = None
-                       ) -> HybridDataset:
+def hybrid_from_config(cfg: dict, template: Template, seed: int = 0, reject_token: str | None = None,
+                       geometry=None) -> HybridDataset:
     """Build from a recipe's ``data:`` section::
 
         data:
@@ -124,6 +127,8 @@ def hybrid_from_config(cfg: dict, template: Template, seed: int = 0, reject_toke
             synthetic: {datasets: [synthetic], rate: 1, options: {size: 2000}}
 
     ``reject_token``: the model's (``model.reject_token``), to answer absent targets with.
+    ``geometry``: the model's ``text_geometry`` (:mod:`lisa_kit.geometry_answers`), to
+    answer with boxes and points instead of ``[SEG]``.
     """
     from lisa_kit.prompts import MultiSeg
 
@@ -139,4 +144,4 @@ def hybrid_from_config(cfg: dict, template: Template, seed: int = 0, reject_toke
                          explanatory=float(cfg.get("explanatory", 0.1)),
                          multi_seg=MultiSeg.from_config(cfg.get("multi_seg")), reject_token=reject_token,
                          explain_first=cfg.get("explain_first", False),
-                         phrasing=cfg.get("phrasing", "lisa"))
+                         phrasing=cfg.get("phrasing", "lisa"), geometry=geometry)

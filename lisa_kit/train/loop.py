@@ -274,7 +274,8 @@ class Trainer:
         tpl_name = (self.plain.get("conversation") or {}).get("template", "llava_v1")
         self.template = get_template(tpl_name, model.tokenizer)
         data_cfg = self.plain.get("data") or {}
-        self.dataset = hybrid_from_config(data_cfg, self.template, seed=cfg.seed, reject_token=model.reject_token)
+        self.dataset = hybrid_from_config(data_cfg, self.template, seed=cfg.seed, reject_token=model.reject_token,
+                                          geometry=getattr(model, "text_geometry", None))
         self.sampler = ResumableSampler(len(self.dataset), env.rank, env.world_size, cfg.shuffle, cfg.seed)
         if self.sampler.num_samples < cfg.batch_size:
             raise DataError(f"data.samples_per_epoch={len(self.dataset)} gives {self.sampler.num_samples} samples per "
