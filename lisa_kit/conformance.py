@@ -192,11 +192,14 @@ def _geometry_prompts(meta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def _geometry(comp, label, feats, meta) -> list[torch.Tensor]:
     """``decode_geometry`` (decoders with ``accepts_geometry``): shapes for boxes and points
-    together, boxes alone and points alone, and each prompt alone equal to the batch."""
+    together, boxes alone and points alone (boxes alone without ``accepts_points``), and
+    each prompt alone equal to the batch."""
     boxes, points, labels = _geometry_prompts(meta)
     outs = []
-    for what, args in (("boxes and points", (boxes, points, labels)), ("boxes only", (boxes, None, None)),
-                       ("points only", (None, points, labels))):
+    kinds = [("boxes only", (boxes, None, None))]
+    if getattr(comp, "accepts_points", True):
+        kinds = [("boxes and points", (boxes, points, labels)), *kinds, ("points only", (None, points, labels))]
+    for what, args in kinds:
         low, scores = comp.decode_geometry(feats, *args)
         _check(tuple(low.shape[:2]) == (_PROMPTS, 1) and tuple(scores.shape) == (_PROMPTS, 1), label,
                f"decode_geometry with {what} (M={_PROMPTS}) must return (M, 1, h', w') and (M, 1), "

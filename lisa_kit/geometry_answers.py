@@ -436,6 +436,8 @@ def decode_answers(model, texts: list[str], images: list[int | None], mask_featu
 
     geo: TextGeometry = model.text_geometry
     dec = model.mask_decoder
+    # A decoder that takes boxes only (SAM 3) gets the boxes; validate warns of the points.
+    use_points = geo.points and getattr(dec, "accepts_points", True)
     device = next(iter(mask_features.values())).device if mask_features else torch.device("cpu")
     parsed = [geo.parse(t, metas[i].original_size) if i is not None else ParsedAnswer([], None)
               for t, i in zip(texts, images)]
@@ -447,7 +449,7 @@ def decode_answers(model, texts: list[str], images: list[int | None], mask_featu
         # add "not a point" tokens, and its mask would depend on what else the batch holds.
         groups: dict[int, list] = {}
         for item in todo:
-            groups.setdefault(len(item[2].points) if geo.points else 0, []).append(item)
+            groups.setdefault(len(item[2].points) if use_points else 0, []).append(item)
         meta = metas[img]
         feats = {k: v[img:img + 1] for k, v in mask_features.items()}
         for n_points, group in sorted(groups.items()):

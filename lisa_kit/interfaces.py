@@ -129,6 +129,10 @@ class MaskDecoder(nn.Module):
     prompt_dim: int
     #: Whether :meth:`decode_geometry` (box/point prompts) is implemented.
     accepts_geometry: ClassVar[bool] = False
+    # With accepts_geometry: whether points are taken too (SAM 3's geometry encoder takes
+    # boxes only). Callers send points only to a decoder that says so; the conformance
+    # check tests the kinds declared.
+    accepts_points: ClassVar[bool] = True
 
     def decode_geometry(self, features: dict[str, torch.Tensor], boxes: torch.Tensor | None,
                         points: torch.Tensor | None, point_labels: torch.Tensor | None

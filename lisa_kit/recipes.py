@@ -761,6 +761,9 @@ class _Checker:
         if cls is not None and not getattr(cls, "accepts_geometry", False):
             self.report("model.mask_decoder.name", f"{name!r} takes no box/point prompts (accepts_geometry), which "
                         "prompt_strategy: text_geometry needs")
+        elif cls is not None and geometry.points and not getattr(cls, "accepts_points", True):
+            self.report("model.text_geometry.points", f"{name!r} takes boxes only (accepts_points is false); set "
+                        "points: false")
 
     def check_component(self, kind: str, node: dict, path: str) -> None:
         name = node.get("name")

@@ -178,6 +178,7 @@ class Sam3MaskDecoder(MaskDecoder):
     of the box-only phrase (``None``: :meth:`decode_geometry` is unavailable)."""
 
     accepts_geometry: ClassVar[bool] = True
+    accepts_points: ClassVar[bool] = False  # SAM 3's geometry encoder embeds boxes only
     # The detector runs in fp32 in any precision (it is small; its box and score arithmetic
     # and the geometry encoder's roi_align want it); the ViT and the text encoder, most of
     # the weights, take the requested precision.
@@ -214,6 +215,9 @@ class Sam3MaskDecoder(MaskDecoder):
                              persistent=False)
         self.register_buffer("geometry_mask", None if geometry_mask is None else torch.tensor([geometry_mask]),
                              persistent=False)
+        # Boxes go in with the tokenised phrase "visual": a decoder built without a tokenizer
+        # (config: alone) cannot take them, and says so to callers and the conformance check.
+        self.accepts_geometry = geometry_ids is not None
 
     # -- parts, by LISA's names ---------------------------------------------------------
     @property
