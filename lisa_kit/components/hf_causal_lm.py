@@ -23,7 +23,7 @@ class HFCausalLM(LanguageModel):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
-        self.hidden_size = model.config.hidden_size
+        self.hidden_size = model.config.get_text_config().hidden_size  # a VLM's config nests it
         params = inspect.signature(model.get_decoder().forward).parameters
         # transformers >= 5.24 calls the cache argument `cache`; earlier 5.x `past_key_values`.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
