@@ -1,0 +1,411 @@
+"""A native vision-language model (Qwen2.5-VL, …) as lisa_kit components, from one local
+transformers directory.
+
+The VLM is split where lisa_kit's kinds meet, and each part runs transformers' own code:
+
+* ``vision_encoder: hf_vlm_vision`` - the VLM's vision model (tower + merger), reached
+  through ``get_image_features``, with the directory's own image processor (Qwen:
+  dynamic resolution, ``min_pixels``/``max_pixels``). ``preprocess`` returns the
+  processor's per-image output (Qwen: ``pixel_values (P_i, C)`` flattened patches and
+  ``image_grid_thw (1, 3)``); ``collate`` concatenates them; ``forward`` returns
+  :class:`~lisa_kit.interfaces.VisionFeatures` (``(N_i, D)`` per image, already in the
+  LM's width; ``extra["image_grid_thw"] (I, 3)``).
+* ``projector: identity`` - the merger already maps to the LM's width.
+* ``llm: hf_vlm_lm`` - the conditional-generation model without its vision parts: the
+  language model and ``lm_head`` (:class:`~lisa_kit.components.hf_causal_lm.HFCausalLM`);
+  the tokenizer is the directory's, ``[SEG]`` is added by the builder as for every LLM.
+* ``fusion: hf_vlm_fusion`` - the LLaVA splice (every image slot replaced by its
+  ``N_i`` features, between the family's own start/end tokens) with the family's position
+  scheme: Qwen's M-RoPE ``(3, B, L)`` from transformers' ``get_rope_index``, read from
+  the same config.
+
+Each part loads the whole model through :func:`~lisa_kit.checkpoint.safe.hf_load` and keeps
+its own modules (transformers maps the checkpoint's key layout); the rest is freed.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import lisa_kit
+from lisa_kit.components._util import hf_config_dict, read_json, resolve_dtype
+from lisa_kit.components.hf_causal_lm import HFCausalLM
+from lisa_kit.components.llava_splice import LlavaSplice
+from lisa_kit.errors import CheckpointError, RecipeError
+from lisa_kit.interfaces import ComponentSpec, FusedBatch, Projector, VisionEncoder, VisionFeatures
+from lisa_kit.tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between VLM families: the transformers classes (by name, looked up in
+    ``transformers``), the attribute of the inner model that holds the language model,
+    the tokens that wrap an image in a prompt, and whether positions are M-RoPE."""
+
+    model_class: str
+    base_class: str
+    image_processor_classes: tuple[str, ...]
+    image_start: str | None
+    image_end: str | None
+    mrope: bool = False
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen2_5_vl": Family("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel",
+                         ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorPil"),
+                         "<|vision_start|>", "<|vision_end|>", mrope=True),
+}
+LM_ATTR = "language_model"  # the inner model's language model, in every family above
+
+
+def _family(config, component: str) -> Family:
+    mt = getattr(config, "model_type", None)
+    if mt not in FAMILIES:
+        raise CheckpointError(f"model_type {mt!r} is not a VLM family lisa_kit knows; known: {', '.join(FAMILIES)}",
+                              component=component, key="model_type")
+    return FAMILIES[mt]
+
+
+def _transformers(name: str):
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def _config(pretrained: str | None, config: dict | None, component: str):
+    """The VLM's transformers config from ``pretrained``'s ``config.json`` or a ``config``
+    dict (with ``model_type``)."""
+    from transformers import AutoConfig
+
+    from lisa_kit.checkpoint.safe import hf_load
+
+    if pretrained is not None:
+        return hf_load(AutoConfig.from_pretrained, pretrained, component=component)
+    if config is not None:
+        cfg = dict(config)
+        mt = cfg.pop("model_type", None)
+        if mt not in FAMILIES:
+            raise RecipeError(f"config.model_type must be one of {', '.join(FAMILIES)}, got {mt!r}",
+                              key=f"model.{component.split(':')[0]}.config")
+        return AutoConfig.for_model(mt, **cfg)
+    raise RecipeError(f"{component} needs `pretrained` (a local transformers VLM directory) or `config`",
+                      key=f"model.{component.split(':')[0]}")
+
+
+def _model(pretrained: str | None, config: dict | None, component: str, dtype: torch.dtype | None,
+           attn_implementation: str = "sdpa") -> nn.Module:
+    """The whole conditional-generation model: loaded from ``pretrained``, or built from
+    ``config`` with random weights (under ``empty_weights`` that costs no memory)."""
+    from lisa_kit.checkpoint.safe import hf_load
+
+    cfg = _config(pretrained, config, component)
+    cls = _transformers(_family(cfg, component).model_class)
+    if pretrained is not None:
+        kw = {"dtype": dtype} if dtype is not None else {}
+        return hf_load(cls.from_pretrained, pretrained, component=component, attn_implementation=attn_implementation,
+                       **kw)
+    cfg._attn_implementation = attn_implementation
+    return cls._from_config(cfg, dtype=dtype or torch.float32)
+
+
+# -- vision ---------------------------------------------------------------------------
+class HFVLMVision(VisionEncoder):
+    """The VLM's vision side (its inner model without the language model), run through
+    transformers' ``get_image_features``. ``forward(inputs) -> VisionFeatures``."""
+
+    def __init__(self, vlm: nn.Module, image_processor, family: Family):
+        super().__init__()
+        self.vlm = vlm  # inner model (e.g. Qwen2_5_VLModel) with language_model removed
+        self.image_processor = image_processor
+        self.family = family
+        cfg = vlm.config
+        self.feature_dim = int(cfg.vision_config.out_hidden_size)
+        self.config = cfg
+
+    def preprocess(self, image: np.ndarray) -> dict[str, torch.Tensor]:
+        """RGB ``uint8 (H, W, 3)`` -> the image processor's output for one image (Qwen:
+        ``pixel_values (P, C·t·p·p)`` float32, ``image_grid_thw (1, 3)`` long)."""
+        out = self.image_processor(images=[np.ascontiguousarray(image)], return_tensors="pt")
+        return {"pixel_values": out["pixel_values"].float(), "image_grid_thw": out["image_grid_thw"].long()}
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``I`` preprocessed images -> ``pixel_values (sum P_i, C)``, ``image_grid_thw (I, 3)``."""
+        return {k: torch.cat([it[k] for it in items]) for k in ("pixel_values", "image_grid_thw")}
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.config.vision_config.spatial_merge_size)
+
+    def tokens_for(self, size: tuple[int, int]) -> int:
+        """``N`` of an image of ``size`` (H, W): its resized grid over (patch · merge)²,
+        by the processor's own ``smart_resize``."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        ip = self.image_processor
+        patch = int(ip.patch_size)
+        h, w = smart_resize(int(size[0]), int(size[1]), factor=patch * self.merge_size,
+                            min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
+        return (h // patch // self.merge_size) * (w // patch // self.merge_size)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> VisionFeatures:
+        px, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+        out = self.vlm.get_image_features(px, grid, return_dict=True)
+        tokens = [t.to(px.dtype) for t in out.pooler_output]  # per image (N_i, D), N_i = t·h·w / merge²
+        return VisionFeatures(tokens, {"image_grid_thw": grid})
+
+    def export_config(self) -> dict:
+        return {"config": hf_config_dict(self.config), "image_processor": self.image_processor.to_dict()}
+
+
+def _image_processor(pretrained: str | None, saved: dict | None, family: Family, min_pixels, max_pixels):
+    from lisa_kit.checkpoint.safe import hf_load
+
+    if pretrained is not None:
+        from transformers import AutoImageProcessor
+
+        ip = hf_load(AutoImageProcessor.from_pretrained, pretrained, component="vision_encoder:hf_vlm_vision")
+    elif saved is not None:
+        saved = dict(saved)
+        name = saved.pop("image_processor_type", None) or family.image_processor_classes[0]
+        if name not in family.image_processor_classes:
+            raise RecipeError(f"image_processor_type must be one of {', '.join(family.image_processor_classes)}, "
+                              f"got {name!r}", key="model.vision_encoder.image_processor")
+        ip = _transformers(name).from_dict(saved)
+    else:
+        ip = _transformers(family.image_processor_classes[0])()
+    if type(ip).__name__ not in family.image_processor_classes:
+        raise CheckpointError(f"the image processor is a {type(ip).__name__}, expected one of "
+                              f"{', '.join(family.image_processor_classes)}", component="vision_encoder:hf_vlm_vision")
+    size = dict(ip.size)
+    for key, value in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                name = "min_pixels" if key == "shortest_edge" else "max_pixels"
+                raise RecipeError(f"must be a positive whole number of pixels, got {value!r}",
+                                  key=f"model.vision_encoder.{name}")
+            size[key] = value
+    if size["shortest_edge"] > size["longest_edge"]:
+        raise RecipeError(f"min_pixels ({size['shortest_edge']}) is above max_pixels ({size['longest_edge']})",
+                          key="model.vision_encoder.min_pixels")
+    ip.size = type(ip.size)(**size) if not isinstance(ip.size, dict) else size
+    return ip
+
+
+def build_hf_vlm_vision(pretrained: str | None = None, config: dict | None = None,
+                        image_processor: dict | None = None, min_pixels: int | None = None,
+                        max_pixels: int | None = None, dtype: str | None = None) -> HFVLMVision:
+    """``pretrained``: a local transformers VLM directory (weights, config and image
+    processor); ``config``/``image_processor``: their dicts (random weights; lisa_kit's own
+    checkpoints). ``min_pixels``/``max_pixels``: the dynamic-resolution bounds (Qwen)."""
+    component = "vision_encoder:hf_vlm_vision"
+    model = _model(pretrained, config, component, resolve_dtype(dtype))
+    family = _family(model.config, component)
+    inner = model.model
+    setattr(inner, LM_ATTR, None)  # the language model belongs to the llm component
+    inner.requires_grad_(False)
+    ip = _image_processor(pretrained, image_processor, family, min_pixels, max_pixels)
+    return HFVLMVision(inner, ip, family)
+
+
+def sizes_hf_vlm_vision(pretrained: str | None = None, config: dict | None = None, **_) -> dict:
+    cfg = _raw_config(pretrained, config)
+    vc = (cfg or {}).get("vision_config") or {}
+    return {"feature_dim": int(vc["out_hidden_size"])} if "out_hidden_size" in vc else {}
+
+
+def _raw_config(pretrained: str | None, config: dict | None) -> dict | None:
+    if pretrained is not None:
+        f = Path(pretrained) / "config.json"
+        return read_json(f) if f.is_file() else None
+    return dict(config) if config is not None else None
+
+
+# -- projector ------------------------------------------------------------------------
+class IdentityProjector(Projector):
+    """No projection: the tower already gives the LLM's width (a VLM's merger)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        if in_dim != out_dim:
+            raise RecipeError(f"the identity projector needs the tower's feature_dim ({in_dim}) to equal the LLM's "
+                              f"hidden_size ({out_dim}); use a linear or mlp2x_gelu projector",
+                              key="model.projector")
+        self.in_dim = self.out_dim = in_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def export_config(self) -> dict:
+        return {"in_dim": self.in_dim, "out_dim": self.out_dim}
+
+
+def build_identity(in_dim: int, out_dim: int) -> IdentityProjector:
+    return IdentityProjector(in_dim, out_dim)
+
+
+# -- language model -------------------------------------------------------------------
+class HFVLMLanguageModel(HFCausalLM):
+    """The VLM's language model and ``lm_head`` (its vision parts removed). Positions may
+    be ``(3, B, L)`` (M-RoPE), which the Qwen text models take as they are."""
+
+    def export_config(self) -> dict:
+        return {"config": hf_config_dict(self.model.config)}
+
+
+def build_hf_vlm_lm(pretrained: str | None = None, config: dict | None = None, tokenizer: str | None = None,
+                    attn_implementation: str = "sdpa", dtype: str | None = None) -> HFVLMLanguageModel:
+    """``pretrained``: a local transformers VLM directory; ``config``: its config dict
+    (random weights); ``tokenizer``: tokenizer directory (default: ``pretrained``)."""
+    component = "llm:hf_vlm_lm"
+    model = _model(pretrained, config, component, resolve_dtype(dtype), attn_implementation)
+    inner = model.model
+    for name, _ in list(inner.named_children()):
+        if name != LM_ATTR:  # vision tower, merger/projector: the vision_encoder component's
+            setattr(inner, name, None)
+    tok_dir = tokenizer or pretrained
+    if tok_dir is None:
+        raise RecipeError("hf_vlm_lm needs `tokenizer` (a tokenizer directory) when built from `config`",
+                          key="model.llm.tokenizer")
+    tok = load_tokenizer(Path(tok_dir), "hf")
+    model.config.use_cache = True
+    return HFVLMLanguageModel(model, tok)
+
+
+def sizes_hf_vlm_lm(pretrained: str | None = None, config: dict | None = None, **_) -> dict:
+    cfg = _raw_config(pretrained, config)
+    tc = (cfg or {}).get("text_config") or {}
+    return {"hidden_size": int(tc["hidden_size"])} if "hidden_size" in tc else {}
+
+
+# -- fusion ---------------------------------------------------------------------------
+class _RopeIndex:
+    """transformers' own ``get_rope_index`` bound to a config: it reads ``config`` and
+    ``get_vision_position_ids`` of the model and nothing else, so no model is built."""
+
+    def __init__(self, base_cls, config):
+        self.config = config
+        self.get_vision_position_ids = types.MethodType(base_cls.get_vision_position_ids, self)
+        self.get_rope_index = types.MethodType(base_cls.get_rope_index, self)
+
+
+class HFVLMFusion(LlavaSplice):
+    """The LLaVA splice with the family's image wrapping and position scheme.
+
+    Qwen (``mrope``): ``position_ids (3, B, L)`` from ``get_rope_index`` over the fused
+    sequence (image columns typed 1, grids ``extra["image_grid_thw"]`` in the order the
+    images were spliced); a generated token's positions are one past the prompt's largest
+    position, on all three axes (what transformers' ``generate`` does with ``rope_deltas``)."""
+
+    def __init__(self, config, family: Family, image_start: str | None, image_end: str | None):
+        super().__init__(use_im_start_end=False)
+        self.config = config
+        self.family = family
+        self.image_start, self.image_end = image_start, image_end
+        self._rope = _RopeIndex(_transformers(family.base_class), config) if family.mrope else None
+
+    def image_tokens(self) -> list[str]:
+        return [t for t in (self.image_start, self.image_end) if t]
+
+    def wrap_image(self, tokenizer) -> list[int]:
+        ids = [self.IMAGE_SLOT]
+        if self.image_start:
+            ids.insert(0, tokenizer.token_id(self.image_start))
+        if self.image_end:
+            ids.append(tokenizer.token_id(self.image_end))
+        return ids
+
+    def fuse(self, input_ids, attention_mask, labels, image_features, row_images, embed,
+             padding_side: str = "right") -> FusedBatch:
+        """As :meth:`LlavaSplice.fuse`; ``position_ids (3, B, L)`` for M-RoPE families
+        (``image_features`` must then be :class:`VisionFeatures` with ``image_grid_thw``)."""
+        if self._rope is None:
+            return super().fuse(input_ids, attention_mask, labels, image_features, row_images, embed, padding_side)
+        sp = self.splice(input_ids, attention_mask, labels, image_features, row_images, embed, padding_side)
+        grids = image_features.extra.get("image_grid_thw") if isinstance(image_features, VisionFeatures) else None
+        if sp.images and grids is None:
+            raise ValueError("M-RoPE positions need the images' grids: image_features must be VisionFeatures with "
+                             "extra['image_grid_thw'] (from the hf_vlm_vision tower)")
+        B, L = sp.attention_mask.shape
+        types_ = sp.visual.long()  # 1 on image columns, 0 on text (transformers' mm_token_type_ids)
+        order = torch.stack([grids[img] for _, _, img in sp.images]) if sp.images else None
+        placeholder = torch.zeros(B, L, dtype=torch.long, device=input_ids.device)  # only its shape is read
+        position_ids, _ = self._rope.get_rope_index(placeholder, mm_token_type_ids=types_, image_grid_thw=order,
+                                                    attention_mask=sp.attention_mask.long())
+        return FusedBatch(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask, labels=sp.labels,
+                          position_ids=position_ids, token_positions=sp.token_positions)
+
+    def example_features(self, n_images: int, n_tokens: int, dim: int):
+        """M-RoPE families: :class:`VisionFeatures` with the grid of a one-patch-row image
+        ``(1, merge, n_tokens * merge)`` (``n_tokens`` after the merge)."""
+        if self._rope is None:
+            return super().example_features(n_images, n_tokens, dim)
+        m = int(self.config.vision_config.spatial_merge_size)
+        grid = torch.tensor([[1, m, n_tokens * m]] * n_images)
+        return VisionFeatures(list(torch.randn(n_images, n_tokens, dim).unbind(0)), {"image_grid_thw": grid})
+
+    def decode_positions(self, fused: FusedBatch, step: int) -> torch.Tensor:
+        """``(A, B, 1)``: one past the row's largest prompt position, plus ``step``."""
+        if self._rope is None:
+            return super().decode_positions(fused, step)
+        pos = fused.position_ids.masked_fill(~fused.attention_mask.bool()[None], 0)
+        return pos.amax(dim=(0, 2))[None, :, None].expand(pos.shape[0], -1, 1) + 1 + step
+
+    def export_config(self) -> dict:
+        return {"config": hf_config_dict(self.config), "image_start": self.image_start, "image_end": self.image_end}
+
+
+_UNSET = object()
+
+
+def build_hf_vlm_fusion(pretrained: str | None = None, config: dict | None = None, image_start=_UNSET,
+                        image_end=_UNSET) -> HFVLMFusion:
+    """``pretrained``: the VLM directory (only its ``config.json`` is read) or ``config``;
+    ``image_start``/``image_end``: the tokens around an image (default: the family's,
+    e.g. Qwen's ``<|vision_start|>``/``<|vision_end|>``)."""
+    component = "fusion:hf_vlm_fusion"
+    cfg = _config(pretrained, config, component)
+    fam = _family(cfg, component)
+    return HFVLMFusion(cfg, fam, fam.image_start if image_start is _UNSET else image_start,
+                       fam.image_end if image_end is _UNSET else image_end)
+
+
+# Tiny random Qwen2.5-VL (the conformance tests build it from this config; lisa_kit.testing
+# saves it as a directory with a tokenizer and processor for the tiny recipe). The vision
+# tower's out_hidden_size equals the LM's hidden_size, as in the real models.
+TINY_QWEN2_5_VL = {
+    "model_type": "qwen2_5_vl",
+    "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "max_position_embeddings": 1024, "vocab_size": 400,
+                    "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                    "tie_word_embeddings": False},
+    "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                      "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+                      "fullatt_block_indexes": [1]},
+    "tie_word_embeddings": False,
+}
+# 56x56 to 112x112 pixels: 4 to 16 visual tokens per image.
+TINY_QWEN2_5_VL_PROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 14, "merge_size": 2,
+                             "temporal_patch_size": 2, "size": {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}}
+
+
+@lisa_kit.hookimpl
+def lisa_kit_components():
+    tiny = {"config": TINY_QWEN2_5_VL}
+    return [
+        ComponentSpec("vision_encoder", "hf_vlm_vision", build_hf_vlm_vision,
+                      tiny={**tiny, "image_processor": TINY_QWEN2_5_VL_PROCESSOR},
+                      description="a transformers VLM's vision model + merger and image processor (Qwen2.5-VL)",
+                      sizes=sizes_hf_vlm_vision, component_class=HFVLMVision),
+        ComponentSpec("projector", "identity", build_identity, tiny={"in_dim": 64, "out_dim": 64},
+                      derived=("in_dim", "out_dim"), description="no projection (the tower gives the LLM's width)"),
+        ComponentSpec("llm", "hf_vlm_lm", build_hf_vlm_lm, tiny={**tiny, "tokenizer": "@tiny_hf_tokenizer"},
+                      description="a transformers VLM's language model + lm_head and tokenizer (Qwen2.5-VL)",
+                      sizes=sizes_hf_vlm_lm, component_class=HFVLMLanguageModel),
+        ComponentSpec("fusion", "hf_vlm_fusion", build_hf_vlm_fusion, tiny=tiny,
+                      description="image slot -> features between the VLM's own tokens; its positions (Qwen M-RoPE)"),
+    ]

@@ -1,0 +1,143 @@
+"""Qwen2.5-VL as lisa_kit components (``hf_vlm_*``) against transformers' own model.
+
+On the tiny random Qwen2.5-VL directory (``@tiny_vlm:qwen2_5_vl``) the split model -
+vision model + merger, the fusion's splice and M-RoPE positions, the language model -
+gives the hidden states and logits of ``Qwen2_5_VLForConditionalGeneration`` on the same
+images and text (a left-padded batch of two rows with images of different sizes), and
+greedy generation (KV-cached, with and without a shared prefix) writes transformers'
+``generate`` tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lisa_kit.testing import tiny_vlm_dir
+
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (40, 70, 3), dtype=np.uint8), rng.integers(0, 256, (100, 90, 3), dtype=np.uint8)]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """(lisa_kit model, transformers model with the same [SEG]-extended vocabulary, processor)."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from lisa_kit.builder import load
+
+    torch.manual_seed(0)
+    model = load("lisa-tiny-qwen2.5vl").eval()
+    d = tiny_vlm_dir("qwen2_5_vl")
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(d), local_files_only=True).eval()
+    # lisa_kit added [SEG] (a new embedding and lm_head row): give transformers the same rows.
+    n = len(model.tokenizer)
+    assert n == hf.get_input_embeddings().num_embeddings + 1
+    hf.resize_token_embeddings(n, mean_resizing=False)
+    with torch.no_grad():
+        hf.get_input_embeddings().weight.copy_(model.llm.model.get_input_embeddings().weight)
+        hf.get_output_embeddings().weight.copy_(model.llm.model.get_output_embeddings().weight)
+    return model, hf, AutoProcessor.from_pretrained(str(d), local_files_only=True)
+
+
+def _lisa_ids(hf_ids: torch.Tensor, mask: torch.Tensor, image_token_id: int, slot: int) -> list[list[int]]:
+    """transformers' expanded ids -> lisa_kit's (each run of image tokens one image slot)."""
+    rows = []
+    for ids, m in zip(hf_ids.tolist(), mask.tolist()):
+        out = []
+        for t, keep in zip(ids, m):
+            if not keep:
+                continue
+            if t == image_token_id:
+                if out and out[-1] == slot:
+                    continue
+                t = slot
+            out.append(t)
+        rows.append(out)
+    return rows
+
+
+def _inputs(model, processor, images, questions):
+    enc = processor(images=images, text=[PROMPT.format(q) for q in questions], return_tensors="pt", padding=True,
+                    padding_side="left")
+    cfg = model.fusion.config
+    ids = _lisa_ids(enc["input_ids"], enc["attention_mask"], cfg.image_token_id, model.fusion.IMAGE_SLOT)
+    return enc, ids
+
+
+def test_preprocessing_and_token_counts_are_the_processors(pair):
+    model, _, processor = pair
+    enc = processor(images=_images(), text=[PROMPT.format("a"), PROMPT.format("b")], return_tensors="pt",
+                    padding=True)
+    enc_ = model.vision_encoder
+    batch = enc_.collate([enc_.preprocess(im) for im in _images()])
+    torch.testing.assert_close(batch["pixel_values"], enc["pixel_values"], atol=0, rtol=0)
+    assert torch.equal(batch["image_grid_thw"], enc["image_grid_thw"])
+    feats = model.encode_vision(batch)
+    per_row = (enc["input_ids"] == model.fusion.config.image_token_id).sum(1).tolist()
+    assert feats.num_tokens == per_row == [enc_.tokens_for(im.shape[:2]) for im in _images()]
+    assert len(set(per_row)) == 2  # the two images really give different counts
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_hidden_states_and_logits_equal_transformers(pair, side):
+    model, hf, processor = pair
+    images = _images()
+    enc, ids = _inputs(model, processor, images, ["Segment the red square please.", "What is it?"])
+    T = max(map(len, ids))
+    pad = model.tokenizer.pad_id
+    x = torch.full((2, T), pad)
+    am = torch.zeros(2, T, dtype=torch.bool)
+    for b, r in enumerate(ids):
+        sl = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+        x[b, sl], am[b, sl] = torch.tensor(r), True
+    enc_ = model.vision_encoder
+    with torch.no_grad():
+        feats = model.encode_vision(enc_.collate([enc_.preprocess(im) for im in images]))
+        fused = model.fusion.fuse(x, am, None, feats, [[0], [1]], model.llm.embed, padding_side=side)
+        assert fused.position_ids.shape == (3, *fused.attention_mask.shape)
+        out = model.llm(fused.inputs_embeds, attention_mask=fused.attention_mask.long(),
+                        position_ids=fused.position_ids)
+        hf.model.rope_deltas = None
+        hf_in = dict(enc)
+        if side == "right":  # the processor padded left: move every row's tokens to the left
+            for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+                hf_in[k] = torch.stack([torch.cat([r[m.bool()], r[~m.bool()]])
+                                        for r, m in zip(enc[k], enc["attention_mask"])])
+        ref = hf(**hf_in, output_hidden_states=True)
+    # The fused rows keep the text's padding columns, so rows are compared on their real positions.
+    real, hf_real = fused.attention_mask, hf_in["attention_mask"].bool()
+    assert real.sum(1).tolist() == hf_real.sum(1).tolist()
+    for b in range(2):
+        torch.testing.assert_close(out.hidden[b][real[b]], ref.hidden_states[-1][b][hf_real[b]], **TOL)
+        torch.testing.assert_close(out.logits[b][real[b]], ref.logits[b][hf_real[b]], **TOL)
+
+
+@pytest.mark.parametrize("same_image", [False, True])
+def test_greedy_generation_equals_transformers_generate(pair, same_image):
+    from lisa_kit.generation import GenerationConfig, generate
+
+    model, hf, processor = pair
+    images = _images()[:1] * 2 if same_image else _images()
+    questions = ["Segment the red square please.", "Segment the red square."]
+    enc, ids = _inputs(model, processor, images, questions)
+    enc_ = model.vision_encoder
+    used = images[:1] if same_image else images
+    vision = enc_.collate([enc_.preprocess(im) for im in used])
+    mask_in = [model.mask_decoder.preprocess(im) for im in used]
+    n_new = 6
+    with torch.no_grad():
+        hf.model.rope_deltas = None
+        ref = hf.generate(**enc, max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new)[:, enc["input_ids"].shape[1]:]
+        for share in (True, False):
+            gen = generate(model, ids, [[0], [0]] if same_image else [[0], [1]], vision,
+                           torch.stack([m[0] for m in mask_in]), [m[1] for m in mask_in],
+                           GenerationConfig(max_new_tokens=n_new, share_prefix=share))
+            for b, g in enumerate(gen):
+                assert g.token_ids == ref[b, :len(g.token_ids)].tolist(), (share, b)
+                assert len(g.token_ids) == n_new or g.finished
