@@ -326,10 +326,14 @@ def _tiny_vlms() -> dict[str, dict]:
             "tokens": {"vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
                        "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"},
             "config": hf_vlm.TINY_QWEN2_5_VL, "image_processor": hf_vlm.TINY_QWEN2_5_VL_PROCESSOR},
+        "qwen3_vl": {
+            "tokens": {"vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+                       "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"},
+            "config": hf_vlm.TINY_QWEN3_VL, "image_processor": hf_vlm.TINY_QWEN3_VL_PROCESSOR},
     }
 
 
-TINY_VLMS = ("qwen2_5_vl",)
+TINY_VLMS = ("qwen2_5_vl", "qwen3_vl")
 
 
 @functools.lru_cache(maxsize=None)
@@ -369,4 +373,10 @@ def _build_tiny_vlm(out: Path, family: str) -> None:
         # The processor refuses video_processor=None: the default one is built (no video is used).
         processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**ip), tokenizer=tok,
                                         video_processor=Qwen2VLVideoProcessor(), chat_template=tok.chat_template)
+    elif family == "qwen3_vl":
+        from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+        ip.pop("image_processor_type")
+        processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**ip), tokenizer=tok,
+                                     video_processor=Qwen3VLVideoProcessor(), chat_template=tok.chat_template)
     processor.save_pretrained(str(out))

@@ -1,11 +1,12 @@
-"""Qwen2.5-VL as lisa_kit components (``hf_vlm_*``) against transformers' own model.
+"""Qwen2.5-VL and Qwen3-VL as lisa_kit components (``hf_vlm_*``) against transformers' own models.
 
-On the tiny random Qwen2.5-VL directory (``@tiny_vlm:qwen2_5_vl``) the split model -
-vision model + merger, the fusion's splice and M-RoPE positions, the language model -
-gives the hidden states and logits of ``Qwen2_5_VLForConditionalGeneration`` on the same
-images and text (a left-padded batch of two rows with images of different sizes), and
-greedy generation (KV-cached, with and without a shared prefix) writes transformers'
-``generate`` tokens.
+On the tiny random directories (``@tiny_vlm:qwen2_5_vl``, ``@tiny_vlm:qwen3_vl``) the split
+model - vision model + merger, the fusion's splice and M-RoPE positions (and Qwen3-VL's
+deepstack features, which reach the first LM layers through ``FusedBatch.llm_inputs``),
+the language model - gives the hidden states and logits of the ``...ForConditionalGeneration``
+model on the same images and text (a padded batch of two rows with images of different
+token counts), and greedy generation (KV-cached, with and without a shared prefix) writes
+transformers' ``generate`` tokens.
 """
 from __future__ import annotations
 
@@ -24,17 +25,24 @@ def _images():
     return [rng.integers(0, 256, (40, 70, 3), dtype=np.uint8), rng.integers(0, 256, (100, 90, 3), dtype=np.uint8)]
 
 
-@pytest.fixture(scope="module")
-def pair():
+FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request):
     """(lisa_kit model, transformers model with the same [SEG]-extended vocabulary, processor)."""
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from lisa_kit.builder import load
 
+    family = request.param
     torch.manual_seed(0)
-    model = load("lisa-tiny-qwen2.5vl").eval()
-    d = tiny_vlm_dir("qwen2_5_vl")
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(d), local_files_only=True).eval()
+    asset = f"@tiny_vlm:{family}"
+    model = load("lisa-tiny-qwen2.5vl", [f"model.{k}.pretrained='{asset}'" for k in ("vision_encoder", "llm", "fusion")])
+    model.eval()
+    assert model.llm.model.config.model_type == family
+    d = tiny_vlm_dir(family)
+    hf = AutoModelForImageTextToText.from_pretrained(str(d), local_files_only=True).eval()
     # lisa_kit added [SEG] (a new embedding and lm_head row): give transformers the same rows.
     n = len(model.tokenizer)
     assert n == hf.get_input_embeddings().num_embeddings + 1
@@ -102,7 +110,7 @@ def test_hidden_states_and_logits_equal_transformers(pair, side):
         fused = model.fusion.fuse(x, am, None, feats, [[0], [1]], model.llm.embed, padding_side=side)
         assert fused.position_ids.shape == (3, *fused.attention_mask.shape)
         out = model.llm(fused.inputs_embeds, attention_mask=fused.attention_mask.long(),
-                        position_ids=fused.position_ids)
+                        position_ids=fused.position_ids, **fused.llm_inputs)
         hf.model.rope_deltas = None
         hf_in = dict(enc)
         if side == "right":  # the processor padded left: move every row's tokens to the left

@@ -37,7 +37,7 @@ from lisa_kit.components._util import hf_config_dict, read_json, resolve_dtype
 from lisa_kit.components.hf_causal_lm import HFCausalLM
 from lisa_kit.components.llava_splice import LlavaSplice
 from lisa_kit.errors import CheckpointError, RecipeError
-from lisa_kit.interfaces import ComponentSpec, FusedBatch, Projector, VisionEncoder, VisionFeatures
+from lisa_kit.interfaces import ComponentSpec, FusedBatch, LMOutput, Projector, VisionEncoder, VisionFeatures
 from lisa_kit.tokenizer import load_tokenizer
 
 
@@ -53,12 +53,16 @@ class Family:
     image_start: str | None
     image_end: str | None
     mrope: bool = False
+    deepstack: bool = False  # vision features also added inside the first LM layers (Qwen3-VL)
 
 
 FAMILIES: dict[str, Family] = {
     "qwen2_5_vl": Family("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel",
                          ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorPil"),
                          "<|vision_start|>", "<|vision_end|>", mrope=True),
+    "qwen3_vl": Family("Qwen3VLForConditionalGeneration", "Qwen3VLModel",
+                       ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorPil"),
+                       "<|vision_start|>", "<|vision_end|>", mrope=True, deepstack=True),
 }
 LM_ATTR = "language_model"  # the inner model's language model, in every family above
 
@@ -156,7 +160,10 @@ class HFVLMVision(VisionEncoder):
         px, grid = inputs["pixel_values"], inputs["image_grid_thw"]
         out = self.vlm.get_image_features(px, grid, return_dict=True)
         tokens = [t.to(px.dtype) for t in out.pooler_output]  # per image (N_i, D), N_i = t·h·w / merge²
-        return VisionFeatures(tokens, {"image_grid_thw": grid})
+        extra = {"image_grid_thw": grid}
+        if self.family.deepstack:  # Qwen3-VL: per injected LM layer, per image (N_i, D)
+            extra["deepstack"] = [[t.to(px.dtype) for t in layer] for layer in out.deepstack_features]
+        return VisionFeatures(tokens, extra)
 
     def export_config(self) -> dict:
         return {"config": hf_config_dict(self.config), "image_processor": self.image_processor.to_dict()}
@@ -251,7 +258,22 @@ def build_identity(in_dim: int, out_dim: int) -> IdentityProjector:
 # -- language model -------------------------------------------------------------------
 class HFVLMLanguageModel(HFCausalLM):
     """The VLM's language model and ``lm_head`` (its vision parts removed). Positions may
-    be ``(3, B, L)`` (M-RoPE), which the Qwen text models take as they are."""
+    be ``(3, B, L)`` (M-RoPE), which the Qwen text models take as they are.
+
+    Qwen3-VL's deepstack arrives as the fusion's ``llm_inputs``: ``visual_pos_masks (B, L)``
+    bool and ``deepstack_embeds (B, L, K, D)``; layer ``k < K``'s output gets
+    ``deepstack_embeds[..., k, :]`` added at the visual positions (transformers' own
+    ``_deepstack_process``, fed ``(n_visual, D)`` per layer in row-major order as its model does)."""
+
+    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                logits=True, output_layers=False, visual_pos_masks=None, deepstack_embeds=None) -> LMOutput:
+        kw = {}
+        if deepstack_embeds is not None:
+            mask = visual_pos_masks.bool()
+            kw = {"visual_pos_masks": mask,
+                  "deepstack_visual_embeds": [deepstack_embeds[:, :, k][mask] for k in range(deepstack_embeds.shape[2])]}
+        return super().forward(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                               use_cache=use_cache, logits=logits, output_layers=output_layers, **kw)
 
     def export_config(self) -> dict:
         return {"config": hf_config_dict(self.model.config)}
@@ -336,8 +358,24 @@ class HFVLMFusion(LlavaSplice):
         placeholder = torch.zeros(B, L, dtype=torch.long, device=input_ids.device)  # only its shape is read
         position_ids, _ = self._rope.get_rope_index(placeholder, mm_token_type_ids=types_, image_grid_thw=order,
                                                     attention_mask=sp.attention_mask.long())
+        llm_inputs = self._deepstack(sp, image_features) if self.family.deepstack else {}
         return FusedBatch(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask, labels=sp.labels,
-                          position_ids=position_ids, token_positions=sp.token_positions)
+                          position_ids=position_ids, token_positions=sp.token_positions, llm_inputs=llm_inputs)
+
+    @staticmethod
+    def _deepstack(sp, image_features: VisionFeatures) -> dict[str, torch.Tensor]:
+        """``visual_pos_masks (B, L)`` and ``deepstack_embeds (B, L, K, D)``: each image's
+        ``K`` layer features at the columns its tokens were spliced to (zeros elsewhere)."""
+        layers = image_features.extra.get("deepstack")
+        if layers is None:
+            raise ValueError("this VLM adds deepstack features inside its LM: image_features must carry "
+                             "extra['deepstack'] (from the hf_vlm_vision tower)")
+        B, L, D = sp.inputs_embeds.shape
+        deep = sp.inputs_embeds.new_zeros(B, L, len(layers), D)
+        for b, s, img in sp.images:
+            for k, layer in enumerate(layers):
+                deep[b, s:s + layer[img].shape[0], k] = layer[img].to(deep.dtype)
+        return {"visual_pos_masks": sp.visual, "deepstack_embeds": deep}
 
     def example_features(self, n_images: int, n_tokens: int, dim: int):
         """M-RoPE families: :class:`VisionFeatures` with the grid of a one-patch-row image
@@ -345,8 +383,12 @@ class HFVLMFusion(LlavaSplice):
         if self._rope is None:
             return super().example_features(n_images, n_tokens, dim)
         m = int(self.config.vision_config.spatial_merge_size)
-        grid = torch.tensor([[1, m, n_tokens * m]] * n_images)
-        return VisionFeatures(list(torch.randn(n_images, n_tokens, dim).unbind(0)), {"image_grid_thw": grid})
+        extra = {"image_grid_thw": torch.tensor([[1, m, n_tokens * m]] * n_images)}
+        feats = list(torch.randn(n_images, n_tokens, dim).unbind(0))
+        if self.family.deepstack:
+            k = len(self.config.vision_config.deepstack_visual_indexes)
+            extra["deepstack"] = [list(torch.randn(n_images, n_tokens, dim).unbind(0)) for _ in range(k)]
+        return VisionFeatures(feats, extra)
 
     def decode_positions(self, fused: FusedBatch, step: int) -> torch.Tensor:
         """``(A, B, 1)``: one past the row's largest prompt position, plus ``step``."""
@@ -391,6 +433,22 @@ TINY_QWEN2_5_VL = {
 # 56x56 to 112x112 pixels: 4 to 16 visual tokens per image.
 TINY_QWEN2_5_VL_PROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 14, "merge_size": 2,
                              "temporal_patch_size": 2, "size": {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}}
+# Qwen3-VL: 16-px patches, learned position grid of 8x8, deepstack from both vision blocks.
+TINY_QWEN3_VL = {
+    "model_type": "qwen3_vl",
+    "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 1024, "vocab_size": 400,
+                    "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                                        "rope_theta": 10000.0},
+                    "tie_word_embeddings": False},
+    "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                      "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                      "num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1]},
+    "tie_word_embeddings": False,
+}
+# 64x64 to 128x128 pixels: 4 to 16 visual tokens per image.
+TINY_QWEN3_VL_PROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "merge_size": 2,
+                           "temporal_patch_size": 2, "size": {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}}
 
 
 @lisa_kit.hookimpl
