@@ -330,10 +330,16 @@ def _tiny_vlms() -> dict[str, dict]:
             "tokens": {"vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
                        "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"},
             "config": hf_vlm.TINY_QWEN3_VL, "image_processor": hf_vlm.TINY_QWEN3_VL_PROCESSOR},
+        # InternVL's processor reads these tokens from tokenizer attributes (extra_special_tokens).
+        "internvl": {
+            "tokens": {"image_token_id": "<IMG_CONTEXT>"},
+            "named": {"start_image_token": "<img>", "end_image_token": "</img>",
+                      "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+            "config": hf_vlm.TINY_INTERNVL, "image_processor": hf_vlm.TINY_INTERNVL_PROCESSOR},
     }
 
 
-TINY_VLMS = ("qwen2_5_vl", "qwen3_vl")
+TINY_VLMS = ("qwen2_5_vl", "qwen3_vl", "internvl")
 
 
 @functools.lru_cache(maxsize=None)
@@ -353,8 +359,13 @@ def _build_tiny_vlm(out: Path, family: str) -> None:
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
     spec = _tiny_vlms()[family]
+    named = spec.get("named", {})
     tok = AutoTokenizer.from_pretrained(str(tiny_hf_tokenizer_dir()), local_files_only=True)
-    tok.add_tokens(list(spec["tokens"].values()), special_tokens=True)
+    tok.add_tokens(list(dict.fromkeys([*spec["tokens"].values(), *named.values()])), special_tokens=True)
+    if named:  # re-read so the named tokens become attributes (tok.start_image_token ...)
+        tok.save_pretrained(str(out / "tokenizer.tmp"))
+        tok = AutoTokenizer.from_pretrained(str(out / "tokenizer.tmp"), local_files_only=True, extra_special_tokens=named)
+        shutil.rmtree(out / "tokenizer.tmp")
     tok.padding_side = "left"
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in spec["tokens"].items()}
     roles = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
@@ -373,6 +384,13 @@ def _build_tiny_vlm(out: Path, family: str) -> None:
         # The processor refuses video_processor=None: the default one is built (no video is used).
         processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**ip), tokenizer=tok,
                                         video_processor=Qwen2VLVideoProcessor(), chat_template=tok.chat_template)
+    elif family == "internvl":
+        from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+        ip.pop("image_processor_type")
+        processor = InternVLProcessor(image_processor=GotOcr2ImageProcessor(**ip), tokenizer=tok,
+                                      video_processor=InternVLVideoProcessor(),
+                                      image_seq_length=spec["config"]["image_seq_length"], chat_template=tok.chat_template)
     elif family == "qwen3_vl":
         from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 

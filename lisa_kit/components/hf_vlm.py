@@ -54,6 +54,7 @@ class Family:
     image_end: str | None
     mrope: bool = False
     deepstack: bool = False  # vision features also added inside the first LM layers (Qwen3-VL)
+    tiles: bool = False  # the processor cuts an image into tiles of a fixed token count (InternVL)
 
 
 FAMILIES: dict[str, Family] = {
@@ -63,6 +64,8 @@ FAMILIES: dict[str, Family] = {
     "qwen3_vl": Family("Qwen3VLForConditionalGeneration", "Qwen3VLModel",
                        ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorPil"),
                        "<|vision_start|>", "<|vision_end|>", mrope=True, deepstack=True),
+    "internvl": Family("InternVLForConditionalGeneration", "InternVLModel",
+                       ("GotOcr2ImageProcessor", "GotOcr2ImageProcessorPil"), "<img>", "</img>", tiles=True),
 }
 LM_ATTR = "language_model"  # the inner model's language model, in every family above
 
@@ -128,35 +131,51 @@ class HFVLMVision(VisionEncoder):
         self.image_processor = image_processor
         self.family = family
         cfg = vlm.config
-        self.feature_dim = int(cfg.vision_config.out_hidden_size)
+        self.feature_dim = _feature_dim(cfg.to_dict())
         self.config = cfg
+        # What the processor gives per image besides pixels: Qwen's grid, InternVL's tile count.
+        self._index_key = "num_patches" if family.tiles else "image_grid_thw"
 
     def preprocess(self, image: np.ndarray) -> dict[str, torch.Tensor]:
-        """RGB ``uint8 (H, W, 3)`` -> the image processor's output for one image (Qwen:
-        ``pixel_values (P, C·t·p·p)`` float32, ``image_grid_thw (1, 3)`` long)."""
+        """RGB ``uint8 (H, W, 3)`` -> the image processor's output for one image: Qwen:
+        ``pixel_values (P, C·t·p·p)`` float32 and ``image_grid_thw (1, 3)``; InternVL:
+        ``pixel_values (P, 3, S, S)`` (``P`` tiles) and ``num_patches (1,)``."""
         out = self.image_processor(images=[np.ascontiguousarray(image)], return_tensors="pt")
-        return {"pixel_values": out["pixel_values"].float(), "image_grid_thw": out["image_grid_thw"].long()}
+        return {"pixel_values": out["pixel_values"].float(),
+                self._index_key: torch.as_tensor(out[self._index_key]).long().reshape(1, -1).squeeze(-1)}
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """``I`` preprocessed images -> ``pixel_values (sum P_i, C)``, ``image_grid_thw (I, 3)``."""
-        return {k: torch.cat([it[k] for it in items]) for k in ("pixel_values", "image_grid_thw")}
+        """``I`` preprocessed images -> ``pixel_values`` of all of them concatenated
+        (patches or tiles) and ``image_grid_thw (I, 3)`` / ``num_patches (I,)``."""
+        return {k: torch.cat([it[k] for it in items]) for k in ("pixel_values", self._index_key)}
 
     @property
     def merge_size(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)
 
     def tokens_for(self, size: tuple[int, int]) -> int:
-        """``N`` of an image of ``size`` (H, W): its resized grid over (patch · merge)²,
-        by the processor's own ``smart_resize``."""
+        """``N`` of an image of ``size`` (H, W): Qwen: its resized grid over
+        (patch · merge)², by the processor's own ``smart_resize``; InternVL: the
+        processor's tile count times the tokens of one tile."""
+        ip = self.image_processor
+        if self.family.tiles:
+            return int(ip.get_number_of_image_patches(int(size[0]), int(size[1]))) * int(self.config.image_seq_length)
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-        ip = self.image_processor
         patch = int(ip.patch_size)
         h, w = smart_resize(int(size[0]), int(size[1]), factor=patch * self.merge_size,
                             min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
         return (h // patch // self.merge_size) * (w // patch // self.merge_size)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> VisionFeatures:
+        if self.family.tiles:
+            px, tiles = inputs["pixel_values"], inputs["num_patches"]
+            cfg = self.config  # transformers' forward passes these config values the same way
+            out = self.vlm.get_image_features(px, vision_feature_layer=cfg.vision_feature_layer,
+                                              vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                              return_dict=True).pooler_output  # (P, tokens per tile, D)
+            tokens = [t.flatten(0, 1).to(px.dtype) for t in out.split(tiles.tolist())]  # (P_i * tokens, D)
+            return VisionFeatures(tokens, {"num_patches": tiles})
         px, grid = inputs["pixel_values"], inputs["image_grid_thw"]
         out = self.vlm.get_image_features(px, grid, return_dict=True)
         tokens = [t.to(px.dtype) for t in out.pooler_output]  # per image (N_i, D), N_i = t·h·w / merge²
@@ -188,6 +207,11 @@ def _image_processor(pretrained: str | None, saved: dict | None, family: Family,
     if type(ip).__name__ not in family.image_processor_classes:
         raise CheckpointError(f"the image processor is a {type(ip).__name__}, expected one of "
                               f"{', '.join(family.image_processor_classes)}", component="vision_encoder:hf_vlm_vision")
+    if not family.mrope:
+        if min_pixels is not None or max_pixels is not None:
+            raise RecipeError("min_pixels/max_pixels bound Qwen's dynamic resolution; this VLM's processor "
+                              f"({type(ip).__name__}) has fixed-size tiles", key="model.vision_encoder.max_pixels")
+        return ip
     size = dict(ip.size)
     for key, value in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)):
         if value is not None:
@@ -219,10 +243,18 @@ def build_hf_vlm_vision(pretrained: str | None = None, config: dict | None = Non
     return HFVLMVision(inner, ip, family)
 
 
+def _feature_dim(cfg: dict) -> int | None:
+    """Width of the vision side's output: Qwen's merger ``out_hidden_size``; a family with
+    a multimodal projector (InternVL) maps to the LM's ``hidden_size``."""
+    vc, tc = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
+    if cfg.get("model_type") in FAMILIES and FAMILIES[cfg["model_type"]].tiles:
+        return int(tc["hidden_size"]) if "hidden_size" in tc else None
+    return int(vc["out_hidden_size"]) if "out_hidden_size" in vc else None
+
+
 def sizes_hf_vlm_vision(pretrained: str | None = None, config: dict | None = None, **_) -> dict:
-    cfg = _raw_config(pretrained, config)
-    vc = (cfg or {}).get("vision_config") or {}
-    return {"feature_dim": int(vc["out_hidden_size"])} if "out_hidden_size" in vc else {}
+    dim = _feature_dim(_raw_config(pretrained, config) or {})
+    return {} if dim is None else {"feature_dim": dim}
 
 
 def _raw_config(pretrained: str | None, config: dict | None) -> dict | None:
@@ -446,6 +478,19 @@ TINY_QWEN3_VL = {
                       "num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1]},
     "tie_word_embeddings": False,
 }
+# InternVL: 64-px tiles of 16-px patches, pixel-shuffled by 0.5: 4 tokens per tile.
+TINY_INTERNVL = {
+    "model_type": "internvl",
+    "text_config": {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+                    "vocab_size": 400, "tie_word_embeddings": False},
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                      "image_size": [64, 64], "patch_size": [16, 16]},
+    "image_seq_length": 4, "downsample_ratio": 0.5, "tie_word_embeddings": False,
+}
+# 1 to 4 tiles (and a thumbnail when there are several) per image.
+TINY_INTERNVL_PROCESSOR = {"image_processor_type": "GotOcr2ImageProcessor", "size": {"height": 64, "width": 64},
+                           "crop_to_patches": True, "min_patches": 1, "max_patches": 4}
 # 64x64 to 128x128 pixels: 4 to 16 visual tokens per image.
 TINY_QWEN3_VL_PROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "merge_size": 2,
                            "temporal_patch_size": 2, "size": {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}}

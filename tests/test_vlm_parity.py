@@ -1,8 +1,10 @@
-"""Qwen2.5-VL and Qwen3-VL as lisa_kit components (``hf_vlm_*``) against transformers' own models.
+"""Native VLMs (Qwen2.5-VL, Qwen3-VL, InternVL) as lisa_kit components (``hf_vlm_*``)
+against transformers' own models.
 
-On the tiny random directories (``@tiny_vlm:qwen2_5_vl``, ``@tiny_vlm:qwen3_vl``) the split
-model - vision model + merger, the fusion's splice and M-RoPE positions (and Qwen3-VL's
-deepstack features, which reach the first LM layers through ``FusedBatch.llm_inputs``),
+On the tiny random directories (``@tiny_vlm:<family>``) the split model - vision model +
+merger/projector, the fusion's splice and positions (Qwen's M-RoPE; Qwen3-VL's deepstack
+features, which reach the first LM layers through ``FusedBatch.llm_inputs``; InternVL's
+tiles and 1-D positions),
 the language model - gives the hidden states and logits of the ``...ForConditionalGeneration``
 model on the same images and text (a padded batch of two rows with images of different
 token counts), and greedy generation (KV-cached, with and without a shared prefix) writes
@@ -17,7 +19,13 @@ import torch
 from lisa_kit.testing import tiny_vlm_dir
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n"
+PROMPT = "<|im_start|>user\n{image}{text}<|im_end|>\n<|im_start|>assistant\n"
+# family -> (what the processor expands into an image, position axes (None: 1-D), per-image input key)
+FAMILIES = {
+    "qwen2_5_vl": ("<|vision_start|><|image_pad|><|vision_end|>", 3, "image_grid_thw"),
+    "qwen3_vl": ("<|vision_start|><|image_pad|><|vision_end|>", 3, "image_grid_thw"),
+    "internvl": ("<IMG_CONTEXT>", None, "num_patches"),
+}
 
 
 def _images():
@@ -25,10 +33,7 @@ def _images():
     return [rng.integers(0, 256, (40, 70, 3), dtype=np.uint8), rng.integers(0, 256, (100, 90, 3), dtype=np.uint8)]
 
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=list(FAMILIES))
 def pair(request):
     """(lisa_kit model, transformers model with the same [SEG]-extended vocabulary, processor)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -50,7 +55,18 @@ def pair(request):
     with torch.no_grad():
         hf.get_input_embeddings().weight.copy_(model.llm.model.get_input_embeddings().weight)
         hf.get_output_embeddings().weight.copy_(model.llm.model.get_output_embeddings().weight)
-    return model, hf, AutoProcessor.from_pretrained(str(d), local_files_only=True)
+    processor = AutoProcessor.from_pretrained(str(d), local_files_only=True)
+    model.family = family  # for the tests below
+    return model, hf, processor
+
+
+def _prompts(model, texts):
+    return [PROMPT.format(image=FAMILIES[model.family][0], text=t) for t in texts]
+
+
+def _reset(hf):
+    if hasattr(hf.model, "rope_deltas"):  # Qwen caches its position offsets between calls
+        hf.model.rope_deltas = None
 
 
 def _lisa_ids(hf_ids: torch.Tensor, mask: torch.Tensor, image_token_id: int, slot: int) -> list[list[int]]:
@@ -71,21 +87,23 @@ def _lisa_ids(hf_ids: torch.Tensor, mask: torch.Tensor, image_token_id: int, slo
 
 
 def _inputs(model, processor, images, questions):
-    enc = processor(images=images, text=[PROMPT.format(q) for q in questions], return_tensors="pt", padding=True,
+    enc = processor(images=images, text=_prompts(model, questions), return_tensors="pt", padding=True,
                     padding_side="left")
-    cfg = model.fusion.config
-    ids = _lisa_ids(enc["input_ids"], enc["attention_mask"], cfg.image_token_id, model.fusion.IMAGE_SLOT)
+    ids = _lisa_ids(enc["input_ids"], enc["attention_mask"], model.fusion.config.image_token_id,
+                    model.fusion.IMAGE_SLOT)
     return enc, ids
 
 
 def test_preprocessing_and_token_counts_are_the_processors(pair):
     model, _, processor = pair
-    enc = processor(images=_images(), text=[PROMPT.format("a"), PROMPT.format("b")], return_tensors="pt",
-                    padding=True)
+    enc = processor(images=_images(), text=_prompts(model, ["a", "b"]), return_tensors="pt", padding=True,
+                    padding_side="left")
     enc_ = model.vision_encoder
     batch = enc_.collate([enc_.preprocess(im) for im in _images()])
     torch.testing.assert_close(batch["pixel_values"], enc["pixel_values"], atol=0, rtol=0)
-    assert torch.equal(batch["image_grid_thw"], enc["image_grid_thw"])
+    key = FAMILIES[model.family][2]
+    if key in enc:  # (InternVL's processor consumes its tile counts)
+        assert torch.equal(batch[key], enc[key])
     feats = model.encode_vision(batch)
     per_row = (enc["input_ids"] == model.fusion.config.image_token_id).sum(1).tolist()
     assert feats.num_tokens == per_row == [enc_.tokens_for(im.shape[:2]) for im in _images()]
@@ -108,13 +126,14 @@ def test_hidden_states_and_logits_equal_transformers(pair, side):
     with torch.no_grad():
         feats = model.encode_vision(enc_.collate([enc_.preprocess(im) for im in images]))
         fused = model.fusion.fuse(x, am, None, feats, [[0], [1]], model.llm.embed, padding_side=side)
-        assert fused.position_ids.shape == (3, *fused.attention_mask.shape)
+        axes = FAMILIES[model.family][1]
+        assert fused.position_ids.shape == ((axes,) if axes else ()) + tuple(fused.attention_mask.shape)
         out = model.llm(fused.inputs_embeds, attention_mask=fused.attention_mask.long(),
                         position_ids=fused.position_ids, **fused.llm_inputs)
-        hf.model.rope_deltas = None
+        _reset(hf)
         hf_in = dict(enc)
         if side == "right":  # the processor padded left: move every row's tokens to the left
-            for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            for k in [k for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in enc]:
                 hf_in[k] = torch.stack([torch.cat([r[m.bool()], r[~m.bool()]])
                                         for r, m in zip(enc[k], enc["attention_mask"])])
         ref = hf(**hf_in, output_hidden_states=True)
@@ -140,7 +159,7 @@ def test_greedy_generation_equals_transformers_generate(pair, same_image):
     mask_in = [model.mask_decoder.preprocess(im) for im in used]
     n_new = 6
     with torch.no_grad():
-        hf.model.rope_deltas = None
+        _reset(hf)
         ref = hf.generate(**enc, max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new)[:, enc["input_ids"].shape[1]:]
         for share in (True, False):
             gen = generate(model, ids, [[0], [0]] if same_image else [[0], [1]], vision,
