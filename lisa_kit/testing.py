@@ -336,10 +336,13 @@ def _tiny_vlms() -> dict[str, dict]:
             "named": {"start_image_token": "<img>", "end_image_token": "</img>",
                       "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
             "config": hf_vlm.TINY_INTERNVL, "image_processor": hf_vlm.TINY_INTERNVL_PROCESSOR},
+        "llava_onevision": {
+            "tokens": {"image_token_index": "<image>", "video_token_index": "<video>"},
+            "config": hf_vlm.TINY_LLAVA_ONEVISION, "image_processor": hf_vlm.TINY_LLAVA_ONEVISION_PROCESSOR},
     }
 
 
-TINY_VLMS = ("qwen2_5_vl", "qwen3_vl", "internvl")
+TINY_VLMS = ("qwen2_5_vl", "qwen3_vl", "internvl", "llava_onevision")
 
 
 @functools.lru_cache(maxsize=None)
@@ -391,6 +394,16 @@ def _build_tiny_vlm(out: Path, family: str) -> None:
         processor = InternVLProcessor(image_processor=GotOcr2ImageProcessor(**ip), tokenizer=tok,
                                       video_processor=InternVLVideoProcessor(),
                                       image_seq_length=spec["config"]["image_seq_length"], chat_template=tok.chat_template)
+    elif family == "llava_onevision":
+        from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+        ip.pop("image_processor_type")
+        vc = spec["config"]["vision_config"]
+        processor = LlavaOnevisionProcessor(
+            image_processor=LlavaOnevisionImageProcessor(**ip), tokenizer=tok,
+            video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=(vc["image_size"] // vc["patch_size"]) ** 2,
+            vision_feature_select_strategy=spec["config"]["vision_feature_select_strategy"],
+            vision_aspect_ratio=spec["config"]["vision_aspect_ratio"], chat_template=tok.chat_template)
     elif family == "qwen3_vl":
         from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 

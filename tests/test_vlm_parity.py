@@ -1,10 +1,10 @@
-"""Native VLMs (Qwen2.5-VL, Qwen3-VL, InternVL) as lisa_kit components (``hf_vlm_*``)
+"""Native VLMs (Qwen2.5-VL, Qwen3-VL, InternVL, LLaVA-OneVision) as lisa_kit components (``hf_vlm_*``)
 against transformers' own models.
 
 On the tiny random directories (``@tiny_vlm:<family>``) the split model - vision model +
 merger/projector, the fusion's splice and positions (Qwen's M-RoPE; Qwen3-VL's deepstack
 features, which reach the first LM layers through ``FusedBatch.llm_inputs``; InternVL's
-tiles and 1-D positions),
+tiles; LLaVA-OneVision's anyres crops packed with newline tokens; 1-D positions for both),
 the language model - gives the hidden states and logits of the ``...ForConditionalGeneration``
 model on the same images and text (a padded batch of two rows with images of different
 token counts), and greedy generation (KV-cached, with and without a shared prefix) writes
@@ -25,6 +25,7 @@ FAMILIES = {
     "qwen2_5_vl": ("<|vision_start|><|image_pad|><|vision_end|>", 3, "image_grid_thw"),
     "qwen3_vl": ("<|vision_start|><|image_pad|><|vision_end|>", 3, "image_grid_thw"),
     "internvl": ("<IMG_CONTEXT>", None, "num_patches"),
+    "llava_onevision": ("<image>", None, "image_sizes"),
 }
 
 
@@ -160,7 +161,7 @@ def test_greedy_generation_equals_transformers_generate(pair, same_image):
     n_new = 6
     with torch.no_grad():
         _reset(hf)
-        ref = hf.generate(**enc, max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new)[:, enc["input_ids"].shape[1]:]
+        ref = hf.generate(**enc, max_new_tokens=n_new, do_sample=False)[:, enc["input_ids"].shape[1]:]
         for share in (True, False):
             gen = generate(model, ids, [[0], [0]] if same_image else [[0], [1]], vision,
                            torch.stack([m[0] for m in mask_in]), [m[1] for m in mask_in],

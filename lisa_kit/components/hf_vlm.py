@@ -55,6 +55,7 @@ class Family:
     mrope: bool = False
     deepstack: bool = False  # vision features also added inside the first LM layers (Qwen3-VL)
     tiles: bool = False  # the processor cuts an image into tiles of a fixed token count (InternVL)
+    anyres: bool = False  # LLaVA-NeXT-style grid of crops, unpadded and packed with newline tokens
 
 
 FAMILIES: dict[str, Family] = {
@@ -66,6 +67,9 @@ FAMILIES: dict[str, Family] = {
                        "<|vision_start|>", "<|vision_end|>", mrope=True, deepstack=True),
     "internvl": Family("InternVLForConditionalGeneration", "InternVLModel",
                        ("GotOcr2ImageProcessor", "GotOcr2ImageProcessorPil"), "<img>", "</img>", tiles=True),
+    "llava_onevision": Family("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel",
+                              ("LlavaOnevisionImageProcessor", "LlavaOnevisionImageProcessorPil"), None, None,
+                              anyres=True),
 }
 LM_ATTR = "language_model"  # the inner model's language model, in every family above
 
@@ -133,8 +137,10 @@ class HFVLMVision(VisionEncoder):
         cfg = vlm.config
         self.feature_dim = _feature_dim(cfg.to_dict())
         self.config = cfg
-        # What the processor gives per image besides pixels: Qwen's grid, InternVL's tile count.
-        self._index_key = "num_patches" if family.tiles else "image_grid_thw"
+        # What the processor gives per image besides pixels: Qwen's grid, InternVL's tile
+        # count, LLaVA-OneVision's original size.
+        self._index_key = "num_patches" if family.tiles else "image_sizes" if family.anyres else "image_grid_thw"
+        self._counter = _AnyresCount(cfg, image_processor) if family.anyres else None
 
     def preprocess(self, image: np.ndarray) -> dict[str, torch.Tensor]:
         """RGB ``uint8 (H, W, 3)`` -> the image processor's output for one image: Qwen:
@@ -146,8 +152,14 @@ class HFVLMVision(VisionEncoder):
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """``I`` preprocessed images -> ``pixel_values`` of all of them concatenated
-        (patches or tiles) and ``image_grid_thw (I, 3)`` / ``num_patches (I,)``."""
-        return {k: torch.cat([it[k] for it in items]) for k in ("pixel_values", self._index_key)}
+        (patches or tiles; LLaVA-OneVision: ``(I, P_max, 3, S, S)``, crops zero-padded to the
+        most crops, as its processor batches them) and ``image_grid_thw (I, 3)`` /
+        ``num_patches (I,)`` / ``image_sizes (I, 2)``."""
+        px = [it["pixel_values"] for it in items]
+        if self.family.anyres:
+            most = max(p.shape[1] for p in px)
+            px = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in px]
+        return {"pixel_values": torch.cat(px), self._index_key: torch.cat([it[self._index_key] for it in items])}
 
     @property
     def merge_size(self) -> int:
@@ -158,6 +170,8 @@ class HFVLMVision(VisionEncoder):
         (patch · merge)², by the processor's own ``smart_resize``; InternVL: the
         processor's tile count times the tokens of one tile."""
         ip = self.image_processor
+        if self._counter is not None:
+            return self._counter(int(size[0]), int(size[1]))
         if self.family.tiles:
             return int(ip.get_number_of_image_patches(int(size[0]), int(size[1]))) * int(self.config.image_seq_length)
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
@@ -168,9 +182,15 @@ class HFVLMVision(VisionEncoder):
         return (h // patch // self.merge_size) * (w // patch // self.merge_size)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> VisionFeatures:
+        cfg = self.config
+        if self.family.anyres:  # every image gets its crops (transformers' single-image case)
+            px, sizes = inputs["pixel_values"], inputs["image_sizes"]
+            out = self.vlm.get_image_features(px, sizes, vision_feature_layer=cfg.vision_feature_layer,
+                                              vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                              vision_aspect_ratio=cfg.vision_aspect_ratio, return_dict=True)
+            return VisionFeatures([t.to(px.dtype) for t in out.pooler_output], {"image_sizes": sizes})
         if self.family.tiles:
-            px, tiles = inputs["pixel_values"], inputs["num_patches"]
-            cfg = self.config  # transformers' forward passes these config values the same way
+            px, tiles = inputs["pixel_values"], inputs["num_patches"]  # config values as transformers' forward
             out = self.vlm.get_image_features(px, vision_feature_layer=cfg.vision_feature_layer,
                                               vision_feature_select_strategy=cfg.vision_feature_select_strategy,
                                               return_dict=True).pooler_output  # (P, tokens per tile, D)
@@ -186,6 +206,28 @@ class HFVLMVision(VisionEncoder):
 
     def export_config(self) -> dict:
         return {"config": hf_config_dict(self.config), "image_processor": self.image_processor.to_dict()}
+
+
+class _AnyresCount:
+    """LLaVA-OneVision's visual token count of an image of a given size: transformers'
+    own ``LlavaOnevisionProcessor._get_number_of_features`` (which reads only these
+    attributes), so the count needs no tokenizer and no forward pass."""
+
+    def __init__(self, config, image_processor):
+        from transformers import LlavaOnevisionProcessor
+
+        vc = config.vision_config
+        self.image_processor = image_processor
+        self.num_image_tokens = (vc.image_size // vc.patch_size) ** 2
+        self.vision_aspect_ratio = config.vision_aspect_ratio
+        self.strategy = config.vision_feature_select_strategy
+        self._features = types.MethodType(LlavaOnevisionProcessor._get_number_of_features, self)
+        self._get_unpadded_features = types.MethodType(LlavaOnevisionProcessor._get_unpadded_features, self)
+
+    def __call__(self, height: int, width: int) -> int:
+        side = self.image_processor.size["height"]  # the crops' size
+        n = self._features(height, width, side, side)
+        return n - 1 if self.strategy == "default" else n  # "default" drops the CLS position
 
 
 def _image_processor(pretrained: str | None, saved: dict | None, family: Family, min_pixels, max_pixels):
@@ -245,9 +287,10 @@ def build_hf_vlm_vision(pretrained: str | None = None, config: dict | None = Non
 
 def _feature_dim(cfg: dict) -> int | None:
     """Width of the vision side's output: Qwen's merger ``out_hidden_size``; a family with
-    a multimodal projector (InternVL) maps to the LM's ``hidden_size``."""
+    a multimodal projector (InternVL, LLaVA-OneVision) maps to the LM's ``hidden_size``."""
     vc, tc = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
-    if cfg.get("model_type") in FAMILIES and FAMILIES[cfg["model_type"]].tiles:
+    fam = FAMILIES.get(cfg.get("model_type"))
+    if fam is not None and (fam.tiles or fam.anyres):
         return int(tc["hidden_size"]) if "hidden_size" in tc else None
     return int(vc["out_hidden_size"]) if "out_hidden_size" in vc else None
 
@@ -491,6 +534,20 @@ TINY_INTERNVL = {
 # 1 to 4 tiles (and a thumbnail when there are several) per image.
 TINY_INTERNVL_PROCESSOR = {"image_processor_type": "GotOcr2ImageProcessor", "size": {"height": 64, "width": 64},
                            "crop_to_patches": True, "min_patches": 1, "max_patches": 4}
+# LLaVA-OneVision: SigLIP 32 px / 8 px patches (16 tokens per crop), crops on a grid of up to 2x2.
+TINY_LLAVA_ONEVISION = {
+    "model_type": "llava_onevision",
+    "text_config": {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+                    "vocab_size": 400, "tie_word_embeddings": False},
+    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                      "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+    "image_grid_pinpoints": [[32, 32], [32, 64], [64, 32], [64, 64]], "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9", "tie_word_embeddings": False,
+}
+TINY_LLAVA_ONEVISION_PROCESSOR = {"image_processor_type": "LlavaOnevisionImageProcessor",
+                                  "size": {"height": 32, "width": 32}, "crop_size": {"height": 32, "width": 32},
+                                  "image_grid_pinpoints": [[32, 32], [32, 64], [64, 32], [64, 64]]}
 # 64x64 to 128x128 pixels: 4 to 16 visual tokens per image.
 TINY_QWEN3_VL_PROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "merge_size": 2,
                            "temporal_patch_size": 2, "size": {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}}
