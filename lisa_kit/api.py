@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from lisa_kit.errors import InputError
-from lisa_kit.interfaces import move_input, per_image
+from lisa_kit.interfaces import VisionEncoder, move_input, per_image
 
 __all__ = ["Segmenter", "SegResult", "load", "DEMO_MODEL_DIR", "PRECISIONS", "QUANTIZATIONS"]
 
@@ -328,6 +328,8 @@ class Segmenter:
         """How many positions the LLM takes (image tokens included), when it says."""
         llm = self.model.llm
         cfg = getattr(getattr(llm, "model", None), "config", None)
+        if cfg is not None and callable(getattr(cfg, "get_text_config", None)):
+            cfg = cfg.get_text_config()  # a VLM's config nests its LM's
         n = getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
         n = n or getattr(llm, "max_positions", None)
         return int(n) if n else None
@@ -481,7 +483,7 @@ class Segmenter:
         ids = [self.prompt_ids(p, histories[k] if histories is not None else None, what=names[k])
                for k, p in enumerate(prompts)]
         # A tower whose token count depends on the image is budgeted once the images are read.
-        sized = self.model.vision_encoder.tokens_for((1, 1)) is not None
+        sized = type(self.model.vision_encoder).tokens_for is not VisionEncoder.tokens_for
         budgets = [] if sized else [self._budget(i, names[k]) for k, i in enumerate(ids)]
         want = max_new_tokens if max_new_tokens is not None else self.max_new_tokens
         if isinstance(want, bool) or not isinstance(want, (int, np.integer)) or int(want) < 1:
