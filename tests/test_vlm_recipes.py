@@ -80,3 +80,23 @@ def test_tiny_recipe_trains_exports_and_reloads(trained, tmp_path):
         b = again(collate([Sample(img, [conv], mask[None])], again))
     torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
     torch.testing.assert_close(a.pred_masks[0], b.pred_masks[0], atol=0, rtol=0)
+
+
+def test_bad_inputs_are_typed_errors(tmp_path):
+    from lisa_kit.components import hf_vlm
+    from lisa_kit.errors import CheckpointError, RecipeError
+    from lisa_kit.testing import tiny_hf_tokenizer_dir, tiny_vlm_dir
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(CheckpointError, match="not a VLM family"):  # a directory of another model
+        hf_vlm.build_hf_vlm_fusion(pretrained=str(tmp_path))
+    with pytest.raises(CheckpointError):  # no config.json at all
+        hf_vlm.build_hf_vlm_fusion(pretrained=str(tiny_hf_tokenizer_dir()))
+    with pytest.raises(RecipeError, match="model_type"):
+        hf_vlm.build_hf_vlm_fusion(config={"model_type": "llama"})
+    with pytest.raises(RecipeError, match="above max_pixels"):
+        hf_vlm.build_hf_vlm_vision(pretrained=str(tiny_vlm_dir("qwen2_5_vl")), min_pixels=10_000, max_pixels=5_000)
+    with pytest.raises(RecipeError, match="fixed-size tiles"):
+        hf_vlm.build_hf_vlm_vision(pretrained=str(tiny_vlm_dir("internvl")), max_pixels=5_000)
+    with pytest.raises(RecipeError, match="feature_dim"):
+        hf_vlm.build_identity(32, 64)

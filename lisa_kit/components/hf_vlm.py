@@ -1,26 +1,30 @@
-"""A native vision-language model (Qwen2.5-VL, …) as lisa_kit components, from one local
-transformers directory.
+"""A native vision-language model as lisa_kit components, from one local transformers
+directory: Qwen2.5-VL, Qwen3-VL, InternVL, LLaVA-OneVision (:data:`FAMILIES`).
 
 The VLM is split where lisa_kit's kinds meet, and each part runs transformers' own code:
 
-* ``vision_encoder: hf_vlm_vision`` - the VLM's vision model (tower + merger), reached
-  through ``get_image_features``, with the directory's own image processor (Qwen:
-  dynamic resolution, ``min_pixels``/``max_pixels``). ``preprocess`` returns the
-  processor's per-image output (Qwen: ``pixel_values (P_i, C)`` flattened patches and
-  ``image_grid_thw (1, 3)``); ``collate`` concatenates them; ``forward`` returns
-  :class:`~lisa_kit.interfaces.VisionFeatures` (``(N_i, D)`` per image, already in the
-  LM's width; ``extra["image_grid_thw"] (I, 3)``).
-* ``projector: identity`` - the merger already maps to the LM's width.
+* ``vision_encoder: hf_vlm_vision`` - the VLM's vision model with its merger/projector,
+  reached through ``get_image_features``, with the directory's own image processor (Qwen:
+  dynamic resolution, ``min_pixels``/``max_pixels``; InternVL: a variable number of tiles;
+  LLaVA-OneVision: anyres crops). ``preprocess`` returns the processor's per-image output
+  (Qwen: ``pixel_values (P_i, C)`` flattened patches and ``image_grid_thw (1, 3)``;
+  InternVL: ``(P_i, 3, S, S)`` tiles and ``num_patches (1,)``; LLaVA-OneVision:
+  ``(1, P_i, 3, S, S)`` crops and ``image_sizes (1, 2)``); ``collate`` batches them;
+  ``forward`` returns :class:`~lisa_kit.interfaces.VisionFeatures` (``(N_i, D)`` per
+  image, already in the LM's width; ``extra``: the grids / tile counts / sizes, and
+  Qwen3-VL's ``deepstack`` features).
+* ``projector: identity`` - the VLM's own merger/projector already maps to the LM's width.
 * ``llm: hf_vlm_lm`` - the conditional-generation model without its vision parts: the
   language model and ``lm_head`` (:class:`~lisa_kit.components.hf_causal_lm.HFCausalLM`);
   the tokenizer is the directory's, ``[SEG]`` is added by the builder as for every LLM.
 * ``fusion: hf_vlm_fusion`` - the LLaVA splice (every image slot replaced by its
   ``N_i`` features, between the family's own start/end tokens) with the family's position
-  scheme: Qwen's M-RoPE ``(3, B, L)`` from transformers' ``get_rope_index``, read from
-  the same config.
+  scheme: Qwen's M-RoPE ``(3, B, L)`` from transformers' ``get_rope_index`` (read from the
+  same config), 1-D positions otherwise; Qwen3-VL's deepstack features as ``llm_inputs``.
 
 Each part loads the whole model through :func:`~lisa_kit.checkpoint.safe.hf_load` and keeps
-its own modules (transformers maps the checkpoint's key layout); the rest is freed.
+its own modules (transformers maps the checkpoint's key layout); the rest is freed, so a
+recipe reads the checkpoint twice (vision, LM) and holds one whole model at the peak.
 """
 from __future__ import annotations
 
@@ -44,8 +48,8 @@ from lisa_kit.tokenizer import load_tokenizer
 @dataclass(frozen=True)
 class Family:
     """What differs between VLM families: the transformers classes (by name, looked up in
-    ``transformers``), the attribute of the inner model that holds the language model,
-    the tokens that wrap an image in a prompt, and whether positions are M-RoPE."""
+    ``transformers``), the image processor classes a directory may carry, the tokens that
+    wrap an image in a prompt (``None``: the slot alone) and how images become tokens."""
 
     model_class: str
     base_class: str
@@ -230,6 +234,15 @@ class _AnyresCount:
         return n - 1 if self.strategy == "default" else n  # "default" drops the CLS position
 
 
+def _processor_class(name: str, family: Family) -> str | None:
+    """The family's processor class ``name`` stands for (older files name the torchvision
+    one ``...Fast``), ``None`` when it is none of them."""
+    for cls in family.image_processor_classes:
+        if name in (cls, cls + "Fast"):
+            return cls
+    return None
+
+
 def _image_processor(pretrained: str | None, saved: dict | None, family: Family, min_pixels, max_pixels):
     from lisa_kit.checkpoint.safe import hf_load
 
@@ -239,14 +252,15 @@ def _image_processor(pretrained: str | None, saved: dict | None, family: Family,
         ip = hf_load(AutoImageProcessor.from_pretrained, pretrained, component="vision_encoder:hf_vlm_vision")
     elif saved is not None:
         saved = dict(saved)
-        name = saved.pop("image_processor_type", None) or family.image_processor_classes[0]
-        if name not in family.image_processor_classes:
+        given = saved.pop("image_processor_type", None) or family.image_processor_classes[0]
+        name = _processor_class(given, family)
+        if name is None:
             raise RecipeError(f"image_processor_type must be one of {', '.join(family.image_processor_classes)}, "
-                              f"got {name!r}", key="model.vision_encoder.image_processor")
+                              f"got {given!r}", key="model.vision_encoder.image_processor")
         ip = _transformers(name).from_dict(saved)
     else:
         ip = _transformers(family.image_processor_classes[0])()
-    if type(ip).__name__ not in family.image_processor_classes:
+    if _processor_class(type(ip).__name__, family) is None:
         raise CheckpointError(f"the image processor is a {type(ip).__name__}, expected one of "
                               f"{', '.join(family.image_processor_classes)}", component="vision_encoder:hf_vlm_vision")
     if not family.mrope:
@@ -427,11 +441,12 @@ class HFVLMFusion(LlavaSplice):
         if sp.images and grids is None:
             raise ValueError("M-RoPE positions need the images' grids: image_features must be VisionFeatures with "
                              "extra['image_grid_thw'] (from the hf_vlm_vision tower)")
-        B, L = sp.attention_mask.shape
         types_ = sp.visual.long()  # 1 on image columns, 0 on text (transformers' mm_token_type_ids)
         order = torch.stack([grids[img] for _, _, img in sp.images]) if sp.images else None
-        placeholder = torch.zeros(B, L, dtype=torch.long, device=input_ids.device)  # only its shape is read
-        position_ids, _ = self._rope.get_rope_index(placeholder, mm_token_type_ids=types_, image_grid_thw=order,
+        # The fused ids as the processor would have written them (image columns: the image
+        # token): transformers releases that find images by their token ids read these.
+        ids = sp.input_ids.masked_fill(sp.visual, int(self.config.image_token_id))
+        position_ids, _ = self._rope.get_rope_index(ids, mm_token_type_ids=types_, image_grid_thw=order,
                                                     attention_mask=sp.attention_mask.long())
         llm_inputs = self._deepstack(sp, image_features) if self.family.deepstack else {}
         return FusedBatch(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask, labels=sp.labels,

@@ -22,9 +22,11 @@ IM_START, IM_END = "<im_start>", "<im_end>"
 class Spliced(NamedTuple):
     """The spliced sequence before positions: ``inputs_embeds (B, L, D)``,
     ``attention_mask (B, L)`` bool, ``labels (B, L)`` or ``None``, ``token_positions
-    (B, T)``, ``visual (B, L)`` bool (the columns that hold image features) and ``images``:
+    (B, T)``, ``visual (B, L)`` bool (the columns that hold image features), ``images``:
     one ``(row, first fused column, image index)`` per spliced image, rows in order and
-    each row's images left to right (the order Qwen's ``get_rope_index`` reads grids in)."""
+    each row's images left to right (the order Qwen's ``get_rope_index`` reads grids in),
+    and ``input_ids (B, L)``: the text ids at their fused columns, ``IMAGE_SLOT`` on image
+    columns, 0 on padding (for position schemes that read the fused token ids)."""
 
     inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
@@ -32,6 +34,7 @@ class Spliced(NamedTuple):
     token_positions: torch.Tensor
     visual: torch.Tensor
     images: list[tuple[int, int, int]]
+    input_ids: torch.Tensor
 
 
 class LlavaSplice(FusionStrategy):
@@ -93,12 +96,14 @@ class LlavaSplice(FusionStrategy):
         fused_mask = torch.zeros(B, L, dtype=torch.bool, device=input_ids.device)
         visual = torch.zeros(B, L, dtype=torch.bool, device=input_ids.device)
         fused_labels = torch.full((B, L), IGNORE, dtype=torch.long, device=input_ids.device)
+        fused_ids = torch.zeros(B, L, dtype=torch.long, device=input_ids.device)
 
         keep = ~(input_ids == self.IMAGE_SLOT)
         b_idx, t_idx = keep.nonzero(as_tuple=True)
         pos = start[b_idx, t_idx]
         fused[b_idx, pos] = text_embeds[b_idx, t_idx]
         fused_mask[b_idx, pos] = attention_mask[b_idx, t_idx]
+        fused_ids[b_idx, pos] = torch.where(attention_mask[b_idx, t_idx], input_ids[b_idx, t_idx], 0)
         if labels is not None:
             fused_labels[b_idx, pos] = labels[b_idx, t_idx]
         token_positions = torch.where(keep & attention_mask, start, torch.full_like(start, -1))
@@ -111,9 +116,10 @@ class LlavaSplice(FusionStrategy):
                 fused[b, s:s + n] = feats[img].to(fused.dtype)
                 fused_mask[b, s:s + n] = True
                 visual[b, s:s + n] = True
+                fused_ids[b, s:s + n] = self.IMAGE_SLOT
                 order.append((b, s, img))
         return Spliced(fused, fused_mask, fused_labels if labels is not None else None, token_positions, visual,
-                       order)
+                       order, fused_ids)
 
     def export_config(self) -> dict:
         return {"use_im_start_end": self.use_im_start_end}
