@@ -1,4 +1,4 @@
-"""The VLM-base recipes: the full-size sa2va-style one validates with its downloads named;
+"""The VLM-base recipes: the full-size sa2va-style ones validate with their downloads named;
 the tiny Qwen2.5-VL one builds, segments, trains on the synthetic set with its loss
 falling, and survives a lisa_kit export and reload with identical outputs."""
 from __future__ import annotations
@@ -15,8 +15,9 @@ from lisa_kit.testing import force_generation, synthetic_image
 TINY = "lisa-tiny-qwen2.5vl"
 
 
-def test_full_size_recipe_validates_and_names_its_downloads():
-    recipe = load_recipe("sa2va-qwen2.5vl-7b")
+@pytest.mark.parametrize("name", ["sa2va-qwen2.5vl-7b", "sa2va-internvl3-8b"])
+def test_full_size_recipe_validates_and_names_its_downloads(name):
+    recipe = load_recipe(name)
     assert validate_recipe(recipe, allow_missing=True) == []
     assert {"model.vision_encoder.pretrained", "model.llm.pretrained", "model.fusion.pretrained",
             "model.mask_decoder.pretrained"} <= set(missing_keys(recipe))
