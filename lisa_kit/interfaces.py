@@ -143,9 +143,12 @@ class LanguageModel(nn.Module):
     """A causal LM reached through embeddings.
 
     ``embed(ids (B, T)) -> (B, T, D)``;
-    ``forward(inputs_embeds (B, L, D), attention_mask (B, L_total), cache=None,
-    use_cache=False, logits=True) -> LMOutput``. ``tokenizer`` is the text side of
-    the same checkpoint (:class:`lisa_kit.tokenizer.Tokenizer`).
+    ``forward(inputs_embeds (B, L, D), attention_mask (B, L_total), position_ids
+    ((B, L) or (A, B, L), as the fusion made them), cache=None, use_cache=False,
+    logits=True, **llm_inputs) -> LMOutput``; ``llm_inputs`` are the fusion's
+    :attr:`FusedBatch.llm_inputs` (an LLM takes those of the fusions it pairs with; none
+    for LLaVA-style fusions). ``tokenizer`` is the text side of the same checkpoint
+    (:class:`lisa_kit.tokenizer.Tokenizer`).
     """
 
     kind: ClassVar[str] = "llm"
