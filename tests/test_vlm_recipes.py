@@ -40,10 +40,10 @@ def test_tiny_recipe_segments_with_image_sized_masks(monkeypatch):
 @pytest.fixture
 def trained(tmp_path, one_thread):
     """A few training steps of the tiny VLM recipe on the synthetic shapes."""
-    from lisa_kit.train.loop import Trainer
-
     import yaml
     from omegaconf import OmegaConf
+
+    from lisa_kit.train.loop import Trainer
 
     # lisa-tiny-synthetic's data and training settings with the tiny VLM's components.
     vlm = OmegaConf.to_container(load_recipe(TINY).cfg.model)
