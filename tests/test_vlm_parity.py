@@ -169,3 +169,57 @@ def test_greedy_generation_equals_transformers_generate(pair, same_image):
             for b, g in enumerate(gen):
                 assert g.token_ids == ref[b, :len(g.token_ids)].tolist(), (share, b)
                 assert len(g.token_ids) == n_new or g.finished
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_part_reads_only_its_tensors_and_equals_from_pretrained(family, monkeypatch):
+    """The vision and LM components stream their own tensors (the other part's are never
+    read; no whole model is loaded) and hold exactly transformers' loaded weights."""
+    import transformers
+    from transformers import AutoModelForImageTextToText
+
+    from lisa_kit.checkpoint import io
+    from lisa_kit.components import hf_vlm
+
+    d = str(tiny_vlm_dir(family))
+    read: list[str] = []
+    real = io._read_safetensors
+
+    def spy(path, want=None):
+        for k, v in real(path, want):
+            read.append(k)
+            yield k, v
+
+    def whole_model(*a, **k):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(io, "_read_safetensors", spy)
+    monkeypatch.setattr(getattr(transformers, hf_vlm.FAMILIES[family].model_class), "from_pretrained", whole_model)
+    vision = hf_vlm.build_hf_vlm_vision(pretrained=d)
+    by_vision, read[:] = list(read), []
+    lm = hf_vlm.build_hf_vlm_lm(pretrained=d)
+    assert by_vision and read and not set(by_vision) & set(read)
+    assert sorted(by_vision + read) == sorted(io.checkpoint_keys(d))
+    monkeypatch.undo()
+
+    ref = AutoModelForImageTextToText.from_pretrained(d, local_files_only=True).state_dict()
+    for k, v in vision.vlm.state_dict().items():
+        assert torch.equal(v, ref["model." + k]), k
+    for k, v in lm.model.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+
+
+def test_layouts_that_need_transformers_loader_fall_back_to_it(monkeypatch):
+    from transformers import AutoModelForImageTextToText
+
+    from lisa_kit.components import hf_vlm
+
+    def cannot(*a, **k):
+        raise hf_vlm._NoStreaming("tensor-merging conversions")
+
+    monkeypatch.setattr(hf_vlm, "_stream", cannot)
+    d = str(tiny_vlm_dir("llava_onevision"))
+    vision, lm = hf_vlm.build_hf_vlm_vision(pretrained=d), hf_vlm.build_hf_vlm_lm(pretrained=d)
+    ref = AutoModelForImageTextToText.from_pretrained(d, local_files_only=True).state_dict()
+    assert set(vision.vlm.state_dict()).isdisjoint(lm.model.state_dict())
+    assert {"model." + k for k in vision.vlm.state_dict()} | set(lm.model.state_dict()) == set(ref)

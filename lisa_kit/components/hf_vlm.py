@@ -22,9 +22,10 @@ The VLM is split where lisa_kit's kinds meet, and each part runs transformers' o
   scheme: Qwen's M-RoPE ``(3, B, L)`` from transformers' ``get_rope_index`` (read from the
   same config), 1-D positions otherwise; Qwen3-VL's deepstack features as ``llm_inputs``.
 
-Each part loads the whole model through :func:`~lisa_kit.checkpoint.safe.hf_load` and keeps
-its own modules (transformers maps the checkpoint's key layout); the rest is freed, so a
-recipe reads the checkpoint twice (vision, LM) and holds one whole model at the peak.
+Each part is built without memory and reads only its own tensors from the directory,
+renamed from the checkpoint's layout by transformers' own conversion mapping (a layout
+that needs tensors merged falls back to ``from_pretrained`` of the whole model, through
+:func:`~lisa_kit.checkpoint.safe.hf_load`, keeping one part).
 """
 from __future__ import annotations
 
@@ -112,20 +113,84 @@ def _config(pretrained: str | None, config: dict | None, component: str):
                       key=f"model.{component.split(':')[0]}")
 
 
-def _model(pretrained: str | None, config: dict | None, component: str, dtype: torch.dtype | None,
+def _prune(model: nn.Module, keep: str) -> None:
+    """Drop what the other component owns: ``keep="vision"`` removes the language model and
+    ``lm_head``; ``keep="lm"`` every part of the inner model but the language model (the
+    vision tower, merger or multimodal projector, and parameters of the inner model itself)."""
+    inner = model.model
+    if keep == "vision":
+        setattr(inner, LM_ATTR, None)
+        model.lm_head = None
+    else:
+        for name, _ in list(inner.named_children()):
+            if name != LM_ATTR:
+                setattr(inner, name, None)
+        for name in list(inner._parameters):  # e.g. LLaVA-OneVision's image_newline
+            inner.register_parameter(name, None)
+
+
+class _NoStreaming(Exception):
+    """The checkpoint needs transformers' own loader (a conversion that merges tensors, or a
+    transformers release without the renaming API used here)."""
+
+
+def _stream(path: str, cfg, cls, component: str, dtype: torch.dtype | None, keep: str) -> nn.Module:
+    """Build ``cls`` without memory, keep one part and read only that part's tensors, renamed
+    from the checkpoint's layout by transformers' own conversion mapping (as ``from_pretrained``
+    renames them), each cast once to ``dtype`` (default: the config's, else float32)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError as e:
+        raise _NoStreaming(str(e)) from e
+    from lisa_kit.checkpoint.io import Placer, checkpoint_keys, empty_weights, iter_tensors
+
+    if dtype is None:
+        named = getattr(cfg, "dtype", None)
+        dtype = resolve_dtype(named) if isinstance(named, str) and named != "auto" else named
+    dtype = dtype or torch.float32
+    with empty_weights():
+        model = cls._from_config(cfg, dtype=dtype)
+    transforms = get_model_conversion_mapping(model)
+    if any(isinstance(t, WeightConverter) for t in transforms):
+        raise _NoStreaming("tensor-merging conversions")
+    layout = model.state_dict()  # (meta) the whole model's names decide the base-model prefix
+    names = {k: rename_source_key(k, transforms, [], model.base_model_prefix, layout)[0]
+             for k in checkpoint_keys(path)}
+    _prune(model, keep)
+    placer = Placer(model, component, dtype=dtype, file=path)
+    for k, v, f in iter_tensors(path, want=lambda k: names.get(k) in placer.expected):
+        placer.put(names[k], v, f)
+    placer.finish(strict=False)  # the other part's tensors were never read
+    missing = sorted(placer.expected - placer.seen)
+    if missing:
+        raise CheckpointError(f"{path} lacks {len(missing)} weights of the {keep} part (e.g. {', '.join(missing[:5])})",
+                              component=component, key=missing[0], file=path)
+    return model.eval()
+
+
+def _model(pretrained: str | None, config: dict | None, component: str, dtype: torch.dtype | None, keep: str,
            attn_implementation: str = "sdpa") -> nn.Module:
-    """The whole conditional-generation model: loaded from ``pretrained``, or built from
-    ``config`` with random weights (under ``empty_weights`` that costs no memory)."""
+    """The conditional-generation model with only the ``keep`` part (``"vision"`` or ``"lm"``,
+    :func:`_prune`): from ``pretrained`` only that part's tensors are read (transformers'
+    ``from_pretrained`` of the whole model where the layout needs it); from ``config``,
+    random weights (under ``empty_weights`` that costs no memory)."""
     from lisa_kit.checkpoint.safe import hf_load
 
     cfg = _config(pretrained, config, component)
     cls = _transformers(_family(cfg, component).model_class)
-    if pretrained is not None:
-        kw = {"dtype": dtype} if dtype is not None else {}
-        return hf_load(cls.from_pretrained, pretrained, component=component, attn_implementation=attn_implementation,
-                       **kw)
     cfg._attn_implementation = attn_implementation
-    return cls._from_config(cfg, dtype=dtype or torch.float32)
+    if pretrained is not None:
+        try:
+            return _stream(pretrained, cfg, cls, component, dtype, keep)
+        except _NoStreaming:
+            kw = {"dtype": dtype} if dtype is not None else {}
+            model = hf_load(cls.from_pretrained, pretrained, component=component,
+                            attn_implementation=attn_implementation, **kw)
+    else:
+        model = cls._from_config(cfg, dtype=dtype or torch.float32)
+    _prune(model, keep)
+    return model
 
 
 # -- vision ---------------------------------------------------------------------------
@@ -290,10 +355,9 @@ def build_hf_vlm_vision(pretrained: str | None = None, config: dict | None = Non
     processor); ``config``/``image_processor``: their dicts (random weights; lisa_kit's own
     checkpoints). ``min_pixels``/``max_pixels``: the dynamic-resolution bounds (Qwen)."""
     component = "vision_encoder:hf_vlm_vision"
-    model = _model(pretrained, config, component, resolve_dtype(dtype))
+    model = _model(pretrained, config, component, resolve_dtype(dtype), keep="vision")
     family = _family(model.config, component)
-    inner = model.model
-    setattr(inner, LM_ATTR, None)  # the language model belongs to the llm component
+    inner = model.model  # the language model and lm_head belong to the llm component
     inner.requires_grad_(False)
     ip = _image_processor(pretrained, image_processor, family, min_pixels, max_pixels)
     return HFVLMVision(inner, ip, family)
@@ -373,11 +437,7 @@ def build_hf_vlm_lm(pretrained: str | None = None, config: dict | None = None, t
     """``pretrained``: a local transformers VLM directory; ``config``: its config dict
     (random weights); ``tokenizer``: tokenizer directory (default: ``pretrained``)."""
     component = "llm:hf_vlm_lm"
-    model = _model(pretrained, config, component, resolve_dtype(dtype), attn_implementation)
-    inner = model.model
-    for name, _ in list(inner.named_children()):
-        if name != LM_ATTR:  # vision tower, merger/projector: the vision_encoder component's
-            setattr(inner, name, None)
+    model = _model(pretrained, config, component, resolve_dtype(dtype), "lm", attn_implementation)
     tok_dir = tokenizer or pretrained
     if tok_dir is None:
         raise RecipeError("hf_vlm_lm needs `tokenizer` (a tokenizer directory) when built from `config`",
