@@ -52,8 +52,8 @@ class Batch:
     padding_side: str = "right"
 
     def to(self, device) -> "Batch":
-        mv = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        return Batch(mv(self.input_ids), mv(self.attention_mask), self.row_images, move_input(self.vision_pixels, device),
+        mv = lambda t: move_input(t, device)  # noqa: E731 (tensors; a tower's dict of them; None)
+        return Batch(mv(self.input_ids), mv(self.attention_mask), self.row_images, mv(self.vision_pixels),
                      mv(self.mask_pixels), self.metas, mv(self.labels),
                      [mv(g) for g in self.gt_masks] if self.gt_masks is not None else None, self.padding_side)
 

@@ -367,7 +367,8 @@ def _build_tiny_vlm(out: Path, family: str) -> None:
     tok.add_tokens(list(dict.fromkeys([*spec["tokens"].values(), *named.values()])), special_tokens=True)
     if named:  # re-read so the named tokens become attributes (tok.start_image_token ...)
         tok.save_pretrained(str(out / "tokenizer.tmp"))
-        tok = AutoTokenizer.from_pretrained(str(out / "tokenizer.tmp"), local_files_only=True, extra_special_tokens=named)
+        tok = AutoTokenizer.from_pretrained(str(out / "tokenizer.tmp"), local_files_only=True,
+                                            extra_special_tokens=named)
         shutil.rmtree(out / "tokenizer.tmp")
     tok.padding_side = "left"
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in spec["tokens"].items()}
@@ -393,7 +394,8 @@ def _build_tiny_vlm(out: Path, family: str) -> None:
         ip.pop("image_processor_type")
         processor = InternVLProcessor(image_processor=GotOcr2ImageProcessor(**ip), tokenizer=tok,
                                       video_processor=InternVLVideoProcessor(),
-                                      image_seq_length=spec["config"]["image_seq_length"], chat_template=tok.chat_template)
+                                      image_seq_length=spec["config"]["image_seq_length"],
+                                      chat_template=tok.chat_template)
     elif family == "llava_onevision":
         from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 
@@ -401,7 +403,8 @@ def _build_tiny_vlm(out: Path, family: str) -> None:
         vc = spec["config"]["vision_config"]
         processor = LlavaOnevisionProcessor(
             image_processor=LlavaOnevisionImageProcessor(**ip), tokenizer=tok,
-            video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=(vc["image_size"] // vc["patch_size"]) ** 2,
+            video_processor=LlavaOnevisionVideoProcessor(),
+            num_image_tokens=(vc["image_size"] // vc["patch_size"]) ** 2,
             vision_feature_select_strategy=spec["config"]["vision_feature_select_strategy"],
             vision_aspect_ratio=spec["config"]["vision_aspect_ratio"], chat_template=tok.chat_template)
     elif family == "qwen3_vl":

@@ -44,7 +44,8 @@ def pair(request):
     family = request.param
     torch.manual_seed(0)
     asset = f"@tiny_vlm:{family}"
-    model = load("lisa-tiny-qwen2.5vl", [f"model.{k}.pretrained='{asset}'" for k in ("vision_encoder", "llm", "fusion")])
+    model = load("lisa-tiny-qwen2.5vl",
+                 [f"model.{k}.pretrained='{asset}'" for k in ("vision_encoder", "llm", "fusion")])
     model.eval()
     assert model.llm.model.config.model_type == family
     d = tiny_vlm_dir(family)

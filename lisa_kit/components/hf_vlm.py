@@ -423,8 +423,9 @@ class HFVLMLanguageModel(HFCausalLM):
         kw = {}
         if deepstack_embeds is not None:
             mask = visual_pos_masks.bool()
+            layers = deepstack_embeds.shape[2]
             kw = {"visual_pos_masks": mask,
-                  "deepstack_visual_embeds": [deepstack_embeds[:, :, k][mask] for k in range(deepstack_embeds.shape[2])]}
+                  "deepstack_visual_embeds": [deepstack_embeds[:, :, k][mask] for k in range(layers)]}
         return super().forward(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                                use_cache=use_cache, logits=logits, output_layers=output_layers, **kw)
 
