@@ -151,12 +151,15 @@ def _stream(path: str, cfg, cls, component: str, dtype: torch.dtype | None, keep
     dtype = dtype or torch.float32
     with empty_weights():
         model = cls._from_config(cfg, dtype=dtype)
-    transforms = get_model_conversion_mapping(model)
-    if any(isinstance(t, WeightConverter) for t in transforms):
-        raise _NoStreaming("tensor-merging conversions")
     layout = model.state_dict()  # (meta) the whole model's names decide the base-model prefix
-    names = {k: rename_source_key(k, transforms, [], model.base_model_prefix, layout)[0]
-             for k in checkpoint_keys(path)}
+    try:  # transformers-internal API: a release where it differs takes transformers' own loader
+        transforms = get_model_conversion_mapping(model)
+        if any(isinstance(t, WeightConverter) for t in transforms):
+            raise _NoStreaming("tensor-merging conversions")
+        names = {k: rename_source_key(k, transforms, [], model.base_model_prefix, layout)[0]
+                 for k in checkpoint_keys(path)}
+    except (TypeError, AttributeError, ValueError) as e:
+        raise _NoStreaming(f"{type(e).__name__}: {e}") from e
     _prune(model, keep)
     placer = Placer(model, component, dtype=dtype, file=path)
     for k, v, f in iter_tensors(path, want=lambda k: names.get(k) in placer.expected):
