@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from lisa_kit.errors import InputError
+from lisa_kit.interfaces import VisionEncoder, move_input, per_image
 
 __all__ = ["Segmenter", "SegResult", "load", "DEMO_MODEL_DIR", "PRECISIONS", "QUANTIZATIONS"]
 
@@ -342,6 +343,8 @@ class Segmenter:
         """How many positions the LLM takes (image tokens included), when it says."""
         llm = self.model.llm
         cfg = getattr(getattr(llm, "model", None), "config", None)
+        if cfg is not None and callable(getattr(cfg, "get_text_config", None)):
+            cfg = cfg.get_text_config()  # a VLM's config nests its LM's
         n = getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
         n = n or getattr(llm, "max_positions", None)
         return int(n) if n else None
@@ -351,8 +354,9 @@ class Segmenter:
         if self._num_image_tokens is None:  # a tower that does not say: measure once
             probe = np.zeros((32, 32, 3), np.uint8)
             with torch.inference_mode():
-                px = self.model.vision_encoder.preprocess(probe)[None].to(self.device, self.dtype)
-                self._num_image_tokens = int(self.model.vision_encoder(px).shape[1])
+                enc = self.model.vision_encoder
+                px = move_input(enc.collate([enc.preprocess(probe)]), self.device, self.dtype)
+                self._num_image_tokens = int(per_image(enc(px))[0].shape[0])
         return self._num_image_tokens
 
     def _special_ids(self) -> set[int]:
@@ -405,18 +409,25 @@ class Segmenter:
         ids, _ = encode(conv, self.tokenizer, self.model.fusion.wrap_image(self.tokenizer))
         return ids
 
-    def _positions(self, ids: list[int]) -> tuple[int, int]:
-        slots = sum(1 for i in ids if i == self.model.fusion.IMAGE_SLOT)
-        return len(ids) - slots + slots * self.num_image_tokens, slots
+    def _image_tokens(self, size: tuple[int, int] | None) -> int:
+        """Visual tokens of an image of ``size`` (H, W): the tower's own count for towers
+        whose count depends on the image, else the fixed :attr:`num_image_tokens`."""
+        n = self.model.vision_encoder.tokens_for(tuple(size)) if size is not None else None
+        return self.num_image_tokens if n is None else int(n)
 
-    def _budget(self, ids: list[int], what: str = "prompt") -> int:
-        """New tokens that still fit after the prompt; InputError naming ``what`` when none."""
+    def _positions(self, ids: list[int], size: tuple[int, int] | None = None) -> tuple[int, int]:
+        slots = sum(1 for i in ids if i == self.model.fusion.IMAGE_SLOT)
+        return len(ids) - slots + slots * self._image_tokens(size), slots
+
+    def _budget(self, ids: list[int], what: str = "prompt", size: tuple[int, int] | None = None) -> int:
+        """New tokens that still fit after the prompt (its image of ``size`` (H, W) where
+        the tower's token count depends on it); InputError naming ``what`` when none."""
         limit = self.max_positions
         if limit is None:
             return 1 << 30
-        total, slots = self._positions(ids)
+        total, slots = self._positions(ids, size)
         if total >= limit:
-            img = slots * self.num_image_tokens
+            img = slots * self._image_tokens(size)
             raise InputError(f"the {what} is too long: {total} positions ({total - img} text tokens + {img} image "
                              f"tokens) but the LLM takes at most {limit} (max_position_embeddings); shorten the "
                              "prompt or the conversation history")
@@ -488,11 +499,15 @@ class Segmenter:
         names = [f"prompts[{k}]" if batched else "prompt" for k in range(len(prompts))]
         ids = [self.prompt_ids(p, histories[k] if histories is not None else None, what=names[k])
                for k, p in enumerate(prompts)]
-        budgets = [self._budget(i, names[k]) for k, i in enumerate(ids)]
+        # A tower whose token count depends on the image is budgeted once the images are read.
+        sized = type(self.model.vision_encoder).tokens_for is not VisionEncoder.tokens_for
+        budgets = [] if sized else [self._budget(i, names[k]) for k, i in enumerate(ids)]
         want = max_new_tokens if max_new_tokens is not None else self.max_new_tokens
         if isinstance(want, bool) or not isinstance(want, (int, np.integer)) or int(want) < 1:
             raise InputError(f"max_new_tokens must be a whole number of at least 1, got {want!r}")
         arrays = [self._load(s) for s in sources]
+        if sized:
+            budgets = [self._budget(i, names[k], arrays[row_image[k]].shape[:2]) for k, i in enumerate(ids)]
 
         # Each row's own cap: a long prompt near the LLM's limit must not shorten the
         # others, so rows that share a cap share generation batches.
@@ -533,7 +548,9 @@ class Segmenter:
 
         model = self.model
         with torch.inference_mode():
-            vpx = torch.stack([self._preprocess("vision_encoder", a) for a in arrays]).to(self.device, self.dtype)
+            enc = model.vision_encoder
+            vpx = move_input(enc.collate([self._preprocess("vision_encoder", a) for a in arrays]), self.device,
+                             self.dtype)
             mp = [self._preprocess("mask_decoder", a) for a in arrays]
             md_dtype = next(model.mask_decoder.parameters(), torch.empty(0)).dtype
             mpx = torch.stack([m[0] for m in mp]).to(self.device, md_dtype)

@@ -384,7 +384,7 @@ def make_inputs(model, n_images: int, questions: int, image_size, seed: int = 0)
             conv = Conversation(template).add([IMAGE, f"\n{text} Please output segmentation mask."])
             prompts.append(encode(conv, model.tokenizer, slot_ids)[0])
             rows.append([i])
-    return prompts, rows, torch.stack(vis), torch.stack(sam), metas
+    return prompts, rows, model.vision_encoder.collate(vis), torch.stack(sam), metas
 
 
 def resolve_device(name: str) -> torch.device:

@@ -43,8 +43,11 @@ def _asset(value: str, resolve: dict | None, key: str) -> str:
     base, _, family = value.partition(":")  # `@tiny_hf_tokenizer:llama3`: that family's chat template
     if base == "@tiny_hf_tokenizer" and family in testing.CHAT_FAMILIES:
         return str(testing.tiny_hf_tokenizer_dir(family=family))
+    if base == "@tiny_vlm" and family in testing.TINY_VLMS:  # a tiny random VLM directory of that family
+        return str(testing.tiny_vlm_dir(family))
     raise RecipeError(f"unknown built-in asset {value!r}; available: {', '.join(assets)} "
-                      f"(@tiny_hf_tokenizer:<family>: {', '.join(testing.CHAT_FAMILIES)})", key=key)
+                      f"(@tiny_hf_tokenizer:<family>: {', '.join(testing.CHAT_FAMILIES)}; "
+                      f"@tiny_vlm:<family>: {', '.join(testing.TINY_VLMS)})", key=key)
 
 
 # Build arguments with which a component names weights it loads itself (a recipe's

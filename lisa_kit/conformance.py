@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lisa_kit.interfaces import BASES, SIZE_NAMES, ComponentSpec
+from lisa_kit.interfaces import BASES, SIZE_NAMES, ComponentSpec, VisionFeatures, per_image
 
 __all__ = ["ConformanceError", "check_component", "check_meta_build", "build_tiny", "run_contract", "check_sizes", "plugin_specs",
            "matching_plugins"]
@@ -96,12 +96,21 @@ def run_contract(kind: str, comp: torch.nn.Module, label: str | None = None) -> 
 def _vision_encoder(comp, label):
     (h0, w0), (h1, w1) = _IMAGE_HW
     px = comp.preprocess(_image(h0, w0, 0))
-    _check(isinstance(px, torch.Tensor) and px.dtype == torch.float32 and px.dim() == 3 and px.shape[0] == 3,
-           label, f"preprocess(uint8 (H, W, 3)) must return float32 (3, h, w), got {_describe(px)}")
     other = comp.preprocess(_image(h1, w1, 1))
-    _check(other.shape == px.shape, label, f"preprocess gives {tuple(px.shape)} for a {h0}x{w0} image but "
-           f"{tuple(other.shape)} for {h1}x{w1}: every image must come out the same size")
-    out = comp(torch.stack([px, other]))
+    sized = comp.tokens_for((h0, w0)) is not None  # a token count that depends on the image
+    if not sized:
+        _check(isinstance(px, torch.Tensor) and px.dtype == torch.float32 and px.dim() == 3 and px.shape[0] == 3,
+               label, f"preprocess(uint8 (H, W, 3)) must return float32 (3, h, w), got {_describe(px)}")
+        _check(other.shape == px.shape, label, f"preprocess gives {tuple(px.shape)} for a {h0}x{w0} image but "
+               f"{tuple(other.shape)} for {h1}x{w1}: every image must come out the same size")
+    out = comp(comp.collate([px, other]))
+    if isinstance(out, VisionFeatures):
+        expected = [(comp.tokens_for(hw) if sized else comp.num_tokens, comp.feature_dim) for hw in _IMAGE_HW]
+        got = [tuple(t.shape) for t in out.tokens]
+        _check(got == expected and all(t.dtype == torch.float32 for t in out.tokens), label,
+               f"forward(collate([a, b])) must return VisionFeatures of float32 (N_i, feature_dim) = {expected} "
+               f"(N_i = tokens_for((H, W))), got {got}")
+        return list(out.tokens)
     expected = (2, comp.num_tokens, comp.feature_dim)
     _check(tuple(out.shape) == expected and out.dtype == torch.float32, label,
            f"forward((2, 3, h, w)) must return float32 (I, num_tokens, feature_dim) = {expected}, got {_describe(out)}")
@@ -228,7 +237,7 @@ def _fusion(comp, label):
            f"wrap_image must contain IMAGE_SLOT ({comp.IMAGE_SLOT}) exactly once, got {wrap}")
     torch.manual_seed(0)  # the fusion has no weights: same inputs, same outputs
     embed = torch.nn.Embedding(len(tok), _FUSION_EMBED_DIM)
-    feats = torch.randn(3, _FUSION_FEATURES, _FUSION_EMBED_DIM)
+    feats = comp.example_features(3, _FUSION_FEATURES, _FUSION_EMBED_DIM)
     rows = [[7, *wrap, 9, 10], [7, *wrap, 11, *wrap, 12]]
     outs = []
     for side in ("right", "left"):
@@ -245,7 +254,8 @@ def _fusion(comp, label):
                 if p >= 0:  # every text token sits where the fusion says it does
                     _close(fb.inputs_embeds[b, p], embed(ids[b, t]), label,
                            f"{side} padding: text token {t} of row {b} is not at token_positions = {p}")
-        expected = sum(len(r) - r.count(comp.IMAGE_SLOT) for r in rows) + 3 * _FUSION_FEATURES
+        counts = [int(t.shape[0]) for t in per_image(feats)]  # image 0 in row 0, images 1 and 2 in row 1
+        expected = sum(len(r) - r.count(comp.IMAGE_SLOT) for r in rows) + sum(counts)
         _check(int(fb.attention_mask.sum()) == expected, label,
                f"{side} padding: the fused attention mask covers {int(fb.attention_mask.sum())} positions, "
                f"expected {expected} (text tokens + every image's features)")

@@ -90,7 +90,7 @@ def collate(samples: list[Sample], model, max_length: int | None = None, padding
         am[b, sl] = True
     slot = model.fusion.IMAGE_SLOT
     row_images = [[owner[b]] * int((input_ids[b] == slot).sum()) for b in range(B)]
-    vision = torch.stack([model.vision_encoder.preprocess(s.image) for s in samples])
+    vision = model.vision_encoder.collate([model.vision_encoder.preprocess(s.image) for s in samples])
     mask_in = [model.mask_decoder.preprocess(s.image) for s in samples]
     gt = None
     if all(s.masks is not None for s in samples):

@@ -58,6 +58,7 @@ from lisa_kit.data import Sample, collate
 from lisa_kit.datasets.base import DatasetReader, Record
 from lisa_kit.datasets.synthetic import CORNERS, PALETTE
 from lisa_kit.errors import UnknownComponentError
+from lisa_kit.interfaces import move_input
 from lisa_kit.metrics import SegMetrics
 from lisa_kit.prompts import EVAL_ANSWER, any_question, check_phrasing, eval_question, phrasing_kinds
 
@@ -269,7 +270,8 @@ class Evaluator:
         prompts = [encode(self._conv(record, q, None), m.tokenizer, slot_ids)[0] for q in qs]
         dev = self._device()
         pixels, meta = m.mask_decoder.preprocess(image)
-        outs = generate(m, prompts, [[0]] * len(qs), m.vision_encoder.preprocess(image)[None].to(dev),
+        vision = move_input(m.vision_encoder.collate([m.vision_encoder.preprocess(image)]), dev)
+        outs = generate(m, prompts, [[0]] * len(qs), vision,
                         pixels[None].to(dev), [meta], GenerationConfig(max_new_tokens=self.max_new_tokens))
         for q, o in zip(qs, outs):
             self.answers["generate"][q.key] = o.text

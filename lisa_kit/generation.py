@@ -103,10 +103,14 @@ def generate(model, prompt_ids: list[list[int]], row_images: list[list[int]], vi
              mask_pixels: torch.Tensor, metas: list[ImageMeta], config: GenerationConfig | None = None,
              generator: torch.Generator | None = None) -> list[Generated]:
     """``prompt_ids[b]``: token ids of row ``b`` (image slots included), ending with the
-    open assistant turn; ``row_images[b]``: image index of each slot; pixels/metas per image."""
+    open assistant turn; ``row_images[b]``: image index of each slot; pixels/metas per image
+    (``vision_pixels``: the vision encoder's collated input, ``(I,3,h,w)`` for fixed-size towers).
+
+    Positions of generated tokens come from the fusion (``decode_positions``), so a
+    multi-axis scheme (M-RoPE) continues as the fusion defines it."""
     cfg = config or GenerationConfig()
     llm, tok = model.llm, model.tokenizer
-    device = vision_pixels.device
+    device = mask_pixels.device
     B = len(prompt_ids)
     T = max(len(p) for p in prompt_ids)
     ids = torch.full((B, T), tok.pad_id, dtype=torch.long, device=device)
@@ -123,12 +127,11 @@ def generate(model, prompt_ids: list[list[int]], row_images: list[list[int]], vi
                                                        extra=extra)
     if shared is None:  # every row's prompt in full (one row, nothing shared, or a cache that cannot be copied)
         out = llm(fused.inputs_embeds, attention_mask=fused.attention_mask.long(), position_ids=fused.position_ids,
-                  use_cache=True, logits="last", **extra)
+                  use_cache=True, logits="last", **fused.llm_inputs, **extra)
         attn = fused.attention_mask.long()
     else:
         out, attn = shared
-    cache = out.cache
-    pos = fused.position_ids[:, -1]  # the suffix run keeps the rows' own positions: same last one
+    cache = out.cache  # (the suffix run keeps the rows' own positions: the fusion's decode positions hold)
     last_hidden, logits = model.seg_layers.last(out), out.logits[:, -1]
 
     seg_id, eos_id, rej_id = model.seg_token_id, tok.eos_id, model.reject_token_id
@@ -155,8 +158,8 @@ def generate(model, prompt_ids: list[list[int]], row_images: list[list[int]], vi
             break
         nxt = nxt.masked_fill(finished & ~is_seg, tok.pad_id)
         attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], 1)
-        pos = pos + 1
-        out = llm(llm.embed(nxt[:, None]), attention_mask=attn, position_ids=pos[:, None], cache=cache,
+        pos = model.fusion.decode_positions(fused, step)  # (B, 1) or (A, B, 1)
+        out = llm(llm.embed(nxt[:, None]), attention_mask=attn, position_ids=pos, cache=cache,
                   use_cache=True, logits="last", **extra)
         cache, last_hidden, logits = out.cache, model.seg_layers.last(out), out.logits[:, -1]
         if model.seg_hidden == "token":
@@ -254,8 +257,9 @@ def _shared_prefill(llm, fused, group: list[int], shared: list[int], *, T: int, 
     Prefix run: group ``g``'s prefix ``(P_g,)`` right-aligned in ``(G, Lp)`` with left pads
     (as the full path pads). Suffix run: the last ``S`` fused columns of every row, ``S``
     the longest suffix; a shorter suffix's columns before its cut are masked out, which
-    leaves pads *between* the prefix and the suffix. Position ids are the rows' own fused
-    ones, so they continue from the prefix as in a full run.
+    leaves pads *between* the prefix and the suffix. Position ids (``(B, L)`` or
+    ``(A, B, L)``) and the fusion's ``llm_inputs`` (``(B, L, ...)``) are the rows' own
+    fused ones, cut at the same columns, so they continue from the prefix as in a full run.
 
     ``None`` when the LLM's cache has no ``reorder_cache(index)`` (transformers ``Cache``
     has it; the :class:`~lisa_kit.interfaces.LanguageModel` contract leaves the cache
@@ -271,14 +275,18 @@ def _shared_prefill(llm, fused, group: list[int], shared: list[int], *, T: int, 
     D = fused.inputs_embeds.shape[-1]
     p_emb = fused.inputs_embeds.new_zeros(G, Lp, D)
     p_mask = torch.zeros(G, Lp, dtype=torch.long, device=device)
-    p_pos = torch.zeros(G, Lp, dtype=fused.position_ids.dtype, device=device)
+    pos = fused.position_ids
+    p_pos = pos.new_zeros(*pos.shape[:-2], G, Lp)
+    p_extra = {k: v.new_zeros(G, Lp, *v.shape[2:]) for k, v in fused.llm_inputs.items()}
     for g, b in reps.items():
         s, c = int(start[b]), int(cut[b])
         p_emb[g, Lp - plen[g]:] = fused.inputs_embeds[b, s:c]
         p_mask[g, Lp - plen[g]:] = 1
-        p_pos[g, Lp - plen[g]:] = fused.position_ids[b, s:c]
+        p_pos[..., g, Lp - plen[g]:] = pos[..., b, s:c]
+        for k, v in fused.llm_inputs.items():
+            p_extra[k][g, Lp - plen[g]:] = v[b, s:c]
     # Only the cache is needed from the prefix: no logits, no per-layer states.
-    prefix = llm(p_emb, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits=False)
+    prefix = llm(p_emb, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits=False, **p_extra)
     cache = prefix.cache
     if not callable(getattr(cache, "reorder_cache", None)):
         return None
@@ -288,8 +296,9 @@ def _shared_prefill(llm, fused, group: list[int], shared: list[int], *, T: int, 
     cols = torch.arange(L - S, L, device=device)
     s_mask = (cols[None, :] >= cut[:, None]).long()  # (B, S): 0 on columns before the row's own tokens
     attn = torch.cat([p_mask[group], s_mask], 1)
-    out = llm(fused.inputs_embeds[:, L - S:], attention_mask=attn, position_ids=fused.position_ids[:, L - S:],
-              cache=cache, use_cache=True, logits="last", **extra)
+    out = llm(fused.inputs_embeds[:, L - S:], attention_mask=attn, position_ids=pos[..., L - S:],
+              cache=cache, use_cache=True, logits="last", **{k: v[:, L - S:] for k, v in fused.llm_inputs.items()},
+              **extra)
     return out, attn
 
 

@@ -4,7 +4,9 @@ Shapes use these letters:
 
 * ``B``  conversations (text rows) in a batch, ``I`` images in a batch
 * ``T``  text tokens of a row, ``L`` fused length (text + spliced image features)
-* ``N``  visual tokens per image, ``Dv`` vision feature size, ``D`` LLM hidden size
+* ``N``  visual tokens per image (``N_i`` when they differ by image), ``Dv`` vision
+  feature size, ``D`` LLM hidden size
+* ``A``  position axes of a multi-axis position scheme (Qwen's M-RoPE: 3)
 * ``V``  vocabulary size, ``P`` mask-prompt size, ``M`` masks to decode for one image
 
 Every component is an ``nn.Module`` that owns its constants (image size, mean/std,
@@ -45,11 +47,68 @@ class ImageMeta:
         return xy * xy.new_tensor([sx, sy])
 
 
+@dataclass
+class VisionFeatures:
+    """Visual tokens of ``I`` images whose token counts may differ (a tower with dynamic
+    resolution or tiling), what :meth:`VisionEncoder.forward` returns for such towers.
+
+    ``tokens[i]``: ``(N_i, Dv)`` from the tower, ``(N_i, D)`` after the projector.
+    ``extra``: named per-batch values the fusion or the LLM needs besides the tokens, kept
+    unchanged by the projector (Qwen: ``image_grid_thw (I, 3)``; Qwen3-VL: ``deepstack``,
+    a list over injected LM layers of per-image ``(N_i, D)`` lists).
+
+    Indexing gives image ``i``'s ``(N_i, ·)`` tokens, as indexing a ``(I, N, ·)`` tensor
+    does, so code that walks images accepts either form (:func:`per_image`).
+    """
+
+    tokens: list[torch.Tensor]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.tokens[i]
+
+    @property
+    def num_tokens(self) -> list[int]:
+        """``N_i`` of every image."""
+        return [int(t.shape[0]) for t in self.tokens]
+
+
+def per_image(features: torch.Tensor | VisionFeatures) -> list[torch.Tensor]:
+    """Image features as a list of ``(N_i, ·)``: the rows of a ``(I, N, ·)`` tensor, or
+    :attr:`VisionFeatures.tokens`."""
+    return list(features.tokens) if isinstance(features, VisionFeatures) else list(features.unbind(0))
+
+
+def move_input(x: Any, device=None, dtype: torch.dtype | None = None) -> Any:
+    """A collated vision input on ``device``: a tensor, or a dict/list/tuple of them;
+    floating tensors also take ``dtype`` (integers, e.g. grid sizes, keep theirs)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
+    if isinstance(x, dict):
+        return {k: move_input(v, device, dtype) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(move_input(v, device, dtype) for v in x)
+    return x
+
+
 class VisionEncoder(nn.Module):
     """Image -> visual tokens for the LLM.
 
-    ``preprocess(image)`` takes an RGB ``uint8`` array ``(H, W, 3)`` and returns
-    ``(3, h, w)`` float pixels; ``forward(pixels (I, 3, h, w)) -> (I, N, Dv)``.
+    Fixed-size towers (CLIP, timm, open_clip): ``preprocess(image)`` takes an RGB
+    ``uint8`` array ``(H, W, 3)`` and returns ``(3, h, w)`` float pixels; ``collate``
+    stacks them to ``(I, 3, h, w)``; ``forward(pixels (I, 3, h, w)) -> (I, N, Dv)``;
+    ``num_tokens`` is ``N``.
+
+    Towers whose input or token count depends on the image (Qwen-VL's dynamic resolution,
+    InternVL's tiles): ``preprocess`` returns the tower's own per-image input (any value,
+    e.g. a dict of tensors), ``collate(items)`` batches ``I`` of them into what
+    ``forward`` takes (a tensor or a dict of tensors; :func:`move_input` moves it to a
+    device), and ``forward`` returns :class:`VisionFeatures` (``I`` entries of
+    ``(N_i, Dv)``). ``tokens_for((H, W))`` says ``N_i`` for an image of that size without
+    running the tower (``None``: the count does not depend on the image, ``num_tokens``).
     """
 
     kind: ClassVar[str] = "vision_encoder"
@@ -57,6 +116,15 @@ class VisionEncoder(nn.Module):
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def collate(self, items: list) -> Any:
+        """``I`` preprocessed images -> the batched input of ``forward`` (default: stack
+        the ``(3, h, w)`` tensors to ``(I, 3, h, w)``)."""
+        return torch.stack(items)
+
+    def tokens_for(self, size: tuple[int, int]) -> int | None:
+        """Visual tokens of an image of ``size`` (H, W); ``None`` for a fixed count."""
+        return None
 
 
 class Projector(nn.Module):
@@ -83,9 +151,12 @@ class LanguageModel(nn.Module):
     """A causal LM reached through embeddings.
 
     ``embed(ids (B, T)) -> (B, T, D)``;
-    ``forward(inputs_embeds (B, L, D), attention_mask (B, L_total), cache=None,
-    use_cache=False, logits=True) -> LMOutput``. ``tokenizer`` is the text side of
-    the same checkpoint (:class:`lisa_kit.tokenizer.Tokenizer`).
+    ``forward(inputs_embeds (B, L, D), attention_mask (B, L_total), position_ids
+    ((B, L) or (A, B, L), as the fusion made them), cache=None, use_cache=False,
+    logits=True, **llm_inputs) -> LMOutput``; ``llm_inputs`` are the fusion's
+    :attr:`FusedBatch.llm_inputs` (an LLM takes those of the fusions it pairs with; none
+    for LLaVA-style fusions). ``tokenizer`` is the text side of the same checkpoint
+    (:class:`lisa_kit.tokenizer.Tokenizer`).
     """
 
     kind: ClassVar[str] = "llm"
@@ -152,10 +223,18 @@ class FusedBatch:
     """What the fusion strategy hands to the LLM.
 
     ``inputs_embeds (B, L, D)``, ``attention_mask (B, L)`` (bool), ``labels (B, L)``
-    (``-100`` = not supervised) or ``None``, ``position_ids (B, L)``, and
-    ``token_positions (B, T)``: the fused index every text token landed on (``-1`` for
-    padding and for image slots). This is how the model finds ``[SEG]`` for any tower,
-    any number of images and either padding side.
+    (``-100`` = not supervised) or ``None``, ``position_ids`` ``(B, L)`` or, for a
+    multi-axis scheme, ``(A, B, L)`` (Qwen's M-RoPE: ``(3, B, L)``; code that slices
+    positions indexes them as ``[..., b, columns]``), and ``token_positions (B, T)``: the
+    fused index every text token landed on (``-1`` for padding and for image slots). This
+    is how the model finds ``[SEG]`` for any tower, any number of images and either
+    padding side.
+
+    ``llm_inputs``: extra keyword arguments of the LLM's ``forward`` for these fused
+    positions (Qwen3-VL's deepstack: ``visual_pos_masks (B, L)``,
+    ``deepstack_embeds (B, L, K, D)``). Every value is a tensor whose first two axes are
+    ``(B, L)``, aligned with ``inputs_embeds``, so generation can take rows and columns
+    of them as it does of the embeddings; generated tokens carry none.
     """
 
     inputs_embeds: torch.Tensor
@@ -163,6 +242,7 @@ class FusedBatch:
     labels: torch.Tensor | None
     position_ids: torch.Tensor
     token_positions: torch.Tensor
+    llm_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class FusionStrategy(nn.Module):
@@ -172,11 +252,29 @@ class FusionStrategy(nn.Module):
     ``wrap_image(tokenizer) -> list[int]``: the token ids that stand for one image in a
     prompt (may contain ``IMAGE_SLOT``, a negative id that is never a vocabulary id).
     ``fuse(input_ids (B, T), attention_mask (B, T), labels (B, T) | None,
-    image_features list[(n_b, N, D)], embed) -> FusedBatch``.
+    image_features, row_images, embed, padding_side) -> FusedBatch``; ``image_features``:
+    the projected features of every image of the batch, a ``(I, N, D)`` tensor or
+    :class:`VisionFeatures` (``N_i`` per image); ``row_images[b]``: the image of each slot.
+
+    ``decode_positions(fused, step) -> (B, 1)`` or ``(A, B, 1)``: the position ids of
+    the ``step``-th generated token (0 = the first) after the left-padded prompt
+    ``fused``; the fusion owns its position scheme, so generation asks it.
     """
 
     kind: ClassVar[str] = "fusion"
     IMAGE_SLOT: ClassVar[int] = -200
+
+    def example_features(self, n_images: int, n_tokens: int, dim: int) -> torch.Tensor | VisionFeatures:
+        """Random features of ``n_images`` images, ``n_tokens`` each, in the form this
+        fusion takes (default ``(I, N, D)`` from the global RNG), for tests: the
+        conformance contract fuses them. A fusion that needs :attr:`VisionFeatures.extra`
+        (grids) returns features carrying it."""
+        return torch.randn(n_images, n_tokens, dim)
+
+    def decode_positions(self, fused: FusedBatch, step: int) -> torch.Tensor:
+        """Default: one past the prompt's last position (every row ends at the last
+        column when left-padded), on every axis."""
+        return fused.position_ids[..., -1:] + 1 + step
 
 
 class SegHead(nn.Module):

@@ -3,6 +3,7 @@
 Path of a batch (shapes as in :mod:`lisa_kit.interfaces`)::
 
     vision_pixels (I,3,h,w) -> vision_encoder -> (I,N,Dv) -> projector -> (I,N,D)
+        (or the tower's own collated input -> VisionFeatures: I entries (N_i,Dv) -> (N_i,D))
     input_ids (B,T) + image features -> fusion -> inputs_embeds (B,L,D), token_positions (B,T)
     -> llm -> hidden (B,L,D), logits (B,L,V)
     [SEG] tokens --token_positions--> hidden rows (K,D) -> seg_head -> prompts (K,P)
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from lisa_kit.errors import RecipeError
-from lisa_kit.interfaces import SEG_HIDDEN_CHOICES, FusedBatch, ImageMeta, LMOutput
+from lisa_kit.interfaces import SEG_HIDDEN_CHOICES, FusedBatch, ImageMeta, LMOutput, VisionFeatures, move_input
 
 #: ``model.seg_layers`` values that are not an index or a list of indices.
 SEG_LAYERS_LAST, SEG_LAYERS_MIX = "last", "mix"
@@ -33,7 +34,9 @@ class Batch:
     """A training/teacher-forced batch.
 
     ``input_ids``/``attention_mask``/``labels``: ``(B, T)``; ``row_images[b]``: image index of
-    each image slot of row ``b`` (LISA's ``offset`` expanded); ``vision_pixels`` ``(I,3,h,w)``;
+    each image slot of row ``b`` (LISA's ``offset`` expanded); ``vision_pixels``: the vision
+    encoder's collated input (``(I,3,h,w)`` for fixed-size towers, see
+    :class:`~lisa_kit.interfaces.VisionEncoder`);
     ``mask_pixels`` ``(I,3,S,S)``; ``metas[i]``: sizes of image ``i``; ``gt_masks[i]``:
     ``(M_i, H_i, W_i)`` float targets, one per ``[SEG]`` of image ``i`` (training only).
     """
@@ -49,7 +52,7 @@ class Batch:
     padding_side: str = "right"
 
     def to(self, device) -> "Batch":
-        mv = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        mv = lambda t: move_input(t, device)  # noqa: E731 (tensors; a tower's dict of them; None)
         return Batch(mv(self.input_ids), mv(self.attention_mask), self.row_images, mv(self.vision_pixels),
                      mv(self.mask_pixels), self.metas, mv(self.labels),
                      [mv(g) for g in self.gt_masks] if self.gt_masks is not None else None, self.padding_side)
@@ -216,18 +219,22 @@ class LisaModel(nn.Module):
         return {"output_layers": True} if self.seg_layers.needs_layers else {}
 
     # -- stages -------------------------------------------------------------------
-    def encode_vision(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(I,3,h,w) -> (I,N,D)``. The tower is frozen in LISA: no graph is kept for it."""
+    def encode_vision(self, pixels) -> torch.Tensor | VisionFeatures:
+        """``(I,3,h,w) -> (I,N,D)``, or a tower's own collated input -> :class:`VisionFeatures`
+        with every image's ``(N_i, D)`` (the projector maps each image as ``(1, N_i, Dv)``;
+        ``extra`` passes through). The tower is frozen in LISA: no graph is kept for it."""
         frozen = not any(p.requires_grad for p in self.vision_encoder.parameters())
         with torch.no_grad() if frozen else nullcontext():
             feats = self.vision_encoder(pixels)
+        if isinstance(feats, VisionFeatures):
+            return VisionFeatures([self.projector(t[None])[0] for t in feats.tokens], dict(feats.extra))
         return self.projector(feats)
 
     def encode_masks(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         with nullcontext() if self.train_image_encoder else torch.no_grad():
             return self.mask_decoder.encode_image(pixels)
 
-    def fuse(self, batch: Batch, image_features: torch.Tensor) -> FusedBatch:
+    def fuse(self, batch: Batch, image_features: torch.Tensor | VisionFeatures) -> FusedBatch:
         return self.fusion.fuse(batch.input_ids, batch.attention_mask, batch.labels, image_features,
                                 batch.row_images, self.llm.embed, padding_side=batch.padding_side)
 
@@ -284,7 +291,7 @@ class LisaModel(nn.Module):
         image_features = self.encode_vision(batch.vision_pixels)
         fused = self.fuse(batch, image_features)
         out = self.llm(fused.inputs_embeds, attention_mask=fused.attention_mask.long(),
-                       position_ids=fused.position_ids, **self.llm_kwargs())
+                       position_ids=fused.position_ids, **fused.llm_inputs, **self.llm_kwargs())
         if self.text_geometry is not None:
             return self._text_only(out, fused, batch.metas)
         seg_index = self.seg_rows(batch.input_ids, batch.attention_mask, fused.token_positions)

@@ -92,6 +92,7 @@ def compare(seg, original: OriginalOutput, image, prompt: str, *, repeats: int =
     module docstring)."""
     from lisa_kit.generation import GenerationConfig, generate
     from lisa_kit.images import load_image
+    from lisa_kit.interfaces import move_input
 
     model, device = seg.model, seg.device
     arr = load_image(image)
@@ -101,7 +102,8 @@ def compare(seg, original: OriginalOutput, image, prompt: str, *, repeats: int =
 
     def once():
         with torch.inference_mode():
-            vpx = model.vision_encoder.preprocess(arr)[None].to(device, seg.dtype)
+            enc = model.vision_encoder
+            vpx = move_input(enc.collate([enc.preprocess(arr)]), device, seg.dtype)
             mpx, meta = model.mask_decoder.preprocess(arr)
             return generate(model, [ids], [[0]], vpx, mpx[None].to(device, md_dtype), [meta],
                             GenerationConfig(max_new_tokens=n_new))[0]

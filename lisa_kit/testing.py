@@ -284,7 +284,8 @@ def force_generation(monkeypatch, plan) -> None:
 def generation_inputs(model, questions_per_image: list[int], questions=("Segment the red square",),
                       text_row: bool = False):
     """Inputs of :func:`lisa_kit.generation.generate` for several questions per image, as
-    ``(prompt_ids, row_images, vision_pixels (I,3,h,w), mask_pixels (I,3,S,S), metas)``.
+    ``(prompt_ids, row_images, vision_pixels, mask_pixels (I,3,S,S), metas)`` (``vision_pixels``:
+    the tower's collated input, ``(I,3,h,w)`` for fixed-size towers).
 
     Image ``i`` (a synthetic scene of its own odd size) gets ``questions_per_image[i]``
     rows; row ``q`` asks ``questions[q % len(questions)]`` with ``q`` times " please"
@@ -311,4 +312,105 @@ def generation_inputs(model, questions_per_image: list[int], questions=("Segment
     if text_row:
         prompts.append(encode(Conversation(tpl).add(["What is a square?"], None), tok, slot_ids)[0])
         rows.append([])
-    return prompts, rows, torch.stack(vis), torch.stack(sam), metas
+    return prompts, rows, model.vision_encoder.collate(vis), torch.stack(sam), metas
+
+
+# Tiny VLM directories: family -> the special tokens its processor and config name (their
+# ids are the tokenizer's, filled in when the directory is built), its config and its image
+# processor (the components' own tiny ones: lisa_kit.components.hf_vlm).
+def _tiny_vlms() -> dict[str, dict]:
+    from lisa_kit.components import hf_vlm
+
+    return {
+        "qwen2_5_vl": {
+            "tokens": {"vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+                       "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"},
+            "config": hf_vlm.TINY_QWEN2_5_VL, "image_processor": hf_vlm.TINY_QWEN2_5_VL_PROCESSOR},
+        "qwen3_vl": {
+            "tokens": {"vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+                       "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"},
+            "config": hf_vlm.TINY_QWEN3_VL, "image_processor": hf_vlm.TINY_QWEN3_VL_PROCESSOR},
+        # InternVL's processor reads these tokens from tokenizer attributes (extra_special_tokens).
+        "internvl": {
+            "tokens": {"image_token_id": "<IMG_CONTEXT>"},
+            "named": {"start_image_token": "<img>", "end_image_token": "</img>",
+                      "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+            "config": hf_vlm.TINY_INTERNVL, "image_processor": hf_vlm.TINY_INTERNVL_PROCESSOR},
+        "llava_onevision": {
+            "tokens": {"image_token_index": "<image>", "video_token_index": "<video>"},
+            "config": hf_vlm.TINY_LLAVA_ONEVISION, "image_processor": hf_vlm.TINY_LLAVA_ONEVISION_PROCESSOR},
+    }
+
+
+TINY_VLMS = ("qwen2_5_vl", "qwen3_vl", "internvl", "llava_onevision")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_vlm_dir(family: str = "qwen2_5_vl") -> Path:
+    """A local transformers VLM directory of ``family`` (:data:`TINY_VLMS`) with random
+    weights (seed 0), the chatml tiny tokenizer plus the family's image tokens, and its
+    processor (``@tiny_vlm:<family>`` in recipes). Built once into :func:`cache_dir`."""
+    if family not in TINY_VLMS:
+        raise ValueError(f"unknown tiny VLM family {family!r}; available: {', '.join(TINY_VLMS)}")
+    key = {"family": _tiny_vlms()[family], "tokenizer": str(tiny_hf_tokenizer_dir().name),
+           "torch": _version("torch"), "transformers": _version("transformers"), "layout": 1}
+    return _cached_build(f"tiny_vlm_{family}", key, functools.partial(_build_tiny_vlm, family=family))
+
+
+def _build_tiny_vlm(out: Path, family: str) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+
+    spec = _tiny_vlms()[family]
+    named = spec.get("named", {})
+    tok = AutoTokenizer.from_pretrained(str(tiny_hf_tokenizer_dir()), local_files_only=True)
+    tok.add_tokens(list(dict.fromkeys([*spec["tokens"].values(), *named.values()])), special_tokens=True)
+    if named:  # re-read so the named tokens become attributes (tok.start_image_token ...)
+        tok.save_pretrained(str(out / "tokenizer.tmp"))
+        tok = AutoTokenizer.from_pretrained(str(out / "tokenizer.tmp"), local_files_only=True,
+                                            extra_special_tokens=named)
+        shutil.rmtree(out / "tokenizer.tmp")
+    tok.padding_side = "left"
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in spec["tokens"].items()}
+    roles = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    cfg = {k: v for k, v in spec["config"].items() if k != "model_type"}
+    cfg["text_config"] = {**cfg["text_config"], "vocab_size": len(tok), **roles}
+    config = AutoConfig.for_model(family, **cfg, **ids, **roles)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config)
+    model.save_pretrained(str(out))
+    ip = dict(spec["image_processor"])
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+        ip.pop("image_processor_type")
+        # The processor refuses video_processor=None: the default one is built (no video is used).
+        processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**ip), tokenizer=tok,
+                                        video_processor=Qwen2VLVideoProcessor(), chat_template=tok.chat_template)
+    elif family == "internvl":
+        from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+        ip.pop("image_processor_type")
+        processor = InternVLProcessor(image_processor=GotOcr2ImageProcessor(**ip), tokenizer=tok,
+                                      video_processor=InternVLVideoProcessor(),
+                                      image_seq_length=spec["config"]["image_seq_length"],
+                                      chat_template=tok.chat_template)
+    elif family == "llava_onevision":
+        from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+        ip.pop("image_processor_type")
+        vc = spec["config"]["vision_config"]
+        processor = LlavaOnevisionProcessor(
+            image_processor=LlavaOnevisionImageProcessor(**ip), tokenizer=tok,
+            video_processor=LlavaOnevisionVideoProcessor(),
+            num_image_tokens=(vc["image_size"] // vc["patch_size"]) ** 2,
+            vision_feature_select_strategy=spec["config"]["vision_feature_select_strategy"],
+            vision_aspect_ratio=spec["config"]["vision_aspect_ratio"], chat_template=tok.chat_template)
+    elif family == "qwen3_vl":
+        from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+        ip.pop("image_processor_type")
+        processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**ip), tokenizer=tok,
+                                     video_processor=Qwen3VLVideoProcessor(), chat_template=tok.chat_template)
+    processor.save_pretrained(str(out))

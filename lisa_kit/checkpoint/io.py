@@ -214,11 +214,13 @@ except OSError:  # pragma: no cover
     _libc = None
 
 
-def _bin_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _bin_tensors(path: Path, want=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of a torch pickle, each copied out of the file mapping into its own memory
     (aligned, independent of the file), the mapping's pages released as it goes."""
     sd, mapped = _torch_load(path)
     for k, v in sd.items():
+        if want is not None and not want(k):
+            continue
         if not mapped:
             yield k, v
             continue
@@ -273,13 +275,16 @@ def _safetensors_header(path: Path) -> tuple[int, dict]:
     return start, out
 
 
-def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_safetensors(path: Path, want=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of a safetensors file, each read into its own freshly allocated (aligned)
     memory with plain file reads: nothing is memory-mapped, so the page cache never counts
-    against the process, and kernels see the same alignment as for any torch tensor."""
+    against the process, and kernels see the same alignment as for any torch tensor.
+    ``want(key)`` false: the tensor is not read at all."""
     start, entries = _safetensors_header(path)
     with open(path, "rb") as fh:
         for k, (dtype, shape, begin, end) in entries.items():
+            if want is not None and not want(k):
+                continue
             buf = torch.empty(end - begin, dtype=torch.uint8)
             fh.seek(start + begin)
             if fh.readinto(memoryview(buf.numpy())) != end - begin:
@@ -287,17 +292,19 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield k, buf.view(dtype).reshape(shape)
 
 
-def _file_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _file_tensors(path: Path, want=None) -> Iterator[tuple[str, torch.Tensor]]:
     if path.suffix == ".safetensors":
-        yield from _read_safetensors(path)
+        yield from _read_safetensors(path, want)
     else:
-        yield from _bin_tensors(path)
+        yield from _bin_tensors(path, want)
 
 
-def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """``(key, tensor, file)`` of every tensor of a checkpoint, one shard open at a time."""
+def iter_tensors(path: str | os.PathLike, want=None) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """``(key, tensor, file)`` of every tensor of a checkpoint, one shard open at a time;
+    with ``want(key) -> bool``, only the tensors it wants (safetensors: the others are
+    never read, e.g. the language model's when only a VLM's vision tower is loaded)."""
     for f in checkpoint_files(path):
-        yield from ((k, v, f) for k, v in _file_tensors(f))
+        yield from ((k, v, f) for k, v in _file_tensors(f, want))
         _trim_heap()
 
 

@@ -23,7 +23,7 @@ class HFCausalLM(LanguageModel):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
-        self.hidden_size = model.config.hidden_size
+        self.hidden_size = model.config.get_text_config().hidden_size  # a VLM's config nests it
         params = inspect.signature(model.get_decoder().forward).parameters
         # transformers >= 5.24 calls the cache argument `cache`; earlier 5.x `past_key_values`.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -43,9 +43,12 @@ class HFCausalLM(LanguageModel):
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False,
-                logits: bool | str = True, output_layers: bool = False) -> LMOutput:
-        """``logits``: ``True`` (every position), ``"last"`` (only the last: ``(B, 1, V)``) or ``False``."""
+                logits: bool | str = True, output_layers: bool = False, **decoder_kwargs) -> LMOutput:
+        """``logits``: ``True`` (every position), ``"last"`` (only the last: ``(B, 1, V)``) or ``False``;
+        ``decoder_kwargs`` go to the transformers decoder as they are (subclasses map a
+        fusion's ``llm_inputs`` to them)."""
         kwargs = {self._cache_kw: cache} if cache is not None else {}
+        kwargs.update(decoder_kwargs)
         out = self._decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=use_cache, output_hidden_states=output_layers, **kwargs)
         hidden = out.last_hidden_state
