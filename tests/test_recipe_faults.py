@@ -163,8 +163,7 @@ def test_validate_checks_sections_the_loaders_read(override, key, message):
 def test_shipped_recipes_validate_by_default_and_strict_fails_on_missing(capsys):
     from lisa_kit.cli import main
 
-    # seg-zero-7b names Qwen2.5-VL components of another branch (tests/test_shipped_recipes.py PENDING; strict xfail there)
-    shipped = sorted(str(p) for p in (REPO / "recipes").glob("*.yaml") if p.stem != "seg-zero-7b")
+    shipped = sorted(str(p) for p in (REPO / "recipes").glob("*.yaml"))
     assert main(["validate", *shipped]) == 0  # README: `lisa-kit validate recipes/*.yaml`
     out = capsys.readouterr().out
     assert "FAIL" not in out and "warning:" in out and "weights.path: value is missing (???)" in out

@@ -17,12 +17,7 @@ def test_there_are_recipes():
     assert {"lisa-7b", "lisa-13b-llama2", "lisa-tiny"} <= names
 
 
-# Recipes that name components another branch adds (strict: once they exist, the mark must go).
-PENDING = {"seg-zero-7b": "the Qwen2.5-VL components (vision, projector, LLM, fusion) are not merged yet"}
-
-
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(reason=PENDING[p.stem], strict=True))
-                                  if p.stem in PENDING else p for p in RECIPES], ids=[p.stem for p in RECIPES])
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_validates(path):
     recipe = load_recipe(path)
     assert validate_recipe(recipe, allow_missing=True) == []

@@ -148,3 +148,30 @@ def test_every_family_gives_a_trainable_seg_loss(family):
     losses["loss"].backward()
     assert model.seg_head.layers[0].weight.grad.abs().sum() > 0
     assert model.llm.model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_fixed_resize_sets_the_frame_the_llm_sees():
+    """``vision_encoder.resize`` (Seg-Zero's 840 x 840): every image is resized to that
+    frame before the processor, so its token count is the frame's, whatever the image's
+    size; it survives export, and a malformed value is a recipe error."""
+    from PIL import Image
+
+    from lisa_kit.components.hf_vlm import build_hf_vlm_vision
+    from lisa_kit.errors import RecipeError
+    from lisa_kit.testing import tiny_vlm_dir
+
+    path = str(tiny_vlm_dir("qwen2_5_vl"))
+    plain, fixed = build_hf_vlm_vision(path), build_hf_vlm_vision(path, resize=[112, 56])
+    small, tall = synthetic_image(30, 40, 0)[0], synthetic_image(150, 60, 1)[0]
+    want = plain.tokens_for((112, 56))
+    assert plain.tokens_for((30, 40)) != want  # the frame matters at this size
+    for img in (small, tall):
+        grid = fixed.preprocess(img)["image_grid_thw"]
+        assert fixed.tokens_for(img.shape[:2]) == want == int(grid.prod()) // fixed.merge_size ** 2
+    resized = np.array(Image.fromarray(small).resize((56, 112), Image.BILINEAR))
+    torch.testing.assert_close(fixed.preprocess(small)["pixel_values"], plain.preprocess(resized)["pixel_values"])
+    again = build_hf_vlm_vision(**{k: v for k, v in fixed.export_config().items()})
+    assert again.resize == (112, 56)
+    for bad in ([840], [0, 840], "840x840", [840.0, 840]):
+        with pytest.raises(RecipeError, match="resize"):
+            build_hf_vlm_vision(path, resize=bad)

@@ -35,9 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 import lisa_kit
+from lisa_kit.components._image_ops import resize_to
 from lisa_kit.components._util import hf_config_dict, read_json, resolve_dtype
 from lisa_kit.components.hf_causal_lm import HFCausalLM
 from lisa_kit.components.llava_splice import LlavaSplice
@@ -201,11 +203,14 @@ class HFVLMVision(VisionEncoder):
     """The VLM's vision side (its inner model without the language model), run through
     transformers' ``get_image_features``. ``forward(inputs) -> VisionFeatures``."""
 
-    def __init__(self, vlm: nn.Module, image_processor, family: Family):
+    def __init__(self, vlm: nn.Module, image_processor, family: Family, resize: tuple[int, int] | None = None):
         super().__init__()
         self.vlm = vlm  # inner model (e.g. Qwen2_5_VLModel) with language_model removed
         self.image_processor = image_processor
         self.family = family
+        # A fixed (H, W) every image is resized to (bilinear, aspect not kept) before the
+        # processor: the frame a model was trained to read, e.g. Seg-Zero's 840 x 840.
+        self.resize = tuple(int(v) for v in resize) if resize is not None else None
         cfg = vlm.config
         self.feature_dim = _feature_dim(cfg.to_dict())
         self.config = cfg
@@ -218,6 +223,8 @@ class HFVLMVision(VisionEncoder):
         """RGB ``uint8 (H, W, 3)`` -> the image processor's output for one image: Qwen:
         ``pixel_values (P, C·t·p·p)`` float32 and ``image_grid_thw (1, 3)``; InternVL:
         ``pixel_values (P, 3, S, S)`` (``P`` tiles) and ``num_patches (1,)``."""
+        if self.resize is not None:
+            image = np.array(resize_to(Image.fromarray(image), self.resize, Image.BILINEAR))  # writable
         out = self.image_processor(images=[np.ascontiguousarray(image)], return_tensors="pt")
         return {"pixel_values": out["pixel_values"].float(),
                 self._index_key: torch.as_tensor(out[self._index_key]).long().reshape(1, -1).squeeze(-1)}
@@ -242,6 +249,7 @@ class HFVLMVision(VisionEncoder):
         (patch · merge)², by the processor's own ``smart_resize``; InternVL: the
         processor's tile count times the tokens of one tile."""
         ip = self.image_processor
+        size = self.resize if self.resize is not None else size
         if self._counter is not None:
             return self._counter(int(size[0]), int(size[1]))
         if self.family.tiles:
@@ -277,7 +285,8 @@ class HFVLMVision(VisionEncoder):
         return VisionFeatures(tokens, extra)
 
     def export_config(self) -> dict:
-        return {"config": hf_config_dict(self.config), "image_processor": self.image_processor.to_dict()}
+        out = {"config": hf_config_dict(self.config), "image_processor": self.image_processor.to_dict()}
+        return {**out, "resize": list(self.resize)} if self.resize is not None else out
 
 
 class _AnyresCount:
@@ -353,17 +362,22 @@ def _image_processor(pretrained: str | None, saved: dict | None, family: Family,
 
 def build_hf_vlm_vision(pretrained: str | None = None, config: dict | None = None,
                         image_processor: dict | None = None, min_pixels: int | None = None,
-                        max_pixels: int | None = None, dtype: str | None = None) -> HFVLMVision:
+                        max_pixels: int | None = None, dtype: str | None = None,
+                        resize: list[int] | None = None) -> HFVLMVision:
     """``pretrained``: a local transformers VLM directory (weights, config and image
     processor); ``config``/``image_processor``: their dicts (random weights; lisa_kit's own
-    checkpoints). ``min_pixels``/``max_pixels``: the dynamic-resolution bounds (Qwen)."""
+    checkpoints). ``min_pixels``/``max_pixels``: the dynamic-resolution bounds (Qwen);
+    ``resize``: ``[H, W]`` every image is resized to first (Seg-Zero: ``[840, 840]``)."""
     component = "vision_encoder:hf_vlm_vision"
     model = _model(pretrained, config, component, resolve_dtype(dtype), keep="vision")
     family = _family(model.config, component)
     inner = model.model  # the language model and lm_head belong to the llm component
     inner.requires_grad_(False)
     ip = _image_processor(pretrained, image_processor, family, min_pixels, max_pixels)
-    return HFVLMVision(inner, ip, family)
+    if resize is not None and not (isinstance(resize, (list, tuple)) and len(resize) == 2
+                                   and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in resize)):
+        raise RecipeError(f"expected [height, width] in pixels, got {resize!r}", key="model.vision_encoder.resize")
+    return HFVLMVision(inner, ip, family, resize)
 
 
 def _feature_dim(cfg: dict) -> int | None:
