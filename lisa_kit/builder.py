@@ -122,10 +122,12 @@ def build_model(recipe, registry: Registry | None = None, resolve: dict | None =
         node = m[kind]
         own = names_weights(node)
         # Only weights read from files go straight into `dtype` (a cast, identical to casting
-        # later); random initialisation and the LLM (whose added vocabulary rows are drawn
-        # after the build) stay in the build's precision and are cast afterwards.
+        # later, and never an fp32 copy of the model first); random initialisation stays in the
+        # build's precision and is cast afterwards. The LLM's added vocabulary rows, drawn after
+        # its load, come out bit-identical in `dtype` (transformers draws the whole resized
+        # matrix; torch's normal draw in bf16/fp16 equals the fp32 draw rounded: tested).
         # A build that takes `dtype` applies its own rule per tensor (io.param_dtype).
-        cast = dtype if own and kind != "llm" else None
+        cast = dtype if own else None
         return build_component(kind, node, registry, derived=derived, resolve=resolve,
                                empty=kind in empty and not own, dtype=cast)
 
