@@ -194,7 +194,7 @@ class Trainer:
         from lisa_kit.loss import LossWeights
         from lisa_kit.recipes import check_recipe, env_free, load_recipe, load_yaml_safely, persisted_yaml
         from lisa_kit.train.lora import apply_lora
-        from lisa_kit.train.trainable import cast_frozen, set_trainable, trainable_parameters
+        from lisa_kit.train.trainable import cast_frozen, set_trainable, trainable_parameters, upcast_trainable
 
         self.progress = progress
         self.stop_after = stop_after
@@ -238,7 +238,15 @@ class Trainer:
 
         # -- model: build (seeded), LoRA, trainable set -------------------------------------
         torch.manual_seed(cfg.seed)
-        model = load(self.recipe, registry=registry)
+        # Frozen weights are read straight into their training precision (the CPU peak is the
+        # final model, never an fp32 model first); FSDP2 keeps fp32 and casts through its policy.
+        frozen_dtype = cfg.frozen_dtype if not env.sharded else None
+        # A checkpoint of an older version fingerprinted its frozen weights in fp32 before the
+        # cast: resumed the way it was built (fp32 load, then the cast below).
+        legacy = resumed is not None and ckpt.FINGERPRINT_DTYPE not in resumed.meta
+        read_dtype = None if legacy else frozen_dtype
+        self.fingerprint_dtype = read_dtype
+        model = load(self.recipe, registry=registry, dtype=read_dtype)
         if cfg.uses_lora:
             apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
         if cfg.activation_checkpointing:
@@ -248,16 +256,18 @@ class Trainer:
                 raise RecipeError(f"the LLM does not support activation checkpointing: {e}",
                                   key="train.activation_checkpointing") from e
         self.trainable_names = set_trainable(model, cfg)
-        self.fingerprint = ckpt.frozen_fingerprint(model)
+        if read_dtype is not None:
+            upcast_trainable(model)
+        self.fingerprint = ckpt.frozen_fingerprint(model, read_dtype)
         if resumed is not None:
             ckpt.check_fingerprint(resumed.meta.get("frozen_fingerprint"), self.fingerprint)
             ckpt.load_trainable(model, resumed.weights, self.trainable_names, file=resume_from / ckpt.WEIGHTS_FILE)
         self.dtype = DTYPES[cfg.precision]
-        fsdp = env.sharded
-        if cfg.precision != "fp32" and cfg.cast_frozen and not fsdp:  # FSDP2 casts through its policy
-            # Before the move: the accelerator never holds the frozen weights in fp32 (LISA-7B:
-            # 27 GB in fp32, 13.5 GB in bf16 -- the difference between fitting 24 GB or not).
-            cast_frozen(model, self.dtype)
+        if frozen_dtype is not None:
+            # Parts with random initial weights (built in fp32) that stay frozen; before the
+            # move, so the accelerator never holds frozen weights in fp32 (LISA-7B: 27 GB in
+            # fp32, 13.5 GB in bf16 -- the difference between fitting 24 GB or not).
+            cast_frozen(model, frozen_dtype)
         model.to(env.device)
         self.model = model
         self.weights = LossWeights(**{k: float(v) for k, v in (self.plain.get("loss") or {}).items()})
@@ -534,7 +544,8 @@ class Trainer:
                 "world_size": env.world_size, "batch_size": self.cfg.batch_size, "strategy": env.strategy,
                 "optimizer_format": "fqn" if env.sharded else "index",
                 "best_giou": self.best_giou, "val": self.last_val, "trainable": self.trainable_names,
-                "frozen_fingerprint": self.fingerprint}
+                "frozen_fingerprint": self.fingerprint,
+                ckpt.FINGERPRINT_DTYPE: ckpt.dtype_name(self.fingerprint_dtype)}
         state = {"optimizer": optim, "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
         data = ckpt.CheckpointData(weights, state, rngs, meta, self.recipe_yaml)
