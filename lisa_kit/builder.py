@@ -266,12 +266,15 @@ def checkpoint_kind(path) -> str | None:
 
 
 def load_checkpoint(path, vision_tower: str | None = None, sam=None, registry: Registry | None = None,
-                    dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LisaModel:
+                    dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                    device_map=None) -> LisaModel:
     """A model from a directory, detected by :func:`checkpoint_kind`: lisa_kit's own
     format, or a released LISA checkpoint (the CLIP tower from ``vision_tower`` or its
     config; SAM sizes from ``sam`` or a ``sam_config.json`` next to the weights, default
     ViT-H). LLaVA directories have no trained seg head and are refused with a pointer
-    to training. ``dtype``/``device``: see :func:`load`."""
+    to training. ``dtype``/``device``: see :func:`load`. ``device_map`` (replaces
+    ``device``): the LLM's decoder layers spread over several devices
+    (:mod:`lisa_kit.checkpoint.device_map`)."""
     from pathlib import Path
 
     from lisa_kit.errors import CheckpointError
@@ -283,11 +286,12 @@ def load_checkpoint(path, vision_tower: str | None = None, sam=None, registry: R
     if kind == "lisa_kit":
         from lisa_kit.checkpoint.native import load_model
 
-        return load_model(p, registry, dtype=dtype, device=device)
+        return load_model(p, registry, dtype=dtype, device=device, device_map=device_map)
     if kind == "lisa_hf":
         from lisa_kit.checkpoint.lisa_hf import import_lisa_hf
 
-        return import_lisa_hf(p, vision_tower=vision_tower, sam=sam, registry=registry, dtype=dtype, device=device)
+        return import_lisa_hf(p, vision_tower=vision_tower, sam=sam, registry=registry, dtype=dtype, device=device,
+                              device_map=device_map)
     if kind == "llava_hf":
         raise CheckpointError(
             f"{p} is a transformers LLaVA checkpoint: it has no trained [SEG] head or mask decoder, so it cannot "

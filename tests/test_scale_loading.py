@@ -3,6 +3,8 @@ dtype, frozen training parts loaded in their final dtype, the multi-device plan,
 thread-safety of building without memory. Tiny configs only; each test takes seconds."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -110,3 +112,120 @@ def test_bf16_run_resumes_and_reloads_for_export(saved_llm, tmp_path):
     assert Trainer(None, tmp_path / "run", resume=tmp_path / "run", progress=False).fit()["step"] == 2
     model = load_trained_model(tmp_path / "run")
     assert model.llm.model.get_input_embeddings().weight.dtype == torch.float32
+
+
+# -- 3. device map -------------------------------------------------------------------------
+GB = 10 ** 9
+
+
+def test_plan_fills_devices_in_order_and_balanced_evens_them():
+    from lisa_kit.checkpoint.device_map import plan_layers
+
+    layers = [2 * GB] * 10
+    caps = [("cuda:0", 12 * GB), ("cuda:1", 40 * GB)]
+    auto = plan_layers(4 * GB, layers, caps, "auto")
+    assert auto == ["cuda:0"] * 4 + ["cuda:1"] * 6  # 4 + 4 x 2 = 12 GB on the first
+    balanced = plan_layers(4 * GB, layers, caps, "balanced")
+    assert balanced == ["cuda:0"] * 4 + ["cuda:1"] * 6  # the first is full before its share (12 GB)
+    even = plan_layers(4 * GB, layers, [("cuda:0", 40 * GB), ("cuda:1", 40 * GB)], "balanced")
+    assert even == ["cuda:0"] * 4 + ["cuda:1"] * 6  # 12 GB each
+    assert plan_layers(4 * GB, layers, [("cuda:0", 40 * GB), ("cuda:1", 40 * GB)], "auto") == ["cuda:0"] * 10
+    three = plan_layers(0, [GB] * 9, [(f"cuda:{i}", 10 * GB) for i in range(3)], "balanced")
+    assert [three.count(f"cuda:{i}") for i in range(3)] == [3, 3, 3]
+
+
+def test_plan_that_cannot_fit_names_what_does_not():
+    from lisa_kit.checkpoint.device_map import plan_layers
+    from lisa_kit.errors import InsufficientMemoryError
+
+    with pytest.raises(InsufficientMemoryError, match="first device.*cuda:0"):
+        plan_layers(20 * GB, [GB], [("cuda:0", 16 * GB), ("cuda:1", 80 * GB)])
+    with pytest.raises(InsufficientMemoryError, match="10 decoder layers.*cuda:0, cuda:1"):
+        plan_layers(4 * GB, [3 * GB] * 10, [("cuda:0", 16 * GB), ("cuda:1", 16 * GB)], "balanced")
+
+
+@pytest.mark.parametrize("bad", ["nonsense", "{\"cuda:0\": \"lots\"}", "{}", "{\"nodevice\": 1}", "[1, 2]"])
+def test_bad_device_map_is_an_input_error(bad):
+    from lisa_kit.checkpoint.device_map import parse_device_map
+    from lisa_kit.errors import InputError
+
+    with pytest.raises(InputError):
+        parse_device_map(bad)
+
+
+def test_device_map_capacities_parse_units():
+    from lisa_kit.checkpoint.device_map import parse_device_map
+
+    assert parse_device_map('{"cuda:0": "1.5GiB", "cuda:1": "500MB", "cpu": 1024}') == \
+        {"cuda:0": int(1.5 * 2 ** 30), "cuda:1": 500 * 10 ** 6, "cpu": 1024}
+    assert parse_device_map("balanced") == "balanced"
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    """The tiny model in lisa_kit's format and in LISA's released one."""
+    from lisa_kit.checkpoint.export import export_lisa_hf
+    from lisa_kit.checkpoint.native import save_model
+
+    out = tmp_path_factory.mktemp("tiny")
+    model = _build(tiny_recipe(), None)
+    save_model(model, out / "native")
+    with warnings.catch_warnings():  # the export's notes on what LISA's format cannot hold
+        warnings.simplefilter("ignore")
+        export_lisa_hf(model, out / "lisa_hf")
+    return out
+
+
+def _lisa_hf_kwargs(root):
+    return {"vision_tower": str(root / "lisa_hf" / "clip_vision_tower"), "sam": str(root / "lisa_hf" / "sam_config.json")}
+
+
+@pytest.mark.parametrize("fmt", ["native", "lisa_hf"])
+def test_device_map_load_answers_as_the_plain_load(saved_tiny, fmt, monkeypatch):
+    """On CPU the map can only name the CPU: the plan, the per-tensor placement and the
+    dispatch run, and the answers equal the plain load's (multi-GPU: docs/architecture.md)."""
+    from lisa_kit.api import Segmenter
+    from lisa_kit.testing import force_generation, synthetic_image
+
+    kw = _lisa_hf_kwargs(saved_tiny) if fmt == "lisa_hf" else {}
+    plain = Segmenter.from_checkpoint(saved_tiny / fmt, precision="bf16", **kw)
+    mapped = Segmenter.from_checkpoint(saved_tiny / fmt, precision="bf16", device_map='{"cpu": "8GiB"}', **kw)
+    assert mapped.device == torch.device("cpu")
+    assert mapped.model.llm.model.hf_device_map  # dispatched by accelerate
+    a, b = plain.model.state_dict(), mapped.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    img, _ = synthetic_image(40, 48, 0)
+    force_generation(monkeypatch, {1: plain.model.seg_token_id, 2: plain.tokenizer.eos_id})
+    r1, r2 = plain.seg(img, "Segment the red circle."), mapped.seg(img, "Segment the red circle.")
+    assert r1.num_masks == r2.num_masks == 1 and r1.scores == r2.scores and (r1.masks == r2.masks).all()
+
+
+@pytest.mark.parametrize("fmt", ["native", "lisa_hf"])
+def test_device_map_too_small_is_refused_before_reading_a_weight(saved_tiny, fmt, monkeypatch):
+    from lisa_kit.api import Segmenter
+    from lisa_kit.checkpoint import io
+    from lisa_kit.errors import InsufficientMemoryError
+
+    def no_reads(*a, **k):
+        raise AssertionError("a weight was read before the plan")
+
+    monkeypatch.setattr(io, "_file_tensors", no_reads)
+    kw = _lisa_hf_kwargs(saved_tiny) if fmt == "lisa_hf" else {}
+    with pytest.raises(InsufficientMemoryError, match="first device \\(cpu"):
+        Segmenter.from_checkpoint(saved_tiny / fmt, device_map={"cpu": "1KiB"}, **kw)
+
+
+def test_cli_device_map_errors_are_one_line(saved_tiny, tmp_path, capsys):
+    from PIL import Image
+
+    from lisa_kit.cli import main
+    from lisa_kit.testing import synthetic_image
+
+    img = tmp_path / "a.png"
+    Image.fromarray(synthetic_image(32, 32, 0)[0]).save(img)
+    common = ["--image", str(img), "--prompt", "Segment it.", "--out", str(tmp_path / "o")]
+    assert main(["segment", "--recipe", "lisa-tiny", "--device-map", "auto", *common]) == 2
+    assert "--device-map applies to --checkpoint" in capsys.readouterr().err
+    rc = main(["segment", "--checkpoint", str(saved_tiny / "native"), "--device-map", '{"cpu": "1KiB"}', *common])
+    err = capsys.readouterr().err
+    assert rc != 0 and "first device (cpu" in err and "Traceback" not in err

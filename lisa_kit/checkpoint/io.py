@@ -337,11 +337,14 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 # -- memory ------------------------------------------------------------------------------
-def estimate_bytes(path: str | os.PathLike, dtype_for: Callable[[str], torch.dtype | None] = lambda k: None) -> int:
+def estimate_bytes(path: str | os.PathLike, dtype_for: Callable[[str], torch.dtype | None] = lambda k: None,
+                   keep: Callable[[str], bool] = lambda k: True) -> int:
     """Bytes the tensors of ``path`` take once loaded: floating tensors at ``dtype_for(key)``
-    (``None``: as stored), others as stored. Read from headers only."""
+    (``None``: as stored), others as stored; only the keys ``keep`` accepts. Read from headers only."""
     total = 0
     for k, shape, dt in _header_entries(path):
+        if not keep(k):
+            continue
         target = dtype_for(k) if dt.is_floating_point else None
         total += _numel(shape) * (target or dt).itemsize
     return total
@@ -411,7 +414,8 @@ class Placer:
     Each tensor is converted once: floating tensors to ``dtype`` as the module's own rule
     gives it per key (:func:`param_dtype`: prefixes the module declares keep the dtype the
     slot was built with; ``dtype=None``: every slot's own), everything to ``device`` (``None``: the slot's device, CPU for a
-    meta slot). Parameters shared under several names (tied embeddings) stay shared.
+    meta slot; a callable: ``key -> device``, a device map's placement). Parameters shared under several names
+    (tied embeddings) stay shared.
     ``copy``: never keep the given tensors themselves (they belong to the caller, e.g. another
     module's state dict); tensors read by :func:`iter_tensors` are the loader's own and are
     kept when already in the target dtype and device.
@@ -419,10 +423,11 @@ class Placer:
     and unexpected keys and refuses a module left with meta tensors."""
 
     def __init__(self, module: nn.Module, component: str, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, file: str | os.PathLike | None = None,
-                 copy: bool = False):
+                 device: torch.device | str | Callable[[str], torch.device] | None = None,
+                 file: str | os.PathLike | None = None, copy: bool = False):
         self.module, self.component, self.dtype, self.file, self.copy = module, component, dtype, file, copy
-        self.device = torch.device(device) if device is not None else None
+        fixed = torch.device(device) if device is not None and not callable(device) else None
+        self.device_for: Callable[[str], torch.device | None] = device if callable(device) else (lambda key: fixed)
         self.expected = set(module.state_dict(keep_vars=True))
         self.seen: set[str] = set()
         self.unexpected: list[str] = []
@@ -452,7 +457,7 @@ class Placer:
             raise CheckpointError(f"{self.component}.{key} is stored as {value.dtype}, which cannot be loaded into "
                                   f"a {old.dtype} tensor", component=self.component, key=key, file=file)
         dtype = (param_dtype(self.module, key, self.dtype) if old.is_floating_point() else None) or old.dtype
-        device = self.device or (old.device if old.device.type != "meta" else torch.device("cpu"))
+        device = self.device_for(key) or (old.device if old.device.type != "meta" else torch.device("cpu"))
         with torch.no_grad():
             new = value.to(device=device, dtype=dtype, copy=self.copy)
             if new.data_ptr() % _ALIGNMENT:  # e.g. a view into someone's memory-mapped file
@@ -502,7 +507,8 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], component: str,
 
 
 def load_file_into(module: nn.Module, path: str | os.PathLike, component: str, strict: bool = True,
-                   dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LoadReport:
+                   dtype: torch.dtype | None = None,
+                   device: torch.device | str | Callable[[str], torch.device] | None = None) -> LoadReport:
     """:func:`load_into` streaming from a checkpoint file or directory, one tensor at a time."""
     placer = Placer(module, component, dtype=dtype, device=device, file=path)
     for k, v, f in iter_tensors(path):

@@ -103,13 +103,17 @@ def _weights_file(path: Path, name: str) -> Path:
 
 
 def load_model(path: str | os.PathLike, registry=None, strict: bool = True, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None):
+               device: torch.device | str | None = None, device_map=None):
     """Load a directory written by :func:`save_model`. With ``strict`` (the default) the
     components are built without memory and each file is streamed into them, every tensor
     cast once to ``dtype`` (but the keys a component keeps: :func:`~lisa_kit.checkpoint.io.param_dtype`;
     ``None``: as built)
-    and placed on ``device``; a load that cannot fit is refused before reading."""
-    from lisa_kit.builder import build_model
+    and placed on ``device``; a load that cannot fit is refused before reading.
+    ``device_map`` (parsed by :func:`~lisa_kit.checkpoint.device_map.parse_device_map`;
+    replaces ``device``): the LLM's decoder layers spread over several devices, planned
+    before reading (:mod:`lisa_kit.checkpoint.device_map`)."""
+    from lisa_kit.builder import build_component, build_model
+    from lisa_kit.checkpoint.device_map import plan
     from lisa_kit.recipes import check_recipe
 
     path = Path(path)
@@ -128,18 +132,29 @@ def load_model(path: str | os.PathLike, registry=None, strict: bool = True, dtyp
         raise CheckpointError(f"recipe.yaml is not a valid recipe: {e}", file=path / "recipe.yaml") from e
     files = {kind: _weights_file(path, kind) for kind in KINDS}
     owners = {kind: declared_class(kind, recipe["model"].get(kind), registry) for kind in KINDS}
-    ensure_memory(sum(estimate_bytes(f, lambda k, kind=kind: param_dtype(owners[kind], k, dtype) or torch.float32)
-                      for kind, f in files.items()), device, str(path))
+    sizes = {kind: estimate_bytes(f, lambda k, kind=kind: param_dtype(owners[kind], k, dtype) or torch.float32)
+             for kind, f in files.items()}
+    placement = None
+    if device_map is not None:
+        # The LLM on the meta device tells its layers' sizes; the rest comes from the headers.
+        llm = build_component("llm", recipe["model"]["llm"], registry, empty=True)
+        placement = plan(llm, sum(v for k, v in sizes.items() if k != "llm"),
+                         lambda k, t: param_dtype(llm.model, k, dtype) or t.dtype, device_map, llm_bytes=sizes["llm"])
+    else:
+        ensure_memory(sum(sizes.values()), device, str(path))
     model = build_model(recipe, registry, empty=KINDS if strict else (), dtype=dtype)
     comps = _components(model)
     for kind in KINDS:
-        load_file_into(comps[kind], files[kind], kind, strict, dtype=dtype, device=device)
+        where = placement.device_for(comps[kind], model.llm.model) if placement else device
+        load_file_into(comps[kind], files[kind], kind, strict, dtype=dtype, device=where)
     for name, module in _extras(model).items():
         f = path / f"{name}.safetensors"
         if not f.exists():
             raise CheckpointError(f"missing weights file {f.name} (the recipe's model.{name} has weights)",
                                   component=name, file=f)
-        load_file_into(module, f, name, strict, device=device)
-    if device is not None:
+        load_file_into(module, f, name, strict, device=placement.first if placement else device)
+    if placement is not None:
+        placement.dispatch(model)
+    elif device is not None:
         model.to(device)  # buffers; the parameters are there already
     return model
