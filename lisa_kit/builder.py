@@ -197,7 +197,7 @@ def load(recipe, overrides=(), registry: Registry | None = None, dtype: torch.dt
     tensor once, cast to ``dtype`` (the mask decoder keeps its own) on ``device``; a load
     that cannot fit is refused first. Without a checkpoint, weights are random (initialised
     as the components build them) and ``dtype``/``device`` are left to the caller."""
-    from lisa_kit.recipes import check_recipe, load_recipe
+    from lisa_kit.recipes import check_recipe, load_recipe, recipe_env_origins
 
     if not hasattr(recipe, "cfg") and not isinstance(recipe, dict):
         recipe = load_recipe(recipe, overrides)
@@ -205,6 +205,17 @@ def load(recipe, overrides=(), registry: Registry | None = None, dtype: torch.dt
         recipe = load_recipe(_plain(getattr(recipe, "cfg", recipe)), overrides)
     if hasattr(recipe, "cfg"):
         check_recipe(recipe, registry=registry)
+    model = _load(recipe, registry, dtype, device)
+    if hasattr(recipe, "cfg") and model.recipe is not None and not model.recipe_env:
+        # Which recipe nodes hold environment values (by structure), for whoever writes the
+        # recipe to a file (checkpoint.native.save_model); a lisa_kit checkpoint's are its own.
+        fmt = ((model.recipe.get("weights") or {}).get("format"))
+        if fmt != "lisa_kit":
+            model.recipe_env = recipe_env_origins(recipe)
+    return model
+
+
+def _load(recipe, registry, dtype, device) -> LisaModel:
     cfg = _plain(getattr(recipe, "cfg", recipe))
     weights = cfg.get("weights") or {}
     fmt = weights.get("format", "none")

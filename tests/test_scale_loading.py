@@ -229,3 +229,30 @@ def test_cli_device_map_errors_are_one_line(saved_tiny, tmp_path, capsys):
     rc = main(["segment", "--checkpoint", str(saved_tiny / "native"), "--device-map", '{"cpu": "1KiB"}', *common])
     err = capsys.readouterr().err
     assert rc != 0 and "first device (cpu" in err and "Traceback" not in err
+
+
+# -- 4. environment values written back by structure -----------------------------------------
+def test_a_literal_equal_to_an_environment_value_is_written_as_it_is(tmp_path, monkeypatch):
+    """Only nodes that interpolate the environment (directly, embedded, or through a node
+    interpolation) are written back as ${oc.env:...}; a literal with the same text stays."""
+    import yaml
+
+    from lisa_kit.builder import load
+    from lisa_kit.checkpoint.native import save_model
+    from lisa_kit.recipes import load_recipe, load_yaml_safely, persisted_yaml
+
+    monkeypatch.setenv("LISA_KIT_TEST_VALUE", "shared-text-value")
+    recipe = tiny_recipe()
+    recipe["description"] = "${oc.env:LISA_KIT_TEST_VALUE}"
+    recipe["eval"] = {"literal": "shared-text-value", "embedded": "in ${oc.env:LISA_KIT_TEST_VALUE} text",
+                      "copied": "${description}", "literal_inside": "a shared-text-value here"}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    persisted = yaml.safe_load(persisted_yaml(load_recipe(str(path))))
+    expected = {"literal": "shared-text-value", "embedded": "in ${oc.env:LISA_KIT_TEST_VALUE} text",
+                "copied": "${description}", "literal_inside": "a shared-text-value here"}
+    assert persisted["description"] == "${oc.env:LISA_KIT_TEST_VALUE}"
+    assert persisted["eval"] == expected
+    save_model(load(str(path)), tmp_path / "ckpt")
+    saved = load_yaml_safely(tmp_path / "ckpt" / "recipe.yaml")
+    assert saved["description"] == "${oc.env:LISA_KIT_TEST_VALUE}" and saved["eval"] == expected

@@ -192,7 +192,8 @@ class Trainer:
         from lisa_kit.conversation import get_template
         from lisa_kit.datasets.hybrid import hybrid_from_config
         from lisa_kit.loss import LossWeights
-        from lisa_kit.recipes import check_recipe, env_free, load_recipe, load_yaml_safely, persisted_yaml
+        from lisa_kit.recipes import (check_recipe, env_free, load_recipe, load_yaml_safely, persisted_yaml,
+                                      recipe_env_origins)
         from lisa_kit.train.lora import apply_lora
         from lisa_kit.train.trainable import cast_frozen, set_trainable, trainable_parameters, upcast_trainable
 
@@ -230,7 +231,7 @@ class Trainer:
         if resumed is not None and resumed.recipe_yaml:
             old = _flatten(load_yaml_safely(resumed.recipe_yaml, origin=str(resume_from / ckpt.RECIPE_FILE))
                            .get("model", {}))
-            new = _flatten(env_free(self.plain).get("model", {}))
+            new = _flatten(env_free(self.plain, recipe_env_origins(self.recipe)).get("model", {}))
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if diff:
                 raise CheckpointError("the recipe's model differs from the one the checkpoint was trained with",
