@@ -256,3 +256,61 @@ def test_a_literal_equal_to_an_environment_value_is_written_as_it_is(tmp_path, m
     save_model(load(str(path)), tmp_path / "ckpt")
     saved = load_yaml_safely(tmp_path / "ckpt" / "recipe.yaml")
     assert saved["description"] == "${oc.env:LISA_KIT_TEST_VALUE}" and saved["eval"] == expected
+
+
+# -- 5. building without memory from several threads ------------------------------------------
+def test_empty_weights_affects_only_its_own_thread_and_restores_once():
+    import threading
+
+    from lisa_kit.checkpoint import io
+
+    original = torch.nn.Module.register_parameter
+    inside, built, done = threading.Event(), threading.Event(), threading.Event()
+    out = {}
+
+    def empty_builder(name, wait_for):
+        with io.empty_weights():
+            inside.set()
+            wait_for.wait(10)
+            out[name] = torch.nn.Linear(3, 4)
+        done.set()
+
+    def plain_builder():
+        inside.wait(10)
+        out["plain"] = torch.nn.Linear(3, 4)  # built while the other thread is inside
+        built.set()
+
+    threads = [threading.Thread(target=empty_builder, args=("empty", built)), threading.Thread(target=plain_builder)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert out["empty"].weight.is_meta and not out["plain"].weight.is_meta
+    assert torch.nn.Module.register_parameter is original
+
+    # Two threads inside at once, leaving in the order they did not enter: both build empty,
+    # and the original registration is back afterwards (not the patch one of them saw).
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with io.empty_weights():
+            first_in.set()
+            second_in.wait(10)
+            out["first"] = torch.nn.Linear(3, 4)
+        first_out.set()
+
+    def second():
+        first_in.wait(10)
+        with io.empty_weights():
+            second_in.set()
+            first_out.wait(10)  # the first thread has left: this one is still inside
+            out["second"] = torch.nn.Linear(3, 4)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert out["first"].weight.is_meta and out["second"].weight.is_meta
+    assert torch.nn.Module.register_parameter is original
+    assert not torch.nn.Linear(3, 4).weight.is_meta

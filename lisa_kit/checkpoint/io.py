@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -110,23 +111,43 @@ def cast_component(module: nn.Module, dtype: torch.dtype) -> None:
 # -- building without memory -------------------------------------------------------------
 @contextmanager
 def empty_weights():
-    """Inside, every parameter a module registers is moved to the ``meta`` device (shape
-    and dtype kept, no memory); buffers stay real. Initialisers then run on meta tensors,
-    which costs nothing. Weights must be assigned afterwards (:class:`Placer`)."""
-    register = nn.Module.register_parameter
+    """Inside, every parameter a module registers *in this thread* is moved to the ``meta``
+    device (shape and dtype kept, no memory); buffers stay real. Initialisers then run on
+    meta tensors, which costs nothing. Weights must be assigned afterwards (:class:`Placer`).
 
-    def register_meta(module, name, param):
-        if param is not None and param.device.type != "meta":
-            extra = {k: v for k, v in param.__dict__.items() if k != "_is_param"}
-            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-            param.__dict__.update(extra)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_meta
+    Thread-safe: ``nn.Module.register_parameter`` is patched once while any thread is inside
+    (a count under a lock) and the patch asks a thread-local flag, so other threads keep
+    building real modules, and nested or concurrent uses restore the original exactly once."""
+    global _patched_users, _saved_register
+    depth = getattr(_empty_state, "depth", 0)
+    _empty_state.depth = depth + 1
+    with _patch_lock:
+        if _patched_users == 0:
+            _saved_register = nn.Module.register_parameter
+            nn.Module.register_parameter = _register_maybe_meta
+        _patched_users += 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        with _patch_lock:
+            _patched_users -= 1
+            if _patched_users == 0:
+                nn.Module.register_parameter = _saved_register
+        _empty_state.depth = depth
+
+
+_patch_lock = threading.Lock()
+_patched_users = 0  # threads (and nested uses) inside empty_weights, under _patch_lock
+_saved_register = nn.Module.register_parameter  # what the patch wraps (set when it is installed)
+_empty_state = threading.local()  # .depth: this thread's nesting of empty_weights
+
+
+def _register_maybe_meta(module, name, param):
+    if getattr(_empty_state, "depth", 0) and param is not None and param.device.type != "meta":
+        extra = {k: v for k, v in param.__dict__.items() if k != "_is_param"}
+        param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        param.__dict__.update(extra)
+    _saved_register(module, name, param)
 
 
 def meta_keys(module: nn.Module) -> list[str]:
