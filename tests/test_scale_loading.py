@@ -314,3 +314,18 @@ def test_empty_weights_affects_only_its_own_thread_and_restores_once():
     assert out["first"].weight.is_meta and out["second"].weight.is_meta
     assert torch.nn.Module.register_parameter is original
     assert not torch.nn.Linear(3, 4).weight.is_meta
+
+
+# -- 6. one header reader ------------------------------------------------------------------------
+def test_stored_dtype_reads_files_as_the_loader_does(tmp_path):
+    """A SAM-style ``{"state_dict": ...}`` pickle: the loader unwraps it, and so does the
+    export's dtype check (it saw no tensors there before); unreadable files give ``None``."""
+    from lisa_kit.checkpoint import io
+    from lisa_kit.checkpoint.export import stored_dtype
+
+    torch.save({"state_dict": {"w": torch.ones(2, 2, dtype=torch.bfloat16), "n": torch.ones(2, dtype=torch.int64)}},
+               tmp_path / "sam.pth")
+    assert [dt for _, _, dt in io.header_entries(tmp_path / "sam.pth")] == [torch.bfloat16, torch.int64]
+    assert stored_dtype(tmp_path / "sam.pth") == torch.bfloat16
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 4)
+    assert stored_dtype(tmp_path) is None

@@ -336,12 +336,14 @@ def checkpoint_keys(path: str | os.PathLike) -> list[str]:
     for index in INDEX_FILES:
         if p.is_dir() and (p / index).exists():
             return list(_weight_map(p / index))
-    return [k for k, _, _ in _header_entries(path)]
+    return [k for k, _, _ in header_entries(path)]
 
 
-def _header_entries(path: str | os.PathLike) -> Iterator[tuple[str, tuple[int, ...], torch.dtype]]:
-    """``(key, shape, dtype)`` of every tensor without reading data (safetensors headers; a
-    memory-mapped ``.bin`` reads its pickle only)."""
+def header_entries(path: str | os.PathLike) -> Iterator[tuple[str, tuple[int, ...], torch.dtype]]:
+    """``(key, shape, dtype)`` of every tensor of a checkpoint (a file or a directory, see
+    :func:`checkpoint_files`) without reading data: safetensors headers (checked against the
+    file size), a memory-mapped torch pickle's tensors (``weights_only``; a ``state_dict``
+    wrapper unwrapped). The one header reader: loading, estimates and export ask it."""
     for f in checkpoint_files(path):
         if f.suffix == ".safetensors":
             for k, (dtype, shape, _, _) in _safetensors_header(f)[1].items():
@@ -363,7 +365,7 @@ def estimate_bytes(path: str | os.PathLike, dtype_for: Callable[[str], torch.dty
     """Bytes the tensors of ``path`` take once loaded: floating tensors at ``dtype_for(key)``
     (``None``: as stored), others as stored; only the keys ``keep`` accepts. Read from headers only."""
     total = 0
-    for k, shape, dt in _header_entries(path):
+    for k, shape, dt in header_entries(path):
         if not keep(k):
             continue
         target = dtype_for(k) if dt.is_floating_point else None
