@@ -329,3 +329,74 @@ def test_stored_dtype_reads_files_as_the_loader_does(tmp_path):
     assert stored_dtype(tmp_path / "sam.pth") == torch.bfloat16
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 4)
     assert stored_dtype(tmp_path) is None
+
+
+# -- 7. a rank failing outside I/O leaves no rank waiting ---------------------------------------
+_RANK_FAILURES = '''
+import json, sys
+from pathlib import Path
+from lisa_kit.evaluate import Evaluator
+from lisa_kit.train import loop
+from lisa_kit.train.distributed import cleanup, init_distributed
+
+env = init_distributed("ddp", "cpu")
+out = {}
+loop.full_state = lambda model, names, env: {}
+loop.optimizer_state = lambda model, optimizer, env: {}
+tr = loop.Trainer.__new__(loop.Trainer)
+tr.env, tr.model, tr.trainable_names, tr.optimizer, tr.step = env, None, [], None, 3
+tr.ckpt_root = Path(sys.argv[1])
+
+def write(*a):  # rank 0 fails while writing, not with an OSError
+    raise ValueError("cannot serialise")
+
+tr._write = write
+for name, call in [("save", tr.save)]:
+    try:
+        call()
+    except Exception as e:
+        out[name] = [type(e).__name__, getattr(e, "ranks", None)]
+ev = Evaluator.__new__(Evaluator)
+ev.modes = ["teacher"]
+
+def collect(rank, world):  # rank 1 fails while scoring
+    if rank == 1:
+        raise RuntimeError("out of memory")
+    ev._verdicts = {}
+    return {"teacher": {}}
+
+ev.collect = collect
+try:
+    ev.run()
+except Exception as e:
+    out["eval"] = [type(e).__name__, getattr(e, "ranks", None)]
+Path(sys.argv[1], f"rank{env.rank}.json").write_text(json.dumps(out))
+cleanup()
+'''
+
+
+def test_a_rank_failing_in_save_or_eval_makes_every_rank_raise_typed(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "fail.py"
+    script.write_text(_RANK_FAILURES)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # a rank left waiting in a collective: the failure this test is about
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("a rank was left waiting in a collective")
+    assert proc.returncode == 0, err[-3000:]
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert got[0] == {"save": ["TrainingError", None], "eval": ["RankFailedError", [1]]}
+    assert got[1] == {"save": ["RankFailedError", [0]], "eval": ["EvaluationError", None]}

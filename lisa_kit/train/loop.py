@@ -46,13 +46,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from lisa_kit.errors import CheckpointError, DataError, InputError, RecipeError, TrainingError
+from lisa_kit.errors import (CheckpointError, DataError, InputError, LisaKitError, RankFailedError, RecipeError,
+                             TrainingError)
 from lisa_kit.provenance import git_state, versions
 from lisa_kit.train import checkpointing as ckpt
 from lisa_kit.train.config import TrainConfig
-from lisa_kit.train.distributed import (DistEnv, all_gather_object, all_reduce_sum, barrier, full_state,
-                                        init_distributed, launched_rank, load_optimizer_state, optimizer_state,
-                                        wrap_model)
+from lisa_kit.train.distributed import (DistEnv, all_gather_object, all_reduce_sum, barrier, failed_ranks,
+                                        full_state, init_distributed, launched_rank, load_optimizer_state,
+                                        optimizer_state, wrap_model)
 from lisa_kit.train.signals import StopSignals, exit_code, stderr_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -518,6 +519,7 @@ class Trainer:
         """Write a checkpoint (collective; rank 0 writes). ``name``: ``step_XXXXXX`` by
         default (then older ones are pruned to ``keep_last``), or e.g. ``best``."""
         env = self.env
+        what = f"the checkpoint {name or ckpt.step_name(self.step)} of step {self.step}"
         weights = full_state(self.model, self.trainable_names, env)
         optim = optimizer_state(self.model, self.optimizer, env)
         rngs = all_gather_object(ckpt.rng_state(), env)
@@ -525,18 +527,28 @@ class Trainer:
         try:
             if env.is_main:
                 path = self._write(name, weights, optim, rngs)
-        except OSError as e:
+        except Exception as e:  # any failure, not only I/O: the other ranks must hear of it
             failure = e
-        self._agree_on_failure(failure, f"the checkpoint {name or ckpt.step_name(self.step)} of step {self.step}")
+        self._agree_on_failure(failure, what)
         return path
 
-    def _agree_on_failure(self, failure: OSError | None, what: str) -> None:
+    def _agree_on_failure(self, failure: BaseException | None, what: str) -> None:
         """In place of a barrier after rank 0 wrote ``what``: every rank learns whether the
-        write failed and raises, so none waits in a collective that rank 0 never joins."""
-        if all_reduce_sum([float(failure is not None)], self.env)[0]:
-            if failure is not None:
-                raise self._write_error(failure, what) from failure
-            raise TrainingError(f"rank 0 could not write {what} (its error says why)")
+        write failed anywhere and raises a typed error, so none waits in a collective that
+        the failed rank never joins (an I/O error says what and where; another failure is a
+        :class:`TrainingError` chained to it; the ranks that did not fail raise
+        :class:`RankFailedError`)."""
+        ranks = failed_ranks(failure is not None, self.env)
+        if not ranks:
+            return
+        if isinstance(failure, OSError):
+            raise self._write_error(failure, what) from failure
+        if isinstance(failure, LisaKitError):
+            raise failure
+        if failure is not None:
+            raise TrainingError(f"could not write {what}: {type(failure).__name__}: {failure}") from failure
+        raise RankFailedError(f"rank {', '.join(map(str, ranks))} could not write {what} (its error says why)",
+                              ranks=ranks)
 
     def _write(self, name, weights, optim, rngs) -> Path:
         """rank 0: write the checkpoint ``name`` (default ``step_XXXXXX``, then prune)."""
@@ -619,7 +631,7 @@ class Trainer:
                     warnings.warn(note, stacklevel=2)
                 self._set_aside_damaged()
                 self._start_run_files()
-        except OSError as e:
+        except Exception as e:  # any failure: the other ranks must hear of it
             failure = e
         self._agree_on_failure(failure, "the run files")
         announce = stderr_line if main else (lambda text: None)
