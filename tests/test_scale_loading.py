@@ -400,3 +400,28 @@ def test_a_rank_failing_in_save_or_eval_makes_every_rank_raise_typed(tmp_path):
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert got[0] == {"save": ["TrainingError", None], "eval": ["RankFailedError", [1]]}
     assert got[1] == {"save": ["RankFailedError", [0]], "eval": ["EvaluationError", None]}
+
+
+# -- 8. a stopped run ends with its own exit code ------------------------------------------------
+def test_signals_after_a_stop_are_ignored_and_before_it_keep_their_effect(monkeypatch):
+    import os
+    import signal
+
+    from lisa_kit.train import signals
+
+    seen = []
+    monkeypatch.setattr(signals, "_stopped_by", None)
+    previous = {s: signal.signal(s, lambda signum, frame: seen.append(signum)) for s in signals.HANDLED}
+    try:
+        signals.ignore_signals_after_stop()
+        os.kill(os.getpid(), signal.SIGTERM)  # no run stopped yet: the handler in place is called
+        assert seen == [signal.SIGTERM]
+        with signals.StopSignals(lambda text: None) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # after the stop: ignored, the process ends with 143
+        os.kill(os.getpid(), signal.SIGINT)
+        assert seen == [signal.SIGTERM]
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -637,6 +637,8 @@ class Trainer:
         announce = stderr_line if main else (lambda text: None)
         with StopSignals(announce) as signals:  # also while saying where it stopped: torchrun may signal again
             saved = self._fit(signals)
+            if self.stopped_by is not None:  # also on the ranks that only heard of another's signal
+                signals.stopping(self.stopped_by)
             stopped = signal.Signals(self.stopped_by).name if self.stopped_by is not None else None
             if stopped and main:
                 where = f"checkpoint {saved}" if saved else "no checkpoint"
