@@ -425,3 +425,42 @@ def test_signals_after_a_stop_are_ignored_and_before_it_keep_their_effect(monkey
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+# -- 1b. other pretrained towers read into their dtype ---------------------------------------------
+def _tiny_timm_file(tmp_path):
+    import timm
+
+    from lisa_kit.checkpoint.io import save_safetensors
+    from lisa_kit.components.timm_tower import TINY_TIMM_VIT
+
+    torch.manual_seed(0)
+    src = timm.create_model(TINY_TIMM_VIT["model_name"], pretrained=False, num_classes=0,
+                            **TINY_TIMM_VIT["model_kwargs"])
+    save_safetensors(src.state_dict(), tmp_path / "timm.safetensors")
+    return dict(TINY_TIMM_VIT), str(tmp_path / "timm.safetensors")
+
+
+def _tiny_open_clip_file(tmp_path):
+    from lisa_kit.checkpoint.io import save_safetensors
+    from lisa_kit.components.open_clip_tower import TINY_OPEN_CLIP, build_open_clip
+
+    torch.manual_seed(0)
+    src = build_open_clip(config=TINY_OPEN_CLIP)
+    save_safetensors({f"visual.{k}": v for k, v in src.visual.state_dict().items()}, tmp_path / "oc.safetensors")
+    return {"config": TINY_OPEN_CLIP}, str(tmp_path / "oc.safetensors")
+
+
+@pytest.mark.parametrize("name,make", [("timm", _tiny_timm_file), ("open_clip", _tiny_open_clip_file)])
+def test_pretrained_towers_are_read_straight_into_the_asked_dtype(tmp_path, name, make):
+    """timm / open_clip towers with a weights file: built without memory, each tensor cast
+    once to the build's dtype (before: a random fp32 tower, the file in fp32, then a cast)."""
+    from lisa_kit.builder import build_component
+
+    node, f = make(tmp_path)
+    direct = build_component("vision_encoder", {"name": name, **node, "pretrained": f}, dtype=torch.bfloat16)
+    ref = build_component("vision_encoder", {"name": name, **node, "pretrained": f})
+    cast_component(ref, torch.bfloat16)
+    a, b = dict(direct.named_parameters()), dict(ref.named_parameters())
+    assert a and {p.dtype for p in a.values()} == {torch.bfloat16}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -531,11 +531,15 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], component: str,
 
 def load_file_into(module: nn.Module, path: str | os.PathLike, component: str, strict: bool = True,
                    dtype: torch.dtype | None = None,
-                   device: torch.device | str | Callable[[str], torch.device] | None = None) -> LoadReport:
-    """:func:`load_into` streaming from a checkpoint file or directory, one tensor at a time."""
+                   device: torch.device | str | Callable[[str], torch.device] | None = None,
+                   keys: Callable[[str], str | None] | None = None) -> LoadReport:
+    """:func:`load_into` streaming from a checkpoint file or directory, one tensor at a time.
+    ``keys``: the module's key for a file's key (``None``: not for this module, skipped)."""
     placer = Placer(module, component, dtype=dtype, device=device, file=path)
     for k, v, f in iter_tensors(path):
-        placer.put(k, v, f)
+        key = keys(k) if keys is not None else k
+        if key is not None:
+            placer.put(key, v, f)
     return placer.finish(strict)
 
 
