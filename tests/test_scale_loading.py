@@ -464,3 +464,29 @@ def test_pretrained_towers_are_read_straight_into_the_asked_dtype(tmp_path, name
     a, b = dict(direct.named_parameters()), dict(ref.named_parameters())
     assert a and {p.dtype for p in a.values()} == {torch.bfloat16}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_of_an_older_version_resumes_the_way_it_was_built(saved_llm, tmp_path):
+    """Before this version a bf16 run fingerprinted its frozen weights in fp32 (loaded fp32,
+    then cast) and recorded no fingerprint dtype: such a checkpoint resumes through that path."""
+    import json
+
+    from lisa_kit.train import checkpointing as ckpt
+    from lisa_kit.train.loop import Trainer
+
+    ov = _bf16_run(saved_llm) + ["train.steps=2", "train.save_every=1"]
+    Trainer("lisa-tiny-synthetic", tmp_path / "run", overrides=ov, stop_after=1, progress=False).fit()
+    old_style = Trainer("lisa-tiny-synthetic", tmp_path / "fp32", progress=False,
+                        overrides=ov + ["train.precision=fp32"]).fingerprint  # the fp32 values of the same weights
+    step = tmp_path / "run" / "checkpoints" / ckpt.step_name(1)
+    meta = json.loads((step / ckpt.META_FILE).read_text())
+    assert meta.pop(ckpt.FINGERPRINT_DTYPE) == "bf16"
+    meta["frozen_fingerprint"] = old_style
+    (step / ckpt.META_FILE).write_text(json.dumps(meta, indent=1))
+    manifest = json.loads((step / ckpt.MANIFEST_FILE).read_text())
+    manifest["files"][ckpt.META_FILE] = ckpt._seal(step / ckpt.META_FILE)
+    (step / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    resumed = Trainer(None, tmp_path / "run", resume=tmp_path / "run", progress=False)
+    frozen = [p for n, p in resumed.model.named_parameters() if n not in resumed.trainable_names]
+    assert {p.dtype for p in frozen} == {torch.bfloat16}
+    assert resumed.fit()["step"] == 2
