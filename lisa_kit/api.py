@@ -273,7 +273,10 @@ class Segmenter:
             _cast(model, self.dtype)
         if self.quantization:
             _quantize_llm(model, self.quantization, self.dtype)
-        model.to(self.device)
+        # A device map placed the LLM's layers over several devices (accelerate's hooks move
+        # the hidden states) and the rest on the first: nothing to move.
+        if getattr(getattr(model.llm, "model", None), "hf_device_map", None) is None:
+            model.to(self.device)
         self.model = model
         self._num_image_tokens: int | None = getattr(model.vision_encoder, "num_tokens", None)
         self._drop_ids = self._special_ids()
@@ -302,7 +305,8 @@ class Segmenter:
 
     @classmethod
     def from_checkpoint(cls, path, *, vision_tower: str | None = None, sam: str | dict | None = None,
-                        device="cpu", precision="fp32", quantization: str | None = None, **kwargs) -> "Segmenter":
+                        device="cpu", precision="fp32", quantization: str | None = None, device_map=None,
+                        **kwargs) -> "Segmenter":
         """Load a checkpoint directory, detected from its files:
 
         * ``recipe.yaml``: lisa_kit's own format (:func:`lisa_kit.checkpoint.native.load_model`);
@@ -316,10 +320,27 @@ class Segmenter:
 
         The weights are read one tensor at a time straight into ``precision`` on ``device``
         (never a float32 copy first); a checkpoint that cannot fit there is refused before
-        reading (:class:`~lisa_kit.errors.InsufficientMemoryError`)."""
+        reading (:class:`~lisa_kit.errors.InsufficientMemoryError`).
+
+        ``device_map`` (replaces ``device``; for models larger than one GPU): ``"auto"``,
+        ``"balanced"`` or a mapping / JSON text of device -> capacity: the LLM's decoder
+        layers spread over the devices, everything else on the first, planned before any
+        weight is read (:mod:`lisa_kit.checkpoint.device_map`)."""
         from lisa_kit.builder import load_checkpoint
 
         p = Path(path).expanduser()
+        if device_map is not None:
+            from lisa_kit.checkpoint.device_map import parse_device_map
+
+            if quantization:
+                raise InputError("--device-map and --quantization cannot be combined (bitsandbytes converts the LLM "
+                                 "on one device)")
+            spec = parse_device_map(device_map)
+            dtype = PRECISIONS[_resolve_precision(precision)]
+            model = load_checkpoint(p, vision_tower=vision_tower, sam=sam,
+                                    dtype=None if dtype == torch.float32 else dtype, device_map=spec)
+            first = model.llm.model.get_input_embeddings().weight.device
+            return cls(model, device=first, precision=precision, source=str(p), **kwargs)
         load_device, load_dtype = _load_target(device, precision, quantization)
         model = load_checkpoint(p, vision_tower=vision_tower, sam=sam, dtype=load_dtype, device=load_device)
         return cls(model, device=device, precision=precision, quantization=quantization, source=str(p), **kwargs)

@@ -125,10 +125,12 @@ def build_model(recipe, registry: Registry | None = None, resolve: dict | None =
         node = m[kind]
         own = names_weights(node)
         # Only weights read from files go straight into `dtype` (a cast, identical to casting
-        # later); random initialisation and the LLM (whose added vocabulary rows are drawn
-        # after the build) stay in the build's precision and are cast afterwards.
+        # later, and never an fp32 copy of the model first); random initialisation stays in the
+        # build's precision and is cast afterwards. The LLM's added vocabulary rows, drawn after
+        # its load, come out bit-identical in `dtype` (transformers draws the whole resized
+        # matrix; torch's normal draw in bf16/fp16 equals the fp32 draw rounded: tested).
         # A build that takes `dtype` applies its own rule per tensor (io.param_dtype).
-        cast = dtype if own and kind != "llm" else None
+        cast = dtype if own else None
         return build_component(kind, node, registry, derived=derived, resolve=resolve,
                                empty=kind in empty and not own, dtype=cast)
 
@@ -209,7 +211,7 @@ def load(recipe, overrides=(), registry: Registry | None = None, dtype: torch.dt
     tensor once, cast to ``dtype`` (the mask decoder keeps its own) on ``device``; a load
     that cannot fit is refused first. Without a checkpoint, weights are random (initialised
     as the components build them) and ``dtype``/``device`` are left to the caller."""
-    from lisa_kit.recipes import check_recipe, load_recipe
+    from lisa_kit.recipes import check_recipe, load_recipe, recipe_env_origins
 
     if not hasattr(recipe, "cfg") and not isinstance(recipe, dict):
         recipe = load_recipe(recipe, overrides)
@@ -217,6 +219,17 @@ def load(recipe, overrides=(), registry: Registry | None = None, dtype: torch.dt
         recipe = load_recipe(_plain(getattr(recipe, "cfg", recipe)), overrides)
     if hasattr(recipe, "cfg"):
         check_recipe(recipe, registry=registry)
+    model = _load(recipe, registry, dtype, device)
+    if hasattr(recipe, "cfg") and model.recipe is not None and not model.recipe_env:
+        # Which recipe nodes hold environment values (by structure), for whoever writes the
+        # recipe to a file (checkpoint.native.save_model); a lisa_kit checkpoint's are its own.
+        fmt = ((model.recipe.get("weights") or {}).get("format"))
+        if fmt != "lisa_kit":
+            model.recipe_env = recipe_env_origins(recipe)
+    return model
+
+
+def _load(recipe, registry, dtype, device) -> LisaModel:
     cfg = _plain(getattr(recipe, "cfg", recipe))
     weights = cfg.get("weights") or {}
     fmt = weights.get("format", "none")
@@ -278,12 +291,15 @@ def checkpoint_kind(path) -> str | None:
 
 
 def load_checkpoint(path, vision_tower: str | None = None, sam=None, registry: Registry | None = None,
-                    dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LisaModel:
+                    dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                    device_map=None) -> LisaModel:
     """A model from a directory, detected by :func:`checkpoint_kind`: lisa_kit's own
     format, or a released LISA checkpoint (the CLIP tower from ``vision_tower`` or its
     config; SAM sizes from ``sam`` or a ``sam_config.json`` next to the weights, default
     ViT-H). LLaVA directories have no trained seg head and are refused with a pointer
-    to training. ``dtype``/``device``: see :func:`load`."""
+    to training. ``dtype``/``device``: see :func:`load`. ``device_map`` (replaces
+    ``device``): the LLM's decoder layers spread over several devices
+    (:mod:`lisa_kit.checkpoint.device_map`)."""
     from pathlib import Path
 
     from lisa_kit.errors import CheckpointError
@@ -295,11 +311,12 @@ def load_checkpoint(path, vision_tower: str | None = None, sam=None, registry: R
     if kind == "lisa_kit":
         from lisa_kit.checkpoint.native import load_model
 
-        return load_model(p, registry, dtype=dtype, device=device)
+        return load_model(p, registry, dtype=dtype, device=device, device_map=device_map)
     if kind == "lisa_hf":
         from lisa_kit.checkpoint.lisa_hf import import_lisa_hf
 
-        return import_lisa_hf(p, vision_tower=vision_tower, sam=sam, registry=registry, dtype=dtype, device=device)
+        return import_lisa_hf(p, vision_tower=vision_tower, sam=sam, registry=registry, dtype=dtype, device=device,
+                              device_map=device_map)
     if kind == "llava_hf":
         raise CheckpointError(
             f"{p} is a transformers LLaVA checkpoint: it has no trained [SEG] head or mask decoder, so it cannot "

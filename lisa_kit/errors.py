@@ -138,6 +138,21 @@ class TrainingError(LisaKitError):
     """Training cannot go on as configured (e.g. a non-finite loss under ``train.nonfinite: stop``)."""
 
 
+class EvaluationError(LisaKitError):
+    """Scoring failed while evaluating (under ``torch.distributed``: this rank's error, raised
+    typed so every rank stops together)."""
+
+
+class RankFailedError(LisaKitError):
+    """Another rank of a distributed run failed (its own error says why): raised on the ranks
+    that did not, instead of leaving them waiting in a collective the failed rank never
+    joins. ``ranks``: the ranks that failed."""
+
+    def __init__(self, message: str, *, ranks: list[int]):
+        self.ranks = ranks
+        super().__init__(message)
+
+
 class ImageSizeError(ImageError):
     """An image is outside the intake's limits (:class:`lisa_kit.images.ImageLimits`): too
     many pixels or too extreme an aspect ratio. ``size`` is ``(H, W)`` when known and

@@ -57,7 +57,7 @@ from lisa_kit.conversation import IMAGE, Conversation, encode, get_template
 from lisa_kit.data import Sample, collate
 from lisa_kit.datasets.base import DatasetReader, Record
 from lisa_kit.datasets.synthetic import CORNERS, PALETTE
-from lisa_kit.errors import UnknownComponentError
+from lisa_kit.errors import EvaluationError, LisaKitError, RankFailedError, UnknownComponentError
 from lisa_kit.interfaces import move_input
 from lisa_kit.metrics import SegMetrics
 from lisa_kit.prompts import EVAL_ANSWER, any_question, check_phrasing, eval_question, phrasing_kinds
@@ -290,7 +290,12 @@ class Evaluator:
         being gathered one by one (ranks would disagree on the number of calls).
         """
         rank, world = _rank_world()
-        local = self.collect(rank, world)
+        try:
+            local = self.collect(rank, world)
+        except Exception as e:
+            _agree(e)  # every rank raises: none waits in the gather below for one that failed
+            raise  # one process: as it is
+        _agree(None)
         states = {mode: {name: m.state() for name, m in subsets.items()} for mode, subsets in local.items()}
         merged: dict[str, dict[str, SegMetrics]] = {mode: {} for mode in self.modes}
         verdicts: dict[str, dict] = {}
@@ -363,6 +368,28 @@ def _all_gather_object(obj, world: int) -> list:
     gathered: list = [None] * world
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def _agree(failure: Exception | None) -> None:
+    """Under ``torch.distributed``, in place of the next collective after this rank's share:
+    every rank learns which ranks failed and raises a typed error (the failed rank its own,
+    a :class:`~lisa_kit.errors.LisaKitError` as it is, another error as an
+    :class:`~lisa_kit.errors.EvaluationError` chained to it; the others
+    :class:`~lisa_kit.errors.RankFailedError`), so none is left waiting in the gather."""
+    from lisa_kit.train.distributed import failed_ranks, group_env
+
+    env = group_env()
+    if not env.distributed:
+        return
+    ranks = failed_ranks(failure is not None, env)
+    if not ranks:
+        return
+    if isinstance(failure, LisaKitError):
+        raise failure
+    if failure is not None:
+        raise EvaluationError(f"evaluation failed on rank {env.rank}: {type(failure).__name__}: {failure}") from failure
+    raise RankFailedError(f"evaluation failed on rank {', '.join(map(str, ranks))} (its error says why)",
+                          ranks=ranks)
 
 
 def _rank_world() -> tuple[int, int]:

@@ -194,6 +194,8 @@ class LisaModel(nn.Module):
         self.seg_hidden = seg_hidden
         self.train_image_encoder = train_image_encoder
         self.recipe = recipe  # the resolved recipe this model was built from (plain dict)
+        # Its nodes whose values come from the environment (recipes.env_origins): set by the loaders.
+        self.recipe_env: dict = {}
         self.seg_layers = SegLayers(seg_layers, llm_num_layers(llm))
         self.reject_token = reject_token
         # prompt_strategy: text_geometry (lisa_kit.geometry_answers.TextGeometry; None = [SEG] embeddings):

@@ -28,9 +28,11 @@ than :data:`MAX_YAML_BYTES`, is refused, and errors give the file, line and prob
 the file's content (a ``base:`` may point at any file).
 
 Writing: values that came from the environment (``${oc.env:NAME}``, e.g. tokens) must
-not end up in files. :func:`env_free` turns them back into their ``${oc.env:NAME}`` text
-in any data derived from a loaded recipe; :func:`persisted_yaml` is the recipe as written
-to a run's or checkpoint's ``recipe.yaml``.
+not end up in files. :func:`env_origins` finds, by structure, the nodes of a recipe whose
+values come from the environment (directly or through node interpolations);
+:func:`env_free` writes those nodes back as their interpolation text in data resolved from
+the recipe; :func:`persisted_yaml` is the recipe as written to a run's or checkpoint's
+``recipe.yaml``.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +63,8 @@ from lisa_kit.interfaces import KINDS, SEG_HIDDEN_CHOICES, SIZE_LINKS
 __all__ = [
     "Recipe", "recipe_dirs", "list_recipes", "find_recipe", "load_recipe", "validate_recipe",
     "check_recipe", "missing_keys", "resolved_yaml", "RECIPE_PATH_ENV", "TOP_LEVEL_KEYS", "MODEL_KEYS",
-    "load_yaml_safely", "env_free", "persisted_yaml", "MAX_YAML_NODES", "MAX_YAML_BYTES",
+    "load_yaml_safely", "env_free", "env_origins", "recipe_env_origins", "persisted_yaml", "MAX_YAML_NODES",
+    "MAX_YAML_BYTES",
 ]
 
 RECIPE_PATH_ENV = "LISA_KIT_RECIPE_PATH"
@@ -405,7 +408,6 @@ def load_recipe(source: str | os.PathLike | Mapping, overrides: Iterable[str] = 
     overrides = tuple(overrides)
     for text in overrides:
         _apply_override(merged, text, sources)
-    _note_env(merged)
     try:
         cfg = OmegaConf.create(merged)
     except OmegaConfBaseException as exc:
@@ -420,48 +422,130 @@ def _as_recipe(recipe: Recipe | DictConfig | Mapping | str | os.PathLike) -> Rec
 
 # -- values from the environment ----------------------------------------------------
 _ENV_INTERPOLATION = re.compile(r"\$\{\s*oc\.env\s*:\s*([A-Za-z_][A-Za-z0-9_]*)")
-# Environment values recipes of this process interpolate -> their ``${oc.env:NAME}`` text.
-_ENV_VALUES: dict[str, str] = {}
-# Shorter values are replaced only where they are a whole value: inside longer text they
-# would match unrelated characters (and are no secret worth hiding).
+# A plain node interpolation (``${data.root}``, ``${.sibling}``, ``${..uncle}``): it copies
+# what it names, so it carries an environment value when that node does.
+_NODE_INTERPOLATION = re.compile(r"\$\{\s*(\.*[A-Za-z_][A-Za-z0-9_.]*)\s*\}")
+# Shorter environment values are replaced only where they are a whole value: inside longer
+# text they would match unrelated characters (and are no secret worth hiding).
 _MIN_EMBEDDED_ENV_VALUE = 6
 
+NodePath = tuple  # a node's path: keys (str) and list indices (int)
 
-def _note_env(data: Any) -> None:
-    """Remember the environment values that ``${oc.env:NAME}`` in ``data`` resolves to."""
+
+def _string_nodes(data: Any, path: NodePath = ()) -> Iterator[tuple[NodePath, str]]:
     if isinstance(data, dict):
-        for value in data.values():
-            _note_env(value)
-    elif isinstance(data, list):
-        for value in data:
-            _note_env(value)
+        for k, v in data.items():
+            yield from _string_nodes(v, (*path, k))
+    elif isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            yield from _string_nodes(v, (*path, i))
     elif isinstance(data, str):
-        for name in _ENV_INTERPOLATION.findall(data):
-            value = os.environ.get(name)
-            if value:
-                _ENV_VALUES[value] = f"${{oc.env:{name}}}"
+        yield path, data
 
 
-def env_free(data: Any) -> Any:
-    """A copy of ``data`` (a recipe's resolved form, a model's ``recipe``, anything made
-    from them) in which every value a recipe took from the environment is written back
-    as its ``${oc.env:NAME}`` text: what may be written to files.
+def _ref_path(at: NodePath, ref: str) -> tuple[str, ...]:
+    """The path (as strings) an interpolation ``ref`` written at node ``at`` names."""
+    dots = len(ref) - len(ref.lstrip("."))
+    parts = tuple(p for p in ref[dots:].split(".") if p)
+    base = () if dots == 0 else tuple(str(k) for k in at[:len(at) - dots])
+    return (*base, *parts)
 
-    Values are matched, not keys, so copies made by interpolations or by components
-    (``export_config``) are caught too; an environment value inside longer text (a path
-    under ``${oc.env:DATA}``) is replaced in place, which stays a valid interpolation.
-    """
-    if isinstance(data, dict):
-        return {key: env_free(value) for key, value in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [env_free(value) for value in data]
-    if isinstance(data, str) and _ENV_VALUES:
-        if data in _ENV_VALUES:
-            return _ENV_VALUES[data]
-        for value in sorted(_ENV_VALUES, key=len, reverse=True):
-            if len(value) >= _MIN_EMBEDDED_ENV_VALUE and value in data:
-                data = data.replace(value, _ENV_VALUES[value])
+
+def _overlaps(a: tuple, b: tuple) -> bool:
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
+
+
+def env_origins(raw: Any, resolved: Any = None) -> dict[NodePath, tuple[str, Any]]:
+    """``path -> (text, value)`` of every string node of an unresolved recipe (``raw``: its
+    container with interpolations as text) whose value comes from the environment: it
+    interpolates ``${oc.env:NAME}`` itself, or names (through plain node interpolations, to
+    any depth) a node that does or a section holding one. ``value``: the node's value in
+    ``resolved`` (the same recipe resolved; ``None`` when not given). Tracked by structure:
+    a literal that happens to equal an environment value is not one of them."""
+    texts = {path: text for path, text in _string_nodes(raw) if "${" in text}
+    env = {path for path, text in texts.items() if _ENV_INTERPOLATION.search(text)}
+    keyed = {path: tuple(str(k) for k in path) for path in texts}
+    changed = True
+    while changed:
+        changed = False
+        for path, text in texts.items():
+            if path in env:
+                continue
+            refs = [_ref_path(path, r) for r in _NODE_INTERPOLATION.findall(text)]
+            if any(_overlaps(ref, keyed[e]) for ref in refs for e in env):
+                env.add(path)
+                changed = True
+    return {path: (texts[path], _at(resolved, path)) for path in env}
+
+
+_ABSENT = object()
+
+
+def _at(data: Any, path: NodePath) -> Any:
+    for k in path:
+        try:
+            data = data[k]
+        except (KeyError, IndexError, TypeError):
+            return _ABSENT
     return data
+
+
+def env_free(data: Any, origins: dict[NodePath, tuple[str, Any]]) -> Any:
+    """A copy of ``data`` (a recipe's resolved form, or anything keeping its layout) in which
+    every node ``origins`` names (:func:`env_origins` of the recipe it was resolved from)
+    and that still holds the value resolved there is written back as its interpolation text
+    (``${oc.env:NAME}``, ``key ${oc.env:NAME}``, ``${data.root}``): what may be written to
+    files. Other values are never touched."""
+    out = copy.deepcopy(data)
+    for path, (text, value) in origins.items():
+        parent = _at(out, path[:-1]) if path else _ABSENT
+        if parent is _ABSENT or _at(parent, path[-1:]) is _ABSENT:
+            continue  # not in this data (a section it does not hold)
+        current = parent[path[-1]]
+        if isinstance(current, str) and (value is _ABSENT or current == value):
+            parent[path[-1]] = text
+    return out
+
+
+def env_copies(origins: dict[NodePath, tuple[str, Any]], under: NodePath) -> dict[str, str]:
+    """``value -> interpolation text`` for the environment-derived nodes under ``under``:
+    what a component built from that node may have copied into what it exports (a
+    ``pretrained`` path inside a saved config). Whole resolved values, and the environment
+    values themselves (long enough to be told apart from other text)."""
+    out: dict[str, str] = {}
+    for path, (text, value) in origins.items():
+        if path[:len(under)] != under:
+            continue
+        if isinstance(value, str) and value:
+            out[value] = text
+        for name in _ENV_INTERPOLATION.findall(text):
+            env = os.environ.get(name)
+            if env and len(env) >= _MIN_EMBEDDED_ENV_VALUE:
+                out.setdefault(env, f"${{oc.env:{name}}}")
+    return out
+
+
+def replace_copies(data: Any, copies: dict[str, str]) -> Any:
+    """``data`` with every string equal to a key of ``copies`` replaced by its value, and
+    keys found inside longer strings replaced in place (see :func:`env_copies`)."""
+    if isinstance(data, dict):
+        return {k: replace_copies(v, copies) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [replace_copies(v, copies) for v in data]
+    if isinstance(data, str) and copies:
+        if data in copies:
+            return copies[data]
+        for value in sorted(copies, key=len, reverse=True):
+            if len(value) >= _MIN_EMBEDDED_ENV_VALUE and value in data:
+                data = data.replace(value, copies[value])
+    return data
+
+
+def recipe_env_origins(recipe: Recipe | DictConfig) -> dict[NodePath, tuple[str, Any]]:
+    """:func:`env_origins` of a loaded recipe, with its resolved values."""
+    cfg = recipe.cfg if isinstance(recipe, Recipe) else recipe
+    return env_origins(OmegaConf.to_container(cfg, resolve=False), _resolve(cfg)[0])
 
 
 # -- resolving ------------------------------------------------------------------
@@ -532,13 +616,12 @@ def persisted_yaml(recipe: Recipe | DictConfig) -> str:
     :func:`env_free`): what a run or a checkpoint writes as ``recipe.yaml``. Loading it
     again through :func:`load_recipe` resolves them from the environment of that time."""
     cfg = recipe.cfg if isinstance(recipe, Recipe) else recipe
-    _note_env(OmegaConf.to_container(cfg, resolve=False))
     data, _, errors = _resolve(cfg)
     if errors:
         key, message = errors[0]
         file = recipe.source_of(key) if isinstance(recipe, Recipe) else None
         raise RecipeError(f"cannot resolve interpolation: {message}", key=key, file=file)
-    return OmegaConf.to_yaml(OmegaConf.create(env_free(data)))
+    return OmegaConf.to_yaml(OmegaConf.create(env_free(data, recipe_env_origins(cfg))))
 
 
 # -- validation -----------------------------------------------------------------

@@ -120,47 +120,59 @@ def test_truncated_files_at_random_offsets(seg, fmt, tmp_path):
     assert isinstance(_outcome(seg, Image.open(io.BytesIO(data))), SegResult)  # uncut: fine
 
 
+# What the intake (lisa_kit.images.load_image) makes of each array: ``None`` = accepted as
+# an image of the array's height and width, else a fragment of the ImageError's message.
+_SHAPES = "must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+_LEVELS = "integer images other than uint16 must hold 8-bit levels 0..255"
+_FLOAT_RANGE = "float images must lie in [0, 1] or in [0, 255]"
+_NOT_FINITE = "NaN or infinite"
+
+
 def _arrays():
     rng = np.random.default_rng(SEED)
     u8 = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
     return {
-        "bool": u8[..., 0] > 127,
-        "uint16": u8.astype(np.uint16) * 257,
-        "uint16_hw1": (u8[..., :1].astype(np.uint16) << 8),
-        "int32_levels": u8.astype(np.int32),
-        "int64_too_wide": u8.astype(np.int64) * 1000,
-        "int8_negative": u8.astype(np.int8),
-        "float_unit": u8 / 255.0,
-        "float_levels": u8.astype(np.float32),
-        "float_out_of_range": u8 * 3.5,
-        "float_negative": u8 / 255.0 - 0.5,
-        "float16": (u8 / 255.0).astype(np.float16),
-        "nan": np.full((9, 11), np.nan),
-        "inf": np.full((9, 11, 3), np.inf, np.float32),
-        "hw": u8[..., 0],
-        "hw1": u8[..., :1],
-        "hw2": u8[..., :2],
-        "hw4": np.concatenate([u8, u8[..., :1]], 2),
-        "hw5": np.concatenate([u8, u8[..., :2]], 2),
-        "zero_rows": u8[:0],
-        "zero_cols": u8[:, :0],
-        "empty": np.zeros((0,), np.uint8),
-        "scalar": np.array(7, np.uint8),
-        "4d": u8[None],
-        "complex": u8.astype(np.complex64),
-        "object": u8.astype(object),
-        "strings": np.full((9, 11), "x"),
-        "big_endian": u8.astype(">u2") * 257,
-        "non_contiguous": u8[::2, ::-1],
+        "bool": (u8[..., 0] > 127, None),
+        "uint16": (u8.astype(np.uint16) * 257, None),
+        "uint16_hw1": (u8[..., :1].astype(np.uint16) * 257, None),
+        "int32_levels": (u8.astype(np.int32), None),
+        "int64_too_wide": (u8.astype(np.int64) * 1000, _LEVELS),
+        "int8_negative": (u8.astype(np.int8), _LEVELS),
+        "float_unit": (u8 / 255.0, None),
+        "float_levels": (u8.astype(np.float32), None),
+        "float_out_of_range": (u8 * 3.5, _FLOAT_RANGE),
+        "float_negative": (u8 / 255.0 - 0.5, _FLOAT_RANGE),
+        "float16": ((u8 / 255.0).astype(np.float16), None),
+        "nan": (np.full((9, 11), np.nan), _NOT_FINITE),
+        "inf": (np.full((9, 11, 3), np.inf, np.float32), _NOT_FINITE),
+        "hw": (u8[..., 0], None),
+        "hw1": (u8[..., :1], None),
+        "hw2": (u8[..., :2], _SHAPES),
+        "hw4": (np.concatenate([u8, u8[..., :1]], 2), None),
+        "hw5": (np.concatenate([u8, u8[..., :2]], 2), _SHAPES),
+        "zero_rows": (u8[:0], "the image is empty (0x11 pixels)"),
+        "zero_cols": (u8[:, :0], "the image is empty (9x0 pixels)"),
+        "empty": (np.zeros((0,), np.uint8), _SHAPES),
+        "scalar": (np.array(7, np.uint8), _SHAPES),
+        "4d": (u8[None], _SHAPES),
+        "complex": (u8.astype(np.complex64), "dtype complex64 cannot be read as pixels"),
+        "object": (u8.astype(object), "dtype object cannot be read as pixels"),
+        "strings": (np.full((9, 11), "x"), "cannot be read as pixels"),
+        "big_endian": (u8.astype(">u2") * 257, None),
+        "non_contiguous": (u8[::2, ::-1], None),
     }
 
 
 @pytest.mark.parametrize("name", list(_arrays()))
 def test_numpy_arrays_of_odd_dtypes_and_shapes(seg, name):
-    a = _arrays()[name]
+    from lisa_kit.errors import ImageError
+
+    a, refused = _arrays()[name]
     out = _outcome(seg, a)
-    if isinstance(out, SegResult):
-        assert out.image_size == a.shape[:2]
+    if refused is None:
+        assert isinstance(out, SegResult) and out.image_size == a.shape[:2], out
+    else:
+        assert isinstance(out, ImageError) and refused in str(out), out
 
 
 def _hostile_prompts(tok_texts):

@@ -520,35 +520,22 @@ def with_fill(tensors: list[PlannedTensor], fill: Callable[[PlannedTensor], torc
 
 def stored_dtype(path: str | os.PathLike) -> torch.dtype | None:
     """The one floating dtype every weight file directly in ``path`` (a checkpoint
-    directory, or one file) stores, from safetensors headers and memory-mapped ``.bin``
-    files (no tensor data is read); ``None`` when they mix dtypes or hold none. Rotary
-    ``inv_freq`` buffers (fp32 in every release) do not count."""
-    from safetensors import safe_open
+    directory, or one file) stores, read as the loader reads them
+    (:func:`~lisa_kit.checkpoint.io.header_entries`: headers and memory-mapped pickles, no
+    tensor data); ``None`` when they mix dtypes, hold none or cannot be read (the loader
+    reports why). Rotary ``inv_freq`` buffers (fp32 in every release) do not count."""
+    from lisa_kit.checkpoint.io import header_entries
 
     path = Path(path)
     files = [path] if path.is_file() else sorted(
         f for f in path.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin", ".pth", ".pt"))
     found: set[torch.dtype] = set()
-    for f in files:
-        try:
-            if f.suffix == ".safetensors":
-                with safe_open(str(f), framework="pt") as st:
-                    items = [(k, st.get_slice(k).get_dtype()) for k in st.keys()]
-                found |= {_SAFETENSORS_FLOAT[d] for k, d in items if d in _SAFETENSORS_FLOAT
-                          and not k.endswith("inv_freq")}
-            else:
-                sd = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
-                if isinstance(sd, dict):
-                    found |= {v.dtype for k, v in sd.items() if isinstance(v, torch.Tensor)
-                              and v.is_floating_point() and not k.endswith("inv_freq")}
-                del sd
-        except Exception:  # unreadable here: the loader reports it properly
-            return None
+    try:
+        for f in files:
+            found |= {dt for k, _, dt in header_entries(f) if dt.is_floating_point and not k.endswith("inv_freq")}
+    except CheckpointError:
+        return None
     return found.pop() if len(found) == 1 else None
-
-
-_SAFETENSORS_FLOAT = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def _json(path: Path, obj: dict) -> None:

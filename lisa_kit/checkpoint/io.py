@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -110,23 +111,43 @@ def cast_component(module: nn.Module, dtype: torch.dtype) -> None:
 # -- building without memory -------------------------------------------------------------
 @contextmanager
 def empty_weights():
-    """Inside, every parameter a module registers is moved to the ``meta`` device (shape
-    and dtype kept, no memory); buffers stay real. Initialisers then run on meta tensors,
-    which costs nothing. Weights must be assigned afterwards (:class:`Placer`)."""
-    register = nn.Module.register_parameter
+    """Inside, every parameter a module registers *in this thread* is moved to the ``meta``
+    device (shape and dtype kept, no memory); buffers stay real. Initialisers then run on
+    meta tensors, which costs nothing. Weights must be assigned afterwards (:class:`Placer`).
 
-    def register_meta(module, name, param):
-        if param is not None and param.device.type != "meta":
-            extra = {k: v for k, v in param.__dict__.items() if k != "_is_param"}
-            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-            param.__dict__.update(extra)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_meta
+    Thread-safe: ``nn.Module.register_parameter`` is patched once while any thread is inside
+    (a count under a lock) and the patch asks a thread-local flag, so other threads keep
+    building real modules, and nested or concurrent uses restore the original exactly once."""
+    global _patched_users, _saved_register
+    depth = getattr(_empty_state, "depth", 0)
+    _empty_state.depth = depth + 1
+    with _patch_lock:
+        if _patched_users == 0:
+            _saved_register = nn.Module.register_parameter
+            nn.Module.register_parameter = _register_maybe_meta
+        _patched_users += 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        with _patch_lock:
+            _patched_users -= 1
+            if _patched_users == 0:
+                nn.Module.register_parameter = _saved_register
+        _empty_state.depth = depth
+
+
+_patch_lock = threading.Lock()
+_patched_users = 0  # threads (and nested uses) inside empty_weights, under _patch_lock
+_saved_register = nn.Module.register_parameter  # what the patch wraps (set when it is installed)
+_empty_state = threading.local()  # .depth: this thread's nesting of empty_weights
+
+
+def _register_maybe_meta(module, name, param):
+    if getattr(_empty_state, "depth", 0) and param is not None and param.device.type != "meta":
+        extra = {k: v for k, v in param.__dict__.items() if k != "_is_param"}
+        param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        param.__dict__.update(extra)
+    _saved_register(module, name, param)
 
 
 def meta_keys(module: nn.Module) -> list[str]:
@@ -322,12 +343,14 @@ def checkpoint_keys(path: str | os.PathLike) -> list[str]:
     for index in INDEX_FILES:
         if p.is_dir() and (p / index).exists():
             return list(_weight_map(p / index))
-    return [k for k, _, _ in _header_entries(path)]
+    return [k for k, _, _ in header_entries(path)]
 
 
-def _header_entries(path: str | os.PathLike) -> Iterator[tuple[str, tuple[int, ...], torch.dtype]]:
-    """``(key, shape, dtype)`` of every tensor without reading data (safetensors headers; a
-    memory-mapped ``.bin`` reads its pickle only)."""
+def header_entries(path: str | os.PathLike) -> Iterator[tuple[str, tuple[int, ...], torch.dtype]]:
+    """``(key, shape, dtype)`` of every tensor of a checkpoint (a file or a directory, see
+    :func:`checkpoint_files`) without reading data: safetensors headers (checked against the
+    file size), a memory-mapped torch pickle's tensors (``weights_only``; a ``state_dict``
+    wrapper unwrapped). The one header reader: loading, estimates and export ask it."""
     for f in checkpoint_files(path):
         if f.suffix == ".safetensors":
             for k, (dtype, shape, _, _) in _safetensors_header(f)[1].items():
@@ -344,11 +367,14 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 # -- memory ------------------------------------------------------------------------------
-def estimate_bytes(path: str | os.PathLike, dtype_for: Callable[[str], torch.dtype | None] = lambda k: None) -> int:
+def estimate_bytes(path: str | os.PathLike, dtype_for: Callable[[str], torch.dtype | None] = lambda k: None,
+                   keep: Callable[[str], bool] = lambda k: True) -> int:
     """Bytes the tensors of ``path`` take once loaded: floating tensors at ``dtype_for(key)``
-    (``None``: as stored), others as stored. Read from headers only."""
+    (``None``: as stored), others as stored; only the keys ``keep`` accepts. Read from headers only."""
     total = 0
-    for k, shape, dt in _header_entries(path):
+    for k, shape, dt in header_entries(path):
+        if not keep(k):
+            continue
         target = dtype_for(k) if dt.is_floating_point else None
         total += _numel(shape) * (target or dt).itemsize
     return total
@@ -418,7 +444,8 @@ class Placer:
     Each tensor is converted once: floating tensors to ``dtype`` as the module's own rule
     gives it per key (:func:`param_dtype`: prefixes the module declares keep the dtype the
     slot was built with; ``dtype=None``: every slot's own), everything to ``device`` (``None``: the slot's device, CPU for a
-    meta slot). Parameters shared under several names (tied embeddings) stay shared.
+    meta slot; a callable: ``key -> device``, a device map's placement). Parameters shared under several names
+    (tied embeddings) stay shared.
     ``copy``: never keep the given tensors themselves (they belong to the caller, e.g. another
     module's state dict); tensors read by :func:`iter_tensors` are the loader's own and are
     kept when already in the target dtype and device.
@@ -426,10 +453,11 @@ class Placer:
     and unexpected keys and refuses a module left with meta tensors."""
 
     def __init__(self, module: nn.Module, component: str, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, file: str | os.PathLike | None = None,
-                 copy: bool = False):
+                 device: torch.device | str | Callable[[str], torch.device] | None = None,
+                 file: str | os.PathLike | None = None, copy: bool = False):
         self.module, self.component, self.dtype, self.file, self.copy = module, component, dtype, file, copy
-        self.device = torch.device(device) if device is not None else None
+        fixed = torch.device(device) if device is not None and not callable(device) else None
+        self.device_for: Callable[[str], torch.device | None] = device if callable(device) else (lambda key: fixed)
         self.expected = set(module.state_dict(keep_vars=True))
         self.seen: set[str] = set()
         self.unexpected: list[str] = []
@@ -459,7 +487,7 @@ class Placer:
             raise CheckpointError(f"{self.component}.{key} is stored as {value.dtype}, which cannot be loaded into "
                                   f"a {old.dtype} tensor", component=self.component, key=key, file=file)
         dtype = (param_dtype(self.module, key, self.dtype) if old.is_floating_point() else None) or old.dtype
-        device = self.device or (old.device if old.device.type != "meta" else torch.device("cpu"))
+        device = self.device_for(key) or (old.device if old.device.type != "meta" else torch.device("cpu"))
         with torch.no_grad():
             new = value.to(device=device, dtype=dtype, copy=self.copy)
             if new.data_ptr() % _ALIGNMENT:  # e.g. a view into someone's memory-mapped file
@@ -509,11 +537,16 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], component: str,
 
 
 def load_file_into(module: nn.Module, path: str | os.PathLike, component: str, strict: bool = True,
-                   dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LoadReport:
-    """:func:`load_into` streaming from a checkpoint file or directory, one tensor at a time."""
+                   dtype: torch.dtype | None = None,
+                   device: torch.device | str | Callable[[str], torch.device] | None = None,
+                   keys: Callable[[str], str | None] | None = None) -> LoadReport:
+    """:func:`load_into` streaming from a checkpoint file or directory, one tensor at a time.
+    ``keys``: the module's key for a file's key (``None``: not for this module, skipped)."""
     placer = Placer(module, component, dtype=dtype, device=device, file=path)
     for k, v, f in iter_tensors(path):
-        placer.put(k, v, f)
+        key = keys(k) if keys is not None else k
+        if key is not None:
+            placer.put(key, v, f)
     return placer.finish(strict)
 
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from lisa_kit.checkpoint.device_map import Placement, plan
 from lisa_kit.checkpoint.io import (LoadReport, Placer, checkpoint_keys, component_dtype, declared_class,
                                     ensure_memory, estimate_bytes, iter_tensors, load_state_dict, meta_keys,
                                     param_dtype)
@@ -175,11 +177,12 @@ def _targets(model) -> dict:
             "seg_head": model.seg_head, "vision_encoder": model.vision_encoder}
 
 
-def lisa_bytes(path: str | Path, dtype: torch.dtype | None = None, classes: dict | None = None) -> int:
+def lisa_bytes(path: str | Path, dtype: torch.dtype | None = None, classes: dict | None = None,
+               parts: Callable[[str], bool] = lambda part: True) -> int:
     """Bytes the checkpoint's tensors take once loaded at ``dtype`` (a load without ``dtype``,
     and the keys a component keeps, in float32 as the components are built); from headers
     only. ``classes``: kind -> what the recipe builds (:func:`~lisa_kit.checkpoint.io.declared_class`;
-    missing: the kind's interface)."""
+    missing: the kind's interface); ``parts``: which components' keys to count."""
     classes = classes or {}
 
     def dtype_for(k):
@@ -187,7 +190,7 @@ def lisa_bytes(path: str | Path, dtype: torch.dtype | None = None, classes: dict
         owner = classes.get(part, declared_class(part, None))
         return param_dtype(owner, key, dtype) or torch.float32
 
-    return estimate_bytes(path, dtype_for)
+    return estimate_bytes(path, dtype_for, keep=lambda k: parts(route_lisa_key(k)[0]))
 
 
 def load_lisa_weights(model, path: str | Path, lora_alpha: float = 16, lora_r: int | None = None,
@@ -204,7 +207,12 @@ def load_lisa_weights(model, path: str | Path, lora_alpha: float = 16, lora_r: i
     else:
         source = iter_tensors(path)
     targets = _targets(model)
-    placers = {kind: Placer(mod, kind, dtype=dtype, device=device, file=path)
+    placement = device if isinstance(device, Placement) else None
+
+    def where(mod):
+        return placement.device_for(mod, model.llm.model) if placement else device
+
+    placers = {kind: Placer(mod, kind, dtype=dtype, device=where(mod), file=path)
                for kind, mod in targets.items()}
     # A component that renames keys (transformers' SAM; CLIP 4.x/5.x layouts) sees its whole part at once.
     collected = {kind: {} for kind, mod in targets.items() if hasattr(mod, "normalize_keys")}
@@ -243,38 +251,61 @@ def load_lisa_weights(model, path: str | Path, lora_alpha: float = 16, lora_r: i
     if "vision_encoder" not in loaded and placers["vision_encoder"].seen:
         loaded.append("vision_encoder")
     reports = [placers[kind].finish(strict) for kind in loaded]
-    if device is not None:
+    if placement is not None:
+        placement.dispatch(model)
+    elif device is not None:
         model.to(device)  # buffers; the parameters are there already
     return reports
+
+
+def _lisa_needed(recipe: dict, path: str | Path, dtype: torch.dtype | None,
+                 parts: Callable[[str], bool] = lambda part: True) -> int:
+    """Bytes the checkpoint's parts accepted by ``parts`` and the CLIP tower it names take at ``dtype``."""
+    classes = {kind: declared_class(kind, recipe["model"].get(kind)) for kind in LISA_PARTS}
+    needed = lisa_bytes(path, dtype, classes, parts)
+    tower = (recipe["model"]["vision_encoder"] or {}).get("pretrained")
+    if tower and parts("vision_encoder"):
+        try:
+            needed += estimate_bytes(tower, lambda k: component_dtype("vision_encoder", dtype))
+        except CheckpointError:
+            pass  # no readable weights there: the tower's build reports it
+    return needed
 
 
 def ensure_lisa_memory(recipe: dict, path: str | Path, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> None:
     """Refuse (:class:`~lisa_kit.errors.InsufficientMemoryError`) before reading anything
     when the checkpoint and the CLIP tower it names will not fit ``device`` at ``dtype``."""
-    classes = {kind: declared_class(kind, recipe["model"].get(kind)) for kind in LISA_PARTS}
-    needed = lisa_bytes(path, dtype, classes)
-    tower = (recipe["model"]["vision_encoder"] or {}).get("pretrained")
-    if tower:
-        try:
-            needed += estimate_bytes(tower, lambda k: component_dtype("vision_encoder", dtype))
-        except CheckpointError:
-            pass  # no readable weights there: the tower's build reports it
-    ensure_memory(needed, device, str(path))
+    ensure_memory(_lisa_needed(recipe, path, dtype), device, str(path))
+
+
+def plan_lisa(recipe: dict, path: str | Path, dtype: torch.dtype | None, device_map, registry=None) -> Placement:
+    """The multi-device :class:`~lisa_kit.checkpoint.device_map.Placement` of a LISA
+    checkpoint, planned before anything is read (the LLM built on the meta device)."""
+    from lisa_kit.builder import build_component
+
+    llm = build_component("llm", recipe["model"]["llm"], registry, empty=True)
+    return plan(llm, _lisa_needed(recipe, path, dtype, lambda part: part != "llm"),
+                lambda k, t: param_dtype(llm.model, k, dtype) or t.dtype, device_map,
+                llm_bytes=lisa_bytes(path, dtype, parts=lambda part: part == "llm"))
 
 
 def import_lisa_hf(path: str | Path, vision_tower: str | None = None, sam: str | dict | None = None,
                    seg_hidden: str = "previous", registry=None, dtype: torch.dtype | None = None,
-                   device: torch.device | str | None = None):
+                   device: torch.device | str | None = None, device_map=None):
     """Build the reference recipe for a released LISA checkpoint and load its weights:
     the parts the checkpoint holds are built without memory and filled one tensor at a
-    time in ``dtype`` on ``device`` (see :func:`load_lisa_weights`)."""
+    time in ``dtype`` on ``device`` (see :func:`load_lisa_weights`). ``device_map``
+    (replaces ``device``): see :mod:`lisa_kit.checkpoint.device_map`."""
     from lisa_kit.builder import build_model
 
     if sam is None and (Path(path) / "sam_config.json").exists():  # written by lisa_kit's export
         sam = str(Path(path) / "sam_config.json")
     recipe = lisa_recipe(path, vision_tower=vision_tower, sam=sam, seg_hidden=seg_hidden)
-    ensure_lisa_memory(recipe, path, dtype, device)
+    if device_map is not None:
+        device = plan_lisa(recipe, path, dtype, device_map, registry)
+    else:
+        ensure_lisa_memory(recipe, path, dtype, device)
     model = build_model(recipe, registry, empty=LISA_PARTS, dtype=dtype)
     load_lisa_weights(model, path, dtype=dtype, device=device)
     return model

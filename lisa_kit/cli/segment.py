@@ -43,6 +43,10 @@ def _add_model_args(p: argparse.ArgumentParser, *, out: bool = True) -> None:
                    help="cpu, cuda, cuda:N or auto (default: auto = cuda when available)")
     g.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="weights and activations (default fp32; fp16 needs a GPU)")
+    g.add_argument("--device-map", default=None, metavar="auto|balanced|JSON",
+                   help="--checkpoint only, for models larger than one GPU: spread the LLM's decoder layers over the "
+                        "visible GPUs (auto: fill in order; balanced: even) or over the devices of a JSON of "
+                        "capacities ('{\"cuda:0\": \"20GiB\", \"cuda:1\": \"40GiB\"}'); replaces --device")
     g.add_argument("--quantization", default=None, choices=("8bit", "4bit"),
                    help="load the LLM 8-/4-bit with bitsandbytes (CUDA only)")
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
@@ -72,9 +76,16 @@ def _load_segmenter(args):
         from lisa_kit.errors import InputError
 
         raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    extra = {}
+    if args.device_map is not None:
+        if args.checkpoint is None:
+            from lisa_kit.errors import InputError
+
+            raise InputError("--device-map applies to --checkpoint")
+        extra["device_map"] = args.device_map
     return api.load(recipe, overrides, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
                     quantization=args.quantization, vision_tower=args.vision_tower,
-                    max_new_tokens=args.max_new_tokens, image_limits=_limits(args))
+                    max_new_tokens=args.max_new_tokens, image_limits=_limits(args), **extra)
 
 
 def _out_dir(path: str) -> Path:

@@ -62,12 +62,14 @@ def _run(args: argparse.Namespace) -> int:
         resume = out
     if recipe is None and resume is None:
         raise InputError("give a RECIPE (or --resume DIR)")
-    from lisa_kit.train.signals import Interrupted, exit_code
+    from lisa_kit.train.signals import Interrupted, exit_code, ignore_signals_after_stop, ignore_signals_to_exit
 
+    ignore_signals_after_stop()  # a stopped run's process ends with 130/143, whatever the launcher sends then
     try:
         summary = train(recipe, out, overrides=overrides, resume=resume, stop_after=args.stop_after,
                         progress=not args.no_progress, device=args.device)
     except Interrupted as e:  # signalled again while stopping: out without the last checkpoint
+        ignore_signals_to_exit()
         print(f"error: {e}: aborted; a checkpoint being written is left as a .tmp directory and the previous "
               "checkpoints are intact (continue with --resume)", file=sys.stderr)
         return exit_code(e.signum)
@@ -82,6 +84,7 @@ def _run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         print(json.dumps({"out": summary["out"], "checkpoint": summary["checkpoint"], "step": summary["step"],
                           **({"signal": summary["signal"]} if summary.get("signal") else {})}))
+    ignore_signals_to_exit()
     return summary.get("exit_code", 0)  # 130/143 after a SIGINT/SIGTERM stop, as if killed by it
 
 

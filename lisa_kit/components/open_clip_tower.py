@@ -10,8 +10,10 @@ Two ways to build one:
 
 * ``model_name`` (an open_clip config name: ``ViT-L-14``, ``ViT-L-14-336``,
   ``ViT-SO400M-14-SigLIP``…) + ``pretrained``: a local weights file of that model (the
-  ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin`` of its hub repo),
-  loaded by ``open_clip.create_model(pretrained=FILE)``. Nothing is downloaded: a hub tag
+  ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin`` of its hub repo): the
+  vision tower ``open_clip.create_model`` would build, built without memory and given the
+  file's ``visual.*`` tensors one at a time (the text tower is never built or read; with
+  ``dtype``, each tensor is cast once into it). Nothing is downloaded: a hub tag
   such as ``openai`` is refused. ``tag`` names the tag the file was released under, so
   its preprocessing (mean/std, resize mode) and QuickGELU setting apply — open_clip
   cannot know them from a bare file.
@@ -182,16 +184,33 @@ def _check_file(pretrained: str, model_name: str | None) -> str:
 
 def build_open_clip(model_name: str | None = None, pretrained: str | None = None, config: dict | None = None,
                     tag: str | None = None, select_layer: int = -2, norm: bool = False,
-                    preprocess: dict | None = None) -> OpenClipVisionEncoder:
+                    preprocess: dict | None = None, dtype: str | torch.dtype | None = None) -> OpenClipVisionEncoder:
     """``model_name`` + ``pretrained`` (a local file) or ``config`` (+ optional
     ``pretrained``); see the module docstring. ``norm``: apply the tower's final norm to
     the selected tokens (LLaVA does not). ``preprocess``: overrides of open_clip's
     preprocess config (``mean``, ``std``, ``interpolation``, ``resize_mode``,
-    ``fill_color``; ``size`` is the tower's)."""
-    return _build(model_name, pretrained, config, tag, select_layer, norm, preprocess, default_preprocess=None)
+    ``fill_color``; ``size`` is the tower's). ``dtype``: the precision ``pretrained``'s
+    weights are read into (default: as built, fp32)."""
+    return _build(model_name, pretrained, config, tag, select_layer, norm, preprocess, default_preprocess=None,
+                  dtype=dtype)
 
 
-def _build(model_name, pretrained, config, tag, select_layer, norm, preprocess, default_preprocess):
+def _load_visual(pretrained: str, cfg: dict, dtype):
+    """The vision tower of ``cfg`` built without memory, with the ``visual.*`` tensors of the
+    weights file ``pretrained`` (a whole open_clip model) -- or all of them (a tower alone)
+    -- read one at a time straight into ``dtype``; the text tower's are never loaded."""
+    from lisa_kit.checkpoint.io import checkpoint_keys, empty_weights, load_file_into
+    from lisa_kit.components._util import resolve_dtype
+
+    with empty_weights():
+        visual = _build_tower(cfg)
+    whole = any(k.startswith("visual.") for k in checkpoint_keys(pretrained))
+    load_file_into(visual, pretrained, "vision_encoder:open_clip", dtype=resolve_dtype(dtype),
+                   keys=(lambda k: k[len("visual."):] if k.startswith("visual.") else None) if whole else None)
+    return visual
+
+
+def _build(model_name, pretrained, config, tag, select_layer, norm, preprocess, default_preprocess, dtype=None):
     import open_clip
     from open_clip.transform import PreprocessCfg
 
@@ -227,24 +246,17 @@ def _build(model_name, pretrained, config, tag, select_layer, norm, preprocess, 
         cfg = copy.deepcopy(cfg)
         if tag_cfg.get("quick_gelu"):
             cfg["quick_gelu"] = True
-        if pretrained is not None:
-            model = open_clip.create_model(model_name, pretrained=_check_file(pretrained, model_name),
-                                           force_quick_gelu=bool(cfg.get("quick_gelu")), weights_only=True)
-            visual = model.visual
-            del model  # the text tower is not needed
+        if pretrained is not None:  # the tower open_clip.create_model builds, without the text tower
+            visual = _load_visual(_check_file(pretrained, model_name), cfg, dtype)
         else:  # random weights, e.g. for benchmarks of the full-size shapes
             visual = _build_tower(cfg)
     else:
         cfg = copy.deepcopy(dict(config))
         pre.update(cfg.pop("preprocess_cfg", None) or {})
-        visual = _build_tower(cfg)
         if pretrained is not None:
-            from lisa_kit.checkpoint.io import load_into, load_state_dict
-
-            state = load_state_dict(_check_file(pretrained, None))
-            if any(k.startswith("visual.") for k in state):  # a whole open_clip model: its tower
-                state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-            load_into(visual, state, "vision_encoder:open_clip")
+            visual = _load_visual(_check_file(pretrained, None), cfg, dtype)
+        else:
+            visual = _build_tower(cfg)
     size = size_hw(visual.image_size)
     given = (preprocess or {}).get("size")
     if given is not None and size_hw(given) != size:
@@ -258,11 +270,12 @@ def _build(model_name, pretrained, config, tag, select_layer, norm, preprocess, 
 
 def build_open_clip_siglip(model_name: str | None = None, pretrained: str | None = None, config: dict | None = None,
                            tag: str | None = None, select_layer: int = -2, norm: bool = False,
-                           preprocess: dict | None = None) -> OpenClipVisionEncoder:
+                           preprocess: dict | None = None,
+                           dtype: str | torch.dtype | None = None) -> OpenClipVisionEncoder:
     """:func:`build_open_clip` with SigLIP's preprocessing as the default (squash to the
     tower's size, mean = std = 0.5), which a bare weights file cannot tell open_clip."""
     return _build(model_name, pretrained, config, tag, select_layer, norm, preprocess,
-                  default_preprocess=SIGLIP_PREPROCESS)
+                  default_preprocess=SIGLIP_PREPROCESS, dtype=dtype)
 
 
 def sizes_open_clip(model_name: str | None = None, config: dict | None = None, **_) -> dict:

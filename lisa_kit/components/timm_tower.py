@@ -146,24 +146,28 @@ def _classifier_prefixes(model) -> tuple[str, ...]:
 
 def build_timm(model_name: str, pretrained: str | None = None, model_kwargs: dict | None = None,
                select_layer: int | None = None, norm: bool = False, image_size: int | list[int] | None = None,
-               data_config: dict | None = None) -> TimmVisionEncoder:
+               data_config: dict | None = None, dtype: str | torch.dtype | None = None) -> TimmVisionEncoder:
     """``model_name``: a timm architecture, optionally with its pretrained tag
     (``vit_large_patch14_clip_336.openai``: the tag picks the preprocessing, nothing is
     downloaded); ``model_kwargs``: constructor arguments (``img_size``, ``embed_dim``,
     ``depth``, ``dims`` …); ``image_size``: input size (default: a ViT's own, otherwise
     the pretrained config's); ``data_config``: overrides of timm's data config
     (``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``); ``norm``: apply
-    the model's final norm to the selected features."""
+    the model's final norm to the selected features; ``dtype``: the precision
+    ``pretrained``'s weights are read into (built without memory, each tensor cast once;
+    default: as built, fp32)."""
+    from contextlib import nullcontext
+
     from timm.data import resolve_data_config
 
-    from lisa_kit.checkpoint.io import load_into, load_state_dict
+    from lisa_kit.checkpoint.io import empty_weights, load_file_into
+    from lisa_kit.components._util import resolve_dtype
 
     for k in data_config or {}:
         if k not in DATA_CONFIG_KEYS:
             raise RecipeError(f"unknown data_config key {k!r}; timm's are {', '.join(DATA_CONFIG_KEYS)}",
                               key=f"model.vision_encoder.data_config.{k}")
     kwargs = dict(model_kwargs or {})
-    model = _create(model_name, kwargs)
     if pretrained is not None:
         import os
 
@@ -171,9 +175,13 @@ def build_timm(model_name: str, pretrained: str | None = None, model_kwargs: dic
             raise CheckpointError(f"timm weights file not found: {pretrained} (lisa_kit never downloads; fetch the "
                                   "model.safetensors of the timm model first)", component="vision_encoder:timm",
                                   key="model.vision_encoder.pretrained", file=pretrained)
+    # With weights to read: built without memory, each tensor read straight into `dtype`.
+    with empty_weights() if pretrained is not None else nullcontext():
+        model = _create(model_name, kwargs)
+    if pretrained is not None:
         drop = _classifier_prefixes(model)  # built without a classifier: its weights are not loaded
-        state = {k: v for k, v in load_state_dict(pretrained).items() if not k.startswith(drop)}
-        load_into(model, state, "vision_encoder:timm")
+        load_file_into(model, pretrained, "vision_encoder:timm", dtype=resolve_dtype(dtype),
+                       keys=lambda k: None if k.startswith(drop) else k)
     args: dict = {k: tuple(v) if isinstance(v, list) else v for k, v in (data_config or {}).items()}
     size = image_size
     if size is None and "input_size" not in args and hasattr(model, "patch_embed"):

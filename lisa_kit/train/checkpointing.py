@@ -95,13 +95,30 @@ def _tuplify(x):
 
 # -- frozen-weight fingerprint ----------------------------------------------------------------
 
-def frozen_fingerprint(model) -> dict[str, list[float]]:
-    """``name -> [sum, sum of squares]`` (float64) of every frozen parameter."""
+# Meta key: the precision the frozen fingerprint was taken in (the frozen weights' training
+# dtype: ``bf16``/``fp16``; ``None``: fp32). Checkpoints without it fingerprinted fp32 values.
+FINGERPRINT_DTYPE = "frozen_fingerprint_dtype"
+_DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fingerprint_dtype(meta: dict) -> torch.dtype | None:
+    """The dtype a checkpoint's frozen fingerprint was taken in (``None``: fp32)."""
+    return _DTYPE_NAMES.get(meta.get(FINGERPRINT_DTYPE))
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    return next((k for k, v in _DTYPE_NAMES.items() if v == dtype), None)
+
+
+def frozen_fingerprint(model, dtype: torch.dtype | None = None) -> dict[str, list[float]]:
+    """``name -> [sum, sum of squares]`` (float64) of every frozen parameter, its values
+    rounded to ``dtype`` first when given (a model loaded in fp32 fingerprints as the same
+    weights loaded straight into bf16: the load's cast is the same rounding)."""
     out = {}
     with torch.no_grad():
         for n, p in model.named_parameters():
             if not p.requires_grad:
-                t = p.detach().double()
+                t = (p.detach().to(dtype) if dtype is not None else p.detach()).double()
                 out[n] = [float(t.sum()), float((t * t).sum())]
     return out
 
@@ -468,7 +485,7 @@ def load_trained_model(path: str | os.PathLike, merge: bool = False, registry=No
     if cfg.uses_lora:
         apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
     names = set_trainable(model, cfg)
-    check_fingerprint(data.meta.get("frozen_fingerprint"), frozen_fingerprint(model))
+    check_fingerprint(data.meta.get("frozen_fingerprint"), frozen_fingerprint(model, fingerprint_dtype(data.meta)))
     load_trainable(model, data.weights, names, file=ck / WEIGHTS_FILE)
     if merge:
         merge_lora(model)

@@ -39,8 +39,9 @@ and its DeepSpeed config::
       max_length: 512              # --model_max_length (text tokens per row, for collate)
       workers: 4                   # --workers
       shuffle: true
-      cast_frozen: true            # bf16/fp16: frozen weights stored in that dtype (LISA loads the
-                                   # model in bf16); trained weights stay fp32 masters
+      cast_frozen: true            # bf16/fp16: frozen weights loaded straight into that dtype (LISA
+                                   # loads the model in bf16); trained weights are fp32 masters of
+                                   # the loaded values
 
 Unknown keys and wrong types raise :class:`~lisa_kit.errors.RecipeError` naming
 ``train.<key>``.
@@ -125,6 +126,16 @@ class TrainConfig:
     def uses_lora(self) -> bool:
         """LoRA adapters are added to the LLM (``lora.r > 0`` and the LLM trains)."""
         return self.train_llm and self.lora.r > 0
+
+    @property
+    def frozen_dtype(self):
+        """The ``torch.dtype`` frozen weights are stored in (``cast_frozen`` with bf16/fp16);
+        ``None``: fp32 like the rest. A sharded run (FSDP2) casts through its policy instead."""
+        import torch
+
+        if self.precision in (None, "fp32") or not self.cast_frozen:
+            return None
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` for optimizer step ``step`` (0-based): DeepSpeed's

@@ -110,6 +110,25 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     return t.tolist()
 
 
+def failed_ranks(failed: bool, env: DistEnv) -> list[int]:
+    """The ranks on which ``failed`` is true (collective: every rank calls it, failed or not;
+    ``[]`` or ``[0]`` in one process). Called in place of the next collective after work that
+    may fail on some ranks only, so every rank learns of it and none is left waiting."""
+    if not env.distributed:
+        return [0] if failed else []
+    flags = all_reduce_sum([float(failed and r == env.rank) for r in range(env.world_size)], env)
+    return [r for r, f in enumerate(flags) if f]
+
+
+def group_env() -> DistEnv:
+    """A :class:`DistEnv` for the process group this process has joined (one process: the default)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistEnv()
+    backend = dist.get_backend()
+    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), device=dev, backend=backend)
+
+
 def all_gather_object(obj, env: DistEnv) -> list:
     if not env.distributed:
         return [obj]

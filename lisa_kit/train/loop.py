@@ -46,13 +46,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from lisa_kit.errors import CheckpointError, DataError, InputError, RecipeError, TrainingError
+from lisa_kit.errors import (CheckpointError, DataError, InputError, LisaKitError, RankFailedError, RecipeError,
+                             TrainingError)
 from lisa_kit.provenance import git_state, versions
 from lisa_kit.train import checkpointing as ckpt
 from lisa_kit.train.config import TrainConfig
-from lisa_kit.train.distributed import (DistEnv, all_gather_object, all_reduce_sum, barrier, full_state,
-                                        init_distributed, launched_rank, load_optimizer_state, optimizer_state,
-                                        wrap_model)
+from lisa_kit.train.distributed import (DistEnv, all_gather_object, all_reduce_sum, barrier, failed_ranks,
+                                        full_state, init_distributed, launched_rank, load_optimizer_state,
+                                        optimizer_state, wrap_model)
 from lisa_kit.train.signals import StopSignals, exit_code, stderr_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -192,9 +193,10 @@ class Trainer:
         from lisa_kit.conversation import get_template
         from lisa_kit.datasets.hybrid import hybrid_from_config
         from lisa_kit.loss import LossWeights
-        from lisa_kit.recipes import check_recipe, env_free, load_recipe, load_yaml_safely, persisted_yaml
+        from lisa_kit.recipes import (check_recipe, env_free, load_recipe, load_yaml_safely, persisted_yaml,
+                                      recipe_env_origins)
         from lisa_kit.train.lora import apply_lora
-        from lisa_kit.train.trainable import cast_frozen, set_trainable, trainable_parameters
+        from lisa_kit.train.trainable import cast_frozen, set_trainable, trainable_parameters, upcast_trainable
 
         self.progress = progress
         self.stop_after = stop_after
@@ -230,7 +232,7 @@ class Trainer:
         if resumed is not None and resumed.recipe_yaml:
             old = _flatten(load_yaml_safely(resumed.recipe_yaml, origin=str(resume_from / ckpt.RECIPE_FILE))
                            .get("model", {}))
-            new = _flatten(env_free(self.plain).get("model", {}))
+            new = _flatten(env_free(self.plain, recipe_env_origins(self.recipe)).get("model", {}))
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if diff:
                 raise CheckpointError("the recipe's model differs from the one the checkpoint was trained with",
@@ -238,7 +240,15 @@ class Trainer:
 
         # -- model: build (seeded), LoRA, trainable set -------------------------------------
         torch.manual_seed(cfg.seed)
-        model = load(self.recipe, registry=registry)
+        # Frozen weights are read straight into their training precision (the CPU peak is the
+        # final model, never an fp32 model first); FSDP2 keeps fp32 and casts through its policy.
+        frozen_dtype = cfg.frozen_dtype if not env.sharded else None
+        # A checkpoint of an older version fingerprinted its frozen weights in fp32 before the
+        # cast: resumed the way it was built (fp32 load, then the cast below).
+        legacy = resumed is not None and ckpt.FINGERPRINT_DTYPE not in resumed.meta
+        read_dtype = None if legacy else frozen_dtype
+        self.fingerprint_dtype = read_dtype
+        model = load(self.recipe, registry=registry, dtype=read_dtype)
         if cfg.uses_lora:
             apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
         if cfg.activation_checkpointing:
@@ -248,16 +258,18 @@ class Trainer:
                 raise RecipeError(f"the LLM does not support activation checkpointing: {e}",
                                   key="train.activation_checkpointing") from e
         self.trainable_names = set_trainable(model, cfg)
-        self.fingerprint = ckpt.frozen_fingerprint(model)
+        if read_dtype is not None:
+            upcast_trainable(model)
+        self.fingerprint = ckpt.frozen_fingerprint(model, read_dtype)
         if resumed is not None:
             ckpt.check_fingerprint(resumed.meta.get("frozen_fingerprint"), self.fingerprint)
             ckpt.load_trainable(model, resumed.weights, self.trainable_names, file=resume_from / ckpt.WEIGHTS_FILE)
         self.dtype = DTYPES[cfg.precision]
-        fsdp = env.sharded
-        if cfg.precision != "fp32" and cfg.cast_frozen and not fsdp:  # FSDP2 casts through its policy
-            # Before the move: the accelerator never holds the frozen weights in fp32 (LISA-7B:
-            # 27 GB in fp32, 13.5 GB in bf16 -- the difference between fitting 24 GB or not).
-            cast_frozen(model, self.dtype)
+        if frozen_dtype is not None:
+            # Parts with random initial weights (built in fp32) that stay frozen; before the
+            # move, so the accelerator never holds frozen weights in fp32 (LISA-7B: 27 GB in
+            # fp32, 13.5 GB in bf16 -- the difference between fitting 24 GB or not).
+            cast_frozen(model, frozen_dtype)
         model.to(env.device)
         self.model = model
         self.weights = LossWeights(**{k: float(v) for k, v in (self.plain.get("loss") or {}).items()})
@@ -508,6 +520,7 @@ class Trainer:
         """Write a checkpoint (collective; rank 0 writes). ``name``: ``step_XXXXXX`` by
         default (then older ones are pruned to ``keep_last``), or e.g. ``best``."""
         env = self.env
+        what = f"the checkpoint {name or ckpt.step_name(self.step)} of step {self.step}"
         weights = full_state(self.model, self.trainable_names, env)
         optim = optimizer_state(self.model, self.optimizer, env)
         rngs = all_gather_object(ckpt.rng_state(), env)
@@ -515,18 +528,28 @@ class Trainer:
         try:
             if env.is_main:
                 path = self._write(name, weights, optim, rngs)
-        except OSError as e:
+        except Exception as e:  # any failure, not only I/O: the other ranks must hear of it
             failure = e
-        self._agree_on_failure(failure, f"the checkpoint {name or ckpt.step_name(self.step)} of step {self.step}")
+        self._agree_on_failure(failure, what)
         return path
 
-    def _agree_on_failure(self, failure: OSError | None, what: str) -> None:
+    def _agree_on_failure(self, failure: BaseException | None, what: str) -> None:
         """In place of a barrier after rank 0 wrote ``what``: every rank learns whether the
-        write failed and raises, so none waits in a collective that rank 0 never joins."""
-        if all_reduce_sum([float(failure is not None)], self.env)[0]:
-            if failure is not None:
-                raise self._write_error(failure, what) from failure
-            raise TrainingError(f"rank 0 could not write {what} (its error says why)")
+        write failed anywhere and raises a typed error, so none waits in a collective that
+        the failed rank never joins (an I/O error says what and where; another failure is a
+        :class:`TrainingError` chained to it; the ranks that did not fail raise
+        :class:`RankFailedError`)."""
+        ranks = failed_ranks(failure is not None, self.env)
+        if not ranks:
+            return
+        if isinstance(failure, OSError):
+            raise self._write_error(failure, what) from failure
+        if isinstance(failure, LisaKitError):
+            raise failure
+        if failure is not None:
+            raise TrainingError(f"could not write {what}: {type(failure).__name__}: {failure}") from failure
+        raise RankFailedError(f"rank {', '.join(map(str, ranks))} could not write {what} (its error says why)",
+                              ranks=ranks)
 
     def _write(self, name, weights, optim, rngs) -> Path:
         """rank 0: write the checkpoint ``name`` (default ``step_XXXXXX``, then prune)."""
@@ -535,7 +558,8 @@ class Trainer:
                 "world_size": env.world_size, "batch_size": self.cfg.batch_size, "strategy": env.strategy,
                 "optimizer_format": "fqn" if env.sharded else "index",
                 "best_giou": self.best_giou, "val": self.last_val, "trainable": self.trainable_names,
-                "frozen_fingerprint": self.fingerprint}
+                "frozen_fingerprint": self.fingerprint,
+                ckpt.FINGERPRINT_DTYPE: ckpt.dtype_name(self.fingerprint_dtype)}
         state = {"optimizer": optim, "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
         data = ckpt.CheckpointData(weights, state, rngs, meta, self.recipe_yaml)
@@ -608,12 +632,14 @@ class Trainer:
                     warnings.warn(note, stacklevel=2)
                 self._set_aside_damaged()
                 self._start_run_files()
-        except OSError as e:
+        except Exception as e:  # any failure: the other ranks must hear of it
             failure = e
         self._agree_on_failure(failure, "the run files")
         announce = stderr_line if main else (lambda text: None)
         with StopSignals(announce) as signals:  # also while saying where it stopped: torchrun may signal again
             saved = self._fit(signals)
+            if self.stopped_by is not None:  # also on the ranks that only heard of another's signal
+                signals.stopping(self.stopped_by)
             stopped = signal.Signals(self.stopped_by).name if self.stopped_by is not None else None
             if stopped and main:
                 where = f"checkpoint {saved}" if saved else "no checkpoint"

@@ -116,3 +116,16 @@ def cast_frozen(model, dtype: torch.dtype) -> int:
             p.data = p.data.to(dtype)
             n += 1
     return n
+
+
+def upcast_trainable(model) -> int:
+    """Make every trainable floating-point parameter an fp32 master weight (the model was
+    loaded in its frozen precision, so the trainable parts read from files came in bf16/
+    fp16 too). LISA does the same: its DeepSpeed bf16 run takes fp32 masters of the
+    bf16-loaded model. Returns how many tensors were cast."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.to(torch.float32)
+            n += 1
+    return n
