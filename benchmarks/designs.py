@@ -47,7 +47,8 @@ COMMON = [
     "data.samples_per_epoch=4000",
     "data.sources={synthetic: {datasets: [synthetic], rate: 1, split: train, options: {size: 4000}}}",
     "train.batch_size=4", "train.grad_accumulation=1", "train.precision=fp32", "train.workers=0",
-    "train.keep_last=1",
+    "train.keep_last=1", "train.activation_checkpointing=false",
+    "train.val={dataset: synthetic, split: val, options: {size: 50}}",
 ]
 
 
@@ -82,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=40, help="held-out synthetic images for quality (default 40)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per latency point (default 5)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep designs already trained and exported in --out (rerun only the bench and the rest)")
     args = ap.parse_args(argv)
     designs = ({f"{r}": r for r in args.recipes} if args.recipes else dict(DESIGNS))
     out = args.out
@@ -93,12 +96,15 @@ def main(argv=None) -> int:
         run, model = out / "runs" / recipe, out / "models" / recipe
         overrides = COMMON + [f"train.steps={args.steps}", f"train.lr={args.lr}", f"train.warmup_steps={max(1, args.steps // 30)}",
                               f"train.save_every={args.steps}", f"train.val_every={args.steps}"]
-        print(f"[{design}] training {recipe} for {args.steps} steps", flush=True)
-        t_train = _run(lisa_kit + ["train", recipe, *overrides, "--out", str(run), "--device", args.device,
-                                   "--no-progress"], out / "logs" / f"{recipe}.train.log")
-        _run(lisa_kit + ["export", "--checkpoint", str(run), "--format", "lisa_kit", "--out", str(model),
-                         "--overwrite"], out / "logs" / f"{recipe}.export.log")
-        rows[design] = {"recipe": recipe, "train_seconds": t_train, **_losses(run)}
+        timing = out / "runs" / f"{recipe}.seconds"
+        if not (args.reuse and model.is_dir() and timing.is_file()):
+            print(f"[{design}] training {recipe} for {args.steps} steps", flush=True)
+            t_train = _run(lisa_kit + ["train", recipe, *overrides, "--out", str(run), "--device", args.device,
+                                       "--no-progress"], out / "logs" / f"{recipe}.train.log")
+            _run(lisa_kit + ["export", "--checkpoint", str(run), "--format", "lisa_kit", "--out", str(model),
+                             "--overwrite"], out / "logs" / f"{recipe}.export.log")
+            timing.write_text(f"{t_train}\n")
+        rows[design] = {"recipe": recipe, "train_seconds": float(timing.read_text()), **_losses(run)}
     matrix = {
         "name": "designs",
         "variants": {r["recipe"]: {"recipe": r["recipe"], "description": d,
