@@ -146,3 +146,29 @@ def test_bf16_matrix_keeps_the_parts_a_component_declares_fp32(tmp_path, monkeyp
                   scenarios=[{**TINY["scenarios"][0], "questions_per_image": 1}])
     bench.run_matrix(bench.parse_matrix(matrix), tmp_path, log=lambda s: None)
     assert seen == {"llm": torch.bfloat16, "image_encoder": torch.bfloat16, "prompt_encoder": torch.float32}
+
+
+def test_text_geometry_model_decodes_its_forced_answer(tmp_path):
+    """A text_geometry model has no [SEG]: the bench forces a well-formed answer in its own
+    format instead, so its box/point mask path runs once per question and is timed."""
+    from lisa_kit.builder import load
+    from lisa_kit.generation import GenerationConfig, generate
+
+    matrix = {"variants": {"textbox": {"recipe": "lisa-tiny-textbox"}},
+              "scenarios": [{"name": "q", "questions_per_image": 2, "batch_size": 1, "answer_tokens": 3,
+                             "image_size": 64}], "repeats": 1, "warmup": 0, "device": "cpu", "dtype": "fp32"}
+    results = bench.run_matrix(bench.parse_matrix(matrix), tmp_path, log=lambda s: None)
+    (r,) = results["points"]
+    model = load("lisa-tiny-textbox")
+    prompts, rows, vis, sam, metas = bench.make_inputs(model, 1, 2, 64)
+    forced = bench.answer_tokens(model, 3, metas[0].original_size)
+    assert r["answer_tokens"] == len(forced) and r["decode_steps"] == len(forced) - 1
+    assert r["stages"]["mask_decode"]["median"] > 0 and r["calls"]["mask_decode"] >= 1
+    assert r["masks"] == r["rows"] == 2
+    # the forced answer parses to one box around the image centre, and decodes to a mask
+    (obj,) = model.text_geometry.parse(model.tokenizer.decode(forced), metas[0].original_size).objects
+    h, w = metas[0].original_size
+    assert obj.problem is None and obj.box[0] < w / 2 < obj.box[2] and obj.box[1] < h / 2 < obj.box[3]
+    with torch.inference_mode(), bench.forced_answer(forced):
+        outs = generate(model, prompts, rows, vis, sam, metas, GenerationConfig(max_new_tokens=len(forced)))
+    assert [o.malformed for o in outs] == [[None], [None]] and all(o.scores[0] != 0 for o in outs)
