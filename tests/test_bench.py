@@ -96,7 +96,7 @@ def test_cli_tiny_matrix(tmp_path, capsys):
     assert (out / "results.md").exists() and (out / "latency_breakdown.png").exists()
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "gpu.yaml", "designs_gpu.yaml"])
 def test_shipped_matrices_validate(name, capsys):
     assert main(["bench", str(REPO / "benchmarks" / name), "--validate"]) == 0
     assert "OK" in capsys.readouterr().out
@@ -172,3 +172,46 @@ def test_text_geometry_model_decodes_its_forced_answer(tmp_path):
     with torch.inference_mode(), bench.forced_answer(forced):
         outs = generate(model, prompts, rows, vis, sam, metas, GenerationConfig(max_new_tokens=len(forced)))
     assert [o.malformed for o in outs] == [[None], [None]] and all(o.scores[0] != 0 for o in outs)
+
+
+def test_designs_gpu_matrix_builds_each_design_at_real_size():
+    """benchmarks/designs_gpu.yaml, built without memory: each variant is its design (the
+    prompt strategy and decoder asked for), and the Qwen2.5-VL variants split the whole of
+    transformers' own Qwen2.5-VL built from the same config (vision + LM, once the bench
+    restores the vocabulary), as SAM 3's decoder holds the whole Sam3Model."""
+    from omegaconf import OmegaConf
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Sam3Config, Sam3Model
+
+    from lisa_kit.builder import build_model
+    from lisa_kit.checkpoint.io import empty_weights
+    from lisa_kit.recipes import load_recipe
+
+    kinds = ("vision_encoder", "projector", "llm", "mask_decoder", "seg_head", "fusion")
+    matrix = bench.parse_matrix(REPO / "benchmarks" / "designs_gpu.yaml")
+    assert matrix.device == "cuda" and matrix.dtype == "bf16"
+    built = {}
+    for v in matrix.variants:
+        recipe = load_recipe(v.recipe, v.overrides)
+        model = build_model(recipe, empty=kinds)
+        model.llm.resize_vocab(v.vocab_size)  # as run_matrix does
+        assert {p.device.type for p in model.parameters()} == {"meta"}
+        built[v.name] = (recipe.cfg.model, model, bench.param_counts(model))
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    qwen_cfg = built["sa2va-qwen2.5vl"][0].llm.config
+    with empty_weights():
+        qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**OmegaConf.to_container(qwen_cfg)))
+        sam3 = Sam3Model(Sam3Config())
+    for name in ("sa2va-qwen2.5vl", "seg-zero-7b"):
+        cfg, model, p = built[name]
+        assert p["vision_encoder"] + p["llm"] == count(qwen), name
+        assert model.llm.vocab_size == qwen.config.text_config.vocab_size
+    assert built["seg-zero-7b"][1].text_geometry.format.name == "seg_zero"
+    assert built["sa2va-qwen2.5vl"][1].text_geometry is None and built["sa2va-qwen2.5vl"][0].seg_hidden == "token"
+    assert built["lisa-7b-sam3"][2]["mask_decoder"] == count(sam3)
+    # LISA-7B's LLM and tower in both LISA variants, only the decoder differs
+    for k in ("vision_encoder", "llm", "seg_head"):
+        assert built["lisa-7b"][2][k] == built["lisa-7b-sam3"][2][k], k
+    assert built["lisa-7b"][2]["llm"] == pytest.approx(6.74e9, rel=0.01)  # LLaMA-7B
