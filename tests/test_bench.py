@@ -180,7 +180,12 @@ def test_designs_gpu_matrix_builds_each_design_at_real_size():
     transformers' own Qwen2.5-VL built from the same config (vision + LM, once the bench
     restores the vocabulary), as SAM 3's decoder holds the whole Sam3Model."""
     from omegaconf import OmegaConf
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Sam3Config, Sam3Model
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Sam3Config,
+        Sam3Model,
+    )
 
     from lisa_kit.builder import build_model
     from lisa_kit.checkpoint.io import empty_weights
@@ -205,7 +210,7 @@ def test_designs_gpu_matrix_builds_each_design_at_real_size():
         qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**OmegaConf.to_container(qwen_cfg)))
         sam3 = Sam3Model(Sam3Config())
     for name in ("sa2va-qwen2.5vl", "seg-zero-7b"):
-        cfg, model, p = built[name]
+        _, model, p = built[name]
         assert p["vision_encoder"] + p["llm"] == count(qwen), name
         assert model.llm.vocab_size == qwen.config.text_config.vocab_size
     assert built["seg-zero-7b"][1].text_geometry.format.name == "seg_zero"
