@@ -9,12 +9,19 @@ KV-cached step per token, one mask per ``[SEG]`` -- with
 * the answer **forced**: ``lisa_kit.generation._pick`` is replaced (only while the
   bench runs) by a function that returns a fixed filler token for ``answer_tokens - 1``
   steps and ``[SEG]`` last, so every row decodes exactly ``answer_tokens`` tokens and
-  the mask path always runs once per question;
+  the mask path always runs once per question. A ``prompt_strategy: text_geometry``
+  model has no ``[SEG]``: its forced answer is one well-formed answer in its own format
+  (:meth:`~lisa_kit.geometry_answers.TextGeometry.write` of one object: the box around
+  the image's central half and its centre point, in the format's frame), tokenised with
+  the model's tokenizer, and the point's ``answer_tokens`` is that answer's length
+  (the scenario's value is ignored for it); its questions are put in the recipe's
+  instruction (``TextGeometry.ask``), as evaluation does;
 * each stage **timed** by wrapping the model's stage callables on the instance (never
   the class): ``encode_vision`` (CLIP + projector), ``fusion.fuse``, the LLM's
   ``forward`` (prompt calls = prefill: one, or two when rows share an image prefix;
   one-token cached calls = decode steps),
-  ``mask_decoder.encode_image``, ``seg_head.forward``, ``mask_decoder.decode``,
+  ``mask_decoder.encode_image``, ``seg_head.forward``, ``mask_decoder.decode`` (and
+  ``decode_geometry``, the box/point path: both are ``mask_decode``),
   ``mask_decoder.postprocess``. Timers do not nest (an inner stage inside an outer one
   is not counted twice), so ``sum(stages) <= total``; the rest is reported as
   ``other`` (token bookkeeping, ``_pick``, embedding lookups, ``[SEG]`` gather/stack,
@@ -280,6 +287,7 @@ def instrumented(model, timer_ref: list):
          and (a[0] if a else k["inputs_embeds"]).shape[1] == 1 else "llm_prefill")
     wrap(model.seg_head, "forward", lambda a, k: "seg_head")
     wrap(model.mask_decoder, "decode", lambda a, k: "mask_decode")
+    wrap(model.mask_decoder, "decode_geometry", lambda a, k: "mask_decode")  # text_geometry models' mask path
     wrap(model.mask_decoder, "postprocess", lambda a, k: "postprocess")
     try:
         yield
@@ -311,9 +319,27 @@ def forced_answer(tokens: list[int]):
         gen._pick = orig
 
 
-def answer_tokens(model, n: int) -> list[int]:
-    """``n`` forced answer tokens: ordinary text tokens, ``[SEG]`` last."""
+#: The forced text_geometry answer's object: the box spanning this central fraction of
+#: the image on each side (centred), its point the image centre.
+GEOMETRY_BOX_FRACTION = 0.5
+
+
+def answer_tokens(model, n: int, image_size: tuple[int, int] | None = None) -> list[int]:
+    """The forced answer's tokens. A ``[SEG]`` model: ``n`` tokens, ordinary text then
+    ``[SEG]`` last. A ``text_geometry`` model (no ``[SEG]``; ``n`` is ignored): its own
+    format's answer naming one object in an image of ``image_size`` ``(H, W)`` -- the box
+    around the central :data:`GEOMETRY_BOX_FRACTION` of each side and the centre point,
+    written by :meth:`~lisa_kit.geometry_answers.TextGeometry.write` in the recipe's frame --
+    tokenised with the model's tokenizer, so the mask path decodes one mask per question."""
     tok = model.tokenizer
+    geometry = getattr(model, "text_geometry", None)
+    if geometry is not None:
+        if image_size is None:
+            raise InputError("a text_geometry model's forced answer needs the image size")
+        h, w = image_size
+        mx, my = w * (1 - GEOMETRY_BOX_FRACTION) / 2, h * (1 - GEOMETRY_BOX_FRACTION) / 2
+        text = geometry.write([((mx, my, w - mx, h - my), [(w / 2, h / 2)])], (h, w))
+        return tok.encode_text(text)
     special = {model.seg_token_id, tok.eos_id, tok.pad_id, getattr(tok, "bos_id", None)}
     filler = [t for t in tok.encode_text("Sure, it is the shape that answers the question") if t not in special] or [5]
     return [filler[i % len(filler)] for i in range(n - 1)] + [model.seg_token_id]
@@ -370,6 +396,7 @@ def make_inputs(model, n_images: int, questions: int, image_size, seed: int = 0)
     name = ((model.recipe or {}).get("conversation") or {}).get("template", "llava_v1")
     template = get_template(name, model.tokenizer)
     slot_ids = model.fusion.wrap_image(model.tokenizer)
+    geometry = getattr(model, "text_geometry", None)
     vis, sam, metas, prompts, rows = [], [], [], [], []
     for i in range(n_images):
         rec = ds[i % len(ds)] if len(ds) else None
@@ -381,7 +408,10 @@ def make_inputs(model, n_images: int, questions: int, image_size, seed: int = 0)
         metas.append(meta)
         for q in range(questions):
             text = texts[q % len(texts)]
-            conv = Conversation(template).add([IMAGE, f"\n{text} Please output segmentation mask."])
+            question = f"{text} Please output segmentation mask."
+            if geometry is not None:  # text box/point answers: the question inside the recipe's instruction
+                question = geometry.ask(question)
+            conv = Conversation(template).add([IMAGE, "\n" + question])
             prompts.append(encode(conv, model.tokenizer, slot_ids)[0])
             rows.append([i])
     return prompts, rows, model.vision_encoder.collate(vis), torch.stack(sam), metas
@@ -406,7 +436,8 @@ def measure_point(model, point: dict, *, repeats: int, warmup: int, device: torc
     B, Q, A = point["batch_size"], point["questions_per_image"], point["answer_tokens"]
     prompts, rows, vis, sam, metas = make_inputs(model, B, Q, point["image_size"], seed)
     vis, sam = vis.to(device, dtype), sam.to(device, dtype)
-    forced = answer_tokens(model, A)
+    forced = answer_tokens(model, A, metas[0].original_size)
+    A = len(forced)  # a text_geometry model's answer has its own length
     cfg = GenerationConfig(max_new_tokens=A)
     cuda = device.type == "cuda"
     timer_ref: list = [None]
@@ -454,7 +485,7 @@ def measure_point(model, point: dict, *, repeats: int, warmup: int, device: torc
     n_masks = sum(len(o.masks) for o in outs) if outs is not None else 0
     med_total = statistics.median(per_stage["total"])
     return {
-        **{k: point[k] for k in (*AXES, "image_size")},
+        **{k: point[k] for k in (*AXES, "image_size")}, "answer_tokens": A,
         "rows": len(prompts), "prompt_tokens": max(len(p) for p in prompts),
         "decode_steps": counts.get("llm_decode", 0), "calls": counts, "masks": n_masks,
         "stages": {s: _summary(v) for s, v in per_stage.items()},

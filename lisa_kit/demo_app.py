@@ -84,6 +84,23 @@ def _recipe(segmenter) -> dict:
     return getattr(segmenter.model, "recipe", None) or {}
 
 
+def _geometry(segmenter):
+    """The model's :class:`~lisa_kit.geometry_answers.TextGeometry` (``prompt_strategy:
+    text_geometry``: box/point answers as text), ``None`` for a ``[SEG]`` model."""
+    return getattr(segmenter.model, "text_geometry", None)
+
+
+def _mask_label(segmenter) -> str:
+    """What one mask of an answer is called on the page: a ``[SEG]`` token, or an object
+    of a text box/point answer."""
+    return "object" if _geometry(segmenter) is not None else "[SEG]"
+
+
+def _page_label(segmenter) -> str:
+    label = _mask_label(segmenter)
+    return f"`{label}`" if label.startswith("[") else label
+
+
 def _trained_on(recipe: dict) -> list[str]:
     """Dataset names of the recipe's training sources (``data.sources.*.datasets``)."""
     sources = (recipe.get("data") or {}).get("sources") or {}
@@ -115,6 +132,11 @@ def describe_model(segmenter) -> str:
     name = str(recipe.get("name") or "unnamed model")
     lines = [f"**Model:** `{name}`" + (f" — {recipe['description']}" if recipe.get("description") else "")
              + f" (on `{segmenter.device}`, {segmenter.precision})."]
+    geometry = _geometry(segmenter)
+    if geometry is not None:
+        lines.append(f"It answers with where the objects are, as text: a box and points per object in the "
+                     f"{geometry.format.name} format ({geometry.format.description}); each box becomes a "
+                     "prompt of the mask decoder, so each object in the answer is a mask.")
     data = _trained_on(recipe)
     if data == ["synthetic"]:
         from lisa_kit.datasets.synthetic import CORNERS, PALETTE, QUESTION_TYPES
@@ -146,7 +168,8 @@ def answer_picture(segmenter, image, question: str):
     # Read once, within the segmenter's limits: the overlay is drawn on what the model saw.
     rgb = load_image(image, getattr(segmenter, "image_limits", None))
     res = segmenter.seg(rgb, question)
-    masks = [(m.astype(np.uint8) * 255, f"[SEG] {k}: score {s:.2f}, {int(m.sum())} px")
+    label = _mask_label(segmenter)
+    masks = [(m.astype(np.uint8) * 255, f"{label} {k}: score {s:.2f}, {int(m.sum())} px")
              for k, (m, s) in enumerate(zip(res.masks, res.scores))]
     why = res.no_mask_reason()
     text = res.text if why is None else f"{res.text}\n({why})".strip()
@@ -160,9 +183,10 @@ def answer(segmenter, image, question: str) -> tuple[np.ndarray, list[tuple[np.n
     Returns the annotated overlay (:func:`lisa_kit.visualize.annotate`: RGB ``uint8``,
     the image enlarged when small, with the answer as caption and one legend entry per
     ``[SEG]`` in bands below it); the masks as ``(uint8 (H, W) 0/255, caption)`` pairs,
-    one per ``[SEG]``, at the image's size; and the answer text, with
-    the reason (:meth:`~lisa_kit.api.SegResult.no_mask_reason`) appended when the answer has no ``[SEG]``. Raises
-    :class:`~lisa_kit.errors.ImageError` / ``InputError`` for bad input."""
+    one per ``[SEG]`` (per object of a ``text_geometry`` model's box answer), at the
+    image's size; and the answer text, with the reason
+    (:meth:`~lisa_kit.api.SegResult.no_mask_reason`) appended when the answer gives no
+    mask. Raises :class:`~lisa_kit.errors.ImageError` / ``InputError`` for bad input."""
     picture, masks, text = answer_picture(segmenter, image, question)
     return picture.pixels, masks, text
 
@@ -191,7 +215,7 @@ def build_demo(segmenter, examples: Sequence[Sequence[str]] | None = None, *, ti
             raise gr.Error(msg, print_exception=False) from e
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
-        gr.Markdown(f"## {title}\nAsk about an image; each `[SEG]` in the answer is a mask.\n\n"
+        gr.Markdown(f"## {title}\nAsk about an image; each {_page_label(segmenter)} in the answer is a mask.\n\n"
                     + describe_model(segmenter), elem_id="lisa-about")
         with gr.Row():
             with gr.Column():

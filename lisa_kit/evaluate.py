@@ -57,7 +57,7 @@ from lisa_kit.conversation import IMAGE, Conversation, encode, get_template
 from lisa_kit.data import Sample, collate
 from lisa_kit.datasets.base import DatasetReader, Record
 from lisa_kit.datasets.synthetic import CORNERS, PALETTE
-from lisa_kit.errors import EvaluationError, LisaKitError, RankFailedError, UnknownComponentError
+from lisa_kit.errors import EvaluationError, UnknownComponentError
 from lisa_kit.interfaces import move_input
 from lisa_kit.metrics import SegMetrics
 from lisa_kit.prompts import EVAL_ANSWER, any_question, check_phrasing, eval_question, phrasing_kinds
@@ -376,20 +376,15 @@ def _agree(failure: Exception | None) -> None:
     a :class:`~lisa_kit.errors.LisaKitError` as it is, another error as an
     :class:`~lisa_kit.errors.EvaluationError` chained to it; the others
     :class:`~lisa_kit.errors.RankFailedError`), so none is left waiting in the gather."""
-    from lisa_kit.train.distributed import failed_ranks, group_env
+    from lisa_kit.train.distributed import group_env, raise_on_any_failure
 
     env = group_env()
     if not env.distributed:
         return
-    ranks = failed_ranks(failure is not None, env)
-    if not ranks:
-        return
-    if isinstance(failure, LisaKitError):
-        raise failure
-    if failure is not None:
-        raise EvaluationError(f"evaluation failed on rank {env.rank}: {type(failure).__name__}: {failure}") from failure
-    raise RankFailedError(f"evaluation failed on rank {', '.join(map(str, ranks))} (its error says why)",
-                          ranks=ranks)
+    raise_on_any_failure(
+        failure, env,
+        wrap=lambda e: EvaluationError(f"evaluation failed on rank {env.rank}: {type(e).__name__}: {e}"),
+        others=lambda ranks: f"evaluation failed on rank {', '.join(map(str, ranks))} (its error says why)")
 
 
 def _rank_world() -> tuple[int, int]:

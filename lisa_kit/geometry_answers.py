@@ -139,8 +139,9 @@ class ParsedAnswer:
 class AnswerFormat:
     """How one system writes boxes and points. Subclasses set ``name``, ``native_frame``
     (``(H, W)`` of the resized image the system's model sees, ``None`` if it writes
-    original pixels) and implement :meth:`objects` (JSON value -> raw objects) and
-    :meth:`render` (objects -> JSON-able value). Tags and number checks are shared."""
+    original pixels) and implement :meth:`object` (one object's mapping -> raw object; or
+    :meth:`objects` for another list structure) and :meth:`render` (objects -> JSON-able
+    value). Tags and number checks are shared."""
 
     name: str = ""
     native_frame: tuple[int, int] | None = None
@@ -149,7 +150,16 @@ class AnswerFormat:
     def objects(self, data: Any) -> list[dict] | None:
         """The answer's JSON value -> a list of raw objects ``{"box": value | None,
         "points": [value, ...]}`` (values unchecked), or ``None`` when the value has no
-        recognisable object structure."""
+        recognisable object structure. Default: a list is several objects, anything else
+        one; each mapping is read by :meth:`object`, any other entry is an object without
+        a box."""
+        items = data if isinstance(data, list) else [data]
+        return [self.object(item) if isinstance(item, dict) else {"box": None, "points": []} for item in items]
+
+    def object(self, item: dict) -> dict:
+        """One object's mapping -> ``{"box": value | None, "points": [value, ...]}`` (what
+        :meth:`objects` reads each mapping with; a format overriding :meth:`objects` need
+        not implement it)."""
         raise NotImplementedError
 
     def render(self, objects: list[tuple[list[int], list[list[int]]]]) -> Any:
@@ -165,18 +175,10 @@ class SegZeroFormat(AnswerFormat):
     native_frame = (840, 840)
     description = "Seg-Zero: {bbox, points_1, points_2}, one object (a list: several)"
 
-    def objects(self, data):
-        items = data if isinstance(data, list) else [data]
-        out = []
-        for item in items:
-            if not isinstance(item, dict):
-                out.append({"box": None, "points": []})
-                continue
-            box_key = next((k for k in item if isinstance(k, str) and "bbox" in k.lower()), None)
-            point_keys = sorted(k for k in item if isinstance(k, str) and "points" in k.lower())
-            out.append({"box": item.get(box_key) if box_key is not None else None,
-                        "points": [item[k] for k in point_keys]})
-        return out
+    def object(self, item):
+        box_key = next((k for k in item if isinstance(k, str) and "bbox" in k.lower()), None)
+        point_keys = sorted(k for k in item if isinstance(k, str) and "points" in k.lower())
+        return {"box": item.get(box_key) if box_key is not None else None, "points": [item[k] for k in point_keys]}
 
     def render(self, objects):
         items = []
@@ -194,16 +196,9 @@ class VisionReasonerFormat(AnswerFormat):
     native_frame = (840, 840)
     description = "VisionReasoner: [{bbox_2d, point_2d}, ...], several objects"
 
-    def objects(self, data):
-        items = data if isinstance(data, list) else [data]
-        out = []
-        for item in items:
-            if not isinstance(item, dict):
-                out.append({"box": None, "points": []})
-                continue
-            point = item.get("point_2d")
-            out.append({"box": item.get("bbox_2d"), "points": [] if point is None else [point]})
-        return out
+    def object(self, item):
+        point = item.get("point_2d")
+        return {"box": item.get("bbox_2d"), "points": [] if point is None else [point]}
 
     def render(self, objects):
         return [{"bbox_2d": box, **({"point_2d": points[0]} if points else {})} for box, points in objects]

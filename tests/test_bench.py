@@ -96,7 +96,7 @@ def test_cli_tiny_matrix(tmp_path, capsys):
     assert (out / "results.md").exists() and (out / "latency_breakdown.png").exists()
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "gpu.yaml", "designs_gpu.yaml"])
 def test_shipped_matrices_validate(name, capsys):
     assert main(["bench", str(REPO / "benchmarks" / name), "--validate"]) == 0
     assert "OK" in capsys.readouterr().out
@@ -146,3 +146,77 @@ def test_bf16_matrix_keeps_the_parts_a_component_declares_fp32(tmp_path, monkeyp
                   scenarios=[{**TINY["scenarios"][0], "questions_per_image": 1}])
     bench.run_matrix(bench.parse_matrix(matrix), tmp_path, log=lambda s: None)
     assert seen == {"llm": torch.bfloat16, "image_encoder": torch.bfloat16, "prompt_encoder": torch.float32}
+
+
+def test_text_geometry_model_decodes_its_forced_answer(tmp_path):
+    """A text_geometry model has no [SEG]: the bench forces a well-formed answer in its own
+    format instead, so its box/point mask path runs once per question and is timed."""
+    from lisa_kit.builder import load
+    from lisa_kit.generation import GenerationConfig, generate
+
+    matrix = {"variants": {"textbox": {"recipe": "lisa-tiny-textbox"}},
+              "scenarios": [{"name": "q", "questions_per_image": 2, "batch_size": 1, "answer_tokens": 3,
+                             "image_size": 64}], "repeats": 1, "warmup": 0, "device": "cpu", "dtype": "fp32"}
+    results = bench.run_matrix(bench.parse_matrix(matrix), tmp_path, log=lambda s: None)
+    (r,) = results["points"]
+    model = load("lisa-tiny-textbox")
+    prompts, rows, vis, sam, metas = bench.make_inputs(model, 1, 2, 64)
+    forced = bench.answer_tokens(model, 3, metas[0].original_size)
+    assert r["answer_tokens"] == len(forced) and r["decode_steps"] == len(forced) - 1
+    assert r["stages"]["mask_decode"]["median"] > 0 and r["calls"]["mask_decode"] >= 1
+    assert r["masks"] == r["rows"] == 2
+    # the forced answer parses to one box around the image centre, and decodes to a mask
+    (obj,) = model.text_geometry.parse(model.tokenizer.decode(forced), metas[0].original_size).objects
+    h, w = metas[0].original_size
+    assert obj.problem is None and obj.box[0] < w / 2 < obj.box[2] and obj.box[1] < h / 2 < obj.box[3]
+    with torch.inference_mode(), bench.forced_answer(forced):
+        outs = generate(model, prompts, rows, vis, sam, metas, GenerationConfig(max_new_tokens=len(forced)))
+    assert [o.malformed for o in outs] == [[None], [None]] and all(o.scores[0] != 0 for o in outs)
+
+
+def test_designs_gpu_matrix_builds_each_design_at_real_size():
+    """benchmarks/designs_gpu.yaml, built without memory: each variant is its design (the
+    prompt strategy and decoder asked for), and the Qwen2.5-VL variants split the whole of
+    transformers' own Qwen2.5-VL built from the same config (vision + LM, once the bench
+    restores the vocabulary), as SAM 3's decoder holds the whole Sam3Model."""
+    from omegaconf import OmegaConf
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Sam3Config,
+        Sam3Model,
+    )
+
+    from lisa_kit.builder import build_model
+    from lisa_kit.checkpoint.io import empty_weights
+    from lisa_kit.recipes import load_recipe
+
+    kinds = ("vision_encoder", "projector", "llm", "mask_decoder", "seg_head", "fusion")
+    matrix = bench.parse_matrix(REPO / "benchmarks" / "designs_gpu.yaml")
+    assert matrix.device == "cuda" and matrix.dtype == "bf16"
+    built = {}
+    for v in matrix.variants:
+        recipe = load_recipe(v.recipe, v.overrides)
+        model = build_model(recipe, empty=kinds)
+        model.llm.resize_vocab(v.vocab_size)  # as run_matrix does
+        assert {p.device.type for p in model.parameters()} == {"meta"}
+        built[v.name] = (recipe.cfg.model, model, bench.param_counts(model))
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    qwen_cfg = built["sa2va-qwen2.5vl"][0].llm.config
+    with empty_weights():
+        qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**OmegaConf.to_container(qwen_cfg)))
+        sam3 = Sam3Model(Sam3Config())
+    for name in ("sa2va-qwen2.5vl", "seg-zero-7b"):
+        _, model, p = built[name]
+        assert p["vision_encoder"] + p["llm"] == count(qwen), name
+        assert model.llm.vocab_size == qwen.config.text_config.vocab_size
+    assert built["seg-zero-7b"][1].text_geometry.format.name == "seg_zero"
+    assert built["sa2va-qwen2.5vl"][1].text_geometry is None and built["sa2va-qwen2.5vl"][0].seg_hidden == "token"
+    assert built["lisa-7b-sam3"][2]["mask_decoder"] == count(sam3)
+    # LISA-7B's LLM and tower in both LISA variants, only the decoder differs
+    for k in ("vision_encoder", "llm", "seg_head"):
+        assert built["lisa-7b"][2][k] == built["lisa-7b-sam3"][2][k], k
+    assert built["lisa-7b"][2]["llm"] == pytest.approx(6.74e9, rel=0.01)  # LLaMA-7B

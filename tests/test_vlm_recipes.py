@@ -62,8 +62,6 @@ def trained(tmp_path, one_thread):
 
 def test_tiny_recipe_trains_exports_and_reloads(trained, tmp_path):
     from lisa_kit.checkpoint.native import load_model, save_model
-    from lisa_kit.conversation import IMAGE, Conversation, get_template
-    from lisa_kit.data import Sample, collate
     from lisa_kit.train.lora import merge_lora
 
     tr, log = trained
@@ -73,14 +71,7 @@ def test_tiny_recipe_trains_exports_and_reloads(trained, tmp_path):
     model = merge_lora(tr.model).eval()  # as `lisa-kit export` of a training run does
     save_model(model, tmp_path / "export")
     again = load_model(tmp_path / "export").eval()
-    img, mask = synthetic_image(50, 60, 1)
-    conv = Conversation(get_template("chat", model.tokenizer)).add([IMAGE, "\nSegment the red square."],
-                                                                    "Sure, [SEG].")
-    with torch.no_grad():
-        a = model(collate([Sample(img, [conv], mask[None])], model))
-        b = again(collate([Sample(img, [conv], mask[None])], again))
-    torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
-    torch.testing.assert_close(a.pred_masks[0], b.pred_masks[0], atol=0, rtol=0)
+    _assert_same_outputs(model, again)
 
 
 def test_bad_inputs_are_typed_errors(tmp_path):
@@ -109,22 +100,13 @@ def test_other_families_export_and_reload(family, tmp_path):
     export_config: VLM config, image processor, tokenizer) reloads with identical outputs."""
     from lisa_kit.builder import load
     from lisa_kit.checkpoint.native import load_model, save_model
-    from lisa_kit.conversation import IMAGE, Conversation, get_template
-    from lisa_kit.data import Sample, collate
 
     torch.manual_seed(0)
     model = load(TINY, [f"model.{k}.pretrained='@tiny_vlm:{family}'" for k in ("vision_encoder", "llm", "fusion")])
     save_model(model.eval(), tmp_path / "export")
     again = load_model(tmp_path / "export").eval()
     assert again.llm.model.config.model_type == family
-    img, mask = synthetic_image(50, 60, 1)
-    conv = Conversation(get_template("chat", model.tokenizer)).add([IMAGE, "\nSegment the red square."],
-                                                                    "Sure, [SEG].")
-    with torch.no_grad():
-        a = model(collate([Sample(img, [conv], mask[None])], model))
-        b = again(collate([Sample(img, [conv], mask[None])], again))
-    torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
-    torch.testing.assert_close(a.pred_masks[0], b.pred_masks[0], atol=0, rtol=0)
+    _assert_same_outputs(model, again)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "internvl", "llava_onevision"])
@@ -175,3 +157,19 @@ def test_fixed_resize_sets_the_frame_the_llm_sees():
     for bad in ([840], [0, 840], "840x840", [840.0, 840]):
         with pytest.raises(RecipeError, match="resize"):
             build_hf_vlm_vision(path, resize=bad)
+
+
+def _assert_same_outputs(model, again):
+    """``model`` and its exported-and-reloaded copy give identical logits and masks on one
+    chat-template sample with an image and a [SEG] answer."""
+    from lisa_kit.conversation import IMAGE, Conversation, get_template
+    from lisa_kit.data import Sample, collate
+
+    img, mask = synthetic_image(50, 60, 1)
+    conv = Conversation(get_template("chat", model.tokenizer)).add([IMAGE, "\nSegment the red square."],
+                                                                    "Sure, [SEG].")
+    with torch.no_grad():
+        a = model(collate([Sample(img, [conv], mask[None])], model))
+        b = again(collate([Sample(img, [conv], mask[None])], again))
+    torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
+    torch.testing.assert_close(a.pred_masks[0], b.pred_masks[0], atol=0, rtol=0)

@@ -120,6 +120,25 @@ def failed_ranks(failed: bool, env: DistEnv) -> list[int]:
     return [r for r, f in enumerate(flags) if f]
 
 
+def raise_on_any_failure(failure: BaseException | None, env: DistEnv, wrap, others) -> None:
+    """Agree on a failure (collective, in place of the next collective after work that may
+    fail on some ranks only): returns when no rank failed; else every rank raises a typed
+    error, so none is left waiting for a rank that will never join. The failed rank raises a
+    :class:`~lisa_kit.errors.LisaKitError` as it is and another error as ``wrap(failure)``
+    (a ``LisaKitError``) chained to it; the ranks that did not fail raise
+    :class:`~lisa_kit.errors.RankFailedError` with the message ``others(ranks)``."""
+    from lisa_kit.errors import LisaKitError, RankFailedError
+
+    ranks = failed_ranks(failure is not None, env)
+    if not ranks:
+        return
+    if isinstance(failure, LisaKitError):
+        raise failure
+    if failure is not None:
+        raise wrap(failure) from failure
+    raise RankFailedError(others(ranks), ranks=ranks)
+
+
 def group_env() -> DistEnv:
     """A :class:`DistEnv` for the process group this process has joined (one process: the default)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -46,14 +46,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from lisa_kit.errors import (CheckpointError, DataError, InputError, LisaKitError, RankFailedError, RecipeError,
-                             TrainingError)
+from lisa_kit.errors import CheckpointError, DataError, InputError, LisaKitError, RecipeError, TrainingError
 from lisa_kit.provenance import git_state, versions
 from lisa_kit.train import checkpointing as ckpt
 from lisa_kit.train.config import TrainConfig
-from lisa_kit.train.distributed import (DistEnv, all_gather_object, all_reduce_sum, barrier, failed_ranks,
-                                        full_state, init_distributed, launched_rank, load_optimizer_state,
-                                        optimizer_state, wrap_model)
+from lisa_kit.train.distributed import (DistEnv, all_gather_object, all_reduce_sum, barrier, full_state,
+                                        init_distributed, launched_rank, load_optimizer_state, optimizer_state,
+                                        raise_on_any_failure, wrap_model)
 from lisa_kit.train.signals import StopSignals, exit_code, stderr_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -539,17 +538,14 @@ class Trainer:
         the failed rank never joins (an I/O error says what and where; another failure is a
         :class:`TrainingError` chained to it; the ranks that did not fail raise
         :class:`RankFailedError`)."""
-        ranks = failed_ranks(failure is not None, self.env)
-        if not ranks:
-            return
-        if isinstance(failure, OSError):
-            raise self._write_error(failure, what) from failure
-        if isinstance(failure, LisaKitError):
-            raise failure
-        if failure is not None:
-            raise TrainingError(f"could not write {what}: {type(failure).__name__}: {failure}") from failure
-        raise RankFailedError(f"rank {', '.join(map(str, ranks))} could not write {what} (its error says why)",
-                              ranks=ranks)
+        def wrap(e: BaseException) -> LisaKitError:
+            if isinstance(e, OSError):
+                return self._write_error(e, what)
+            return TrainingError(f"could not write {what}: {type(e).__name__}: {e}")
+
+        raise_on_any_failure(failure, self.env, wrap,
+                             lambda ranks: f"rank {', '.join(map(str, ranks))} could not write {what} "
+                                           "(its error says why)")
 
     def _write(self, name, weights, optim, rngs) -> Path:
         """rank 0: write the checkpoint ``name`` (default ``step_XXXXXX``, then prune)."""

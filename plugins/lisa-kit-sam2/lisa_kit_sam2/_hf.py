@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lisa_kit.errors import CheckpointError, InputError, RecipeError
+from lisa_kit.interfaces import ImageMeta
 
 # transformers' IMAGENET_DEFAULT_MEAN / _STD: what both the SAM and the SAM2 processors use.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -202,6 +203,16 @@ def normalize(chw_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean) * (1.0 / RESCALE_FACTOR)
     s = torch.tensor(std) * (1.0 / RESCALE_FACTOR)
     return (chw_uint8.to(torch.float32) - m.view(-1, 1, 1)) / s.view(-1, 1, 1)
+
+
+def square_preprocess(image: np.ndarray, size: int, mean, std) -> tuple[torch.Tensor, ImageMeta]:
+    """``uint8 (H, W, 3) -> float32 (3, size, size)``: the square resize (aspect ratio not
+    kept) and normalisation of ``Sam2ImageProcessor`` / ``Sam3ImageProcessor``, with the
+    image's :class:`ImageMeta` (its original size; the whole square is the image)."""
+    chw = to_uint8_chw(image)
+    h, w = image.shape[:2]
+    x = normalize(resize_bilinear(chw, (size, size)), mean, std)
+    return x, ImageMeta(original_size=(h, w), input_size=(size, size))
 
 
 class ModelParts:

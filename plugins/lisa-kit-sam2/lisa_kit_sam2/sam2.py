@@ -56,21 +56,19 @@ import torch.nn.functional as F
 
 from lisa_kit.interfaces import ImageMeta, MaskDecoder
 from lisa_kit_sam2._hf import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DecoderConfigError,
     ForeignWeightsWarning,
     GeometryPrompts,
     ModelParts,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     build_model,
     decoder_width,
     deep_merge,
     make_config,
-    normalize,
     read_preprocessor,
-    resize_bilinear,
     sam_weights_or_none,
-    to_uint8_chw,
+    square_preprocess,
 )
 from lisa_kit_sam2.hf_sam import is_meta_layout
 
@@ -169,10 +167,7 @@ class Sam2MaskDecoder(GeometryPrompts, ModelParts, MaskDecoder):
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, ImageMeta]:
         """``uint8 (H, W, 3) -> float32 (3, S, S)``: ``Sam2ImageProcessor``'s square resize
         (aspect ratio not kept) and normalisation."""
-        chw = to_uint8_chw(image)
-        h, w = image.shape[:2]
-        x = normalize(resize_bilinear(chw, (self.image_size, self.image_size)), self.mean, self.std)
-        return x, ImageMeta(original_size=(h, w), input_size=(self.image_size, self.image_size))
+        return square_preprocess(image, self.image_size, self.mean, self.std)
 
     # -- model --------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:

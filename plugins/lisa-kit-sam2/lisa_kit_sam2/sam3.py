@@ -67,10 +67,8 @@ from lisa_kit_sam2._hf import (
     IMAGENET_STANDARD_STD,
     deep_merge,
     load_pretrained,
-    normalize,
     read_preprocessor,
-    resize_bilinear,
-    to_uint8_chw,
+    square_preprocess,
 )
 
 COMPONENT = "mask_decoder:sam3"
@@ -236,10 +234,7 @@ class Sam3MaskDecoder(MaskDecoder):
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, ImageMeta]:
         """``uint8 (H, W, 3) -> float32 (3, S, S)``: ``Sam3ImageProcessor``'s square resize
         (aspect ratio not kept) and normalisation."""
-        chw = to_uint8_chw(image)
-        h, w = image.shape[:2]
-        x = normalize(resize_bilinear(chw, (self.image_size, self.image_size)), self.mean, self.std)
-        return x, ImageMeta(original_size=(h, w), input_size=(self.image_size, self.image_size))
+        return square_preprocess(image, self.image_size, self.mean, self.std)
 
     # -- model ----------------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
