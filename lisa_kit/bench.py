@@ -432,10 +432,12 @@ def measure_point(model, point: dict, *, repeats: int, warmup: int, device: torc
     """Time :func:`generate` on one point; returns per-stage summaries (seconds),
     throughput, memory and the decoded step count."""
     from lisa_kit.generation import GenerationConfig, generate
+    from lisa_kit.interfaces import move_input
 
     B, Q, A = point["batch_size"], point["questions_per_image"], point["answer_tokens"]
     prompts, rows, vis, sam, metas = make_inputs(model, B, Q, point["image_size"], seed)
-    vis, sam = vis.to(device, dtype), sam.to(device, dtype)
+    # A VLM tower's collated input is its own dict (patches, grids): floats take the dtype.
+    vis, sam = move_input(vis, device, dtype), sam.to(device, dtype)
     forced = answer_tokens(model, A, metas[0].original_size)
     A = len(forced)  # a text_geometry model's answer has its own length
     cfg = GenerationConfig(max_new_tokens=A)

@@ -148,6 +148,17 @@ def test_bf16_matrix_keeps_the_parts_a_component_declares_fp32(tmp_path, monkeyp
     assert seen == {"llm": torch.bfloat16, "image_encoder": torch.bfloat16, "prompt_encoder": torch.float32}
 
 
+def test_native_vlm_base_is_benched_with_its_own_image_input(tmp_path):
+    """A VLM tower's collated input is a dict (Qwen's patches and grids), not a pixel tensor:
+    the bench moves it as it is and times every stage (it crashed on ``.to``)."""
+    matrix = {"variants": {"qwen": {"recipe": "lisa-tiny-qwen2.5vl"}},
+              "scenarios": [{"name": "q", "questions_per_image": 2, "batch_size": 1, "answer_tokens": 3,
+                             "image_size": 64}], "repeats": 1, "warmup": 0, "device": "cpu", "dtype": "fp32"}
+    (r,) = bench.run_matrix(bench.parse_matrix(matrix), tmp_path, log=lambda s: None)["points"]
+    assert r["masks"] == r["rows"] == 2
+    assert r["stages"]["vision_encoder"]["median"] > 0 and r["stages"]["mask_decode"]["median"] > 0
+
+
 def test_text_geometry_model_decodes_its_forced_answer(tmp_path):
     """A text_geometry model has no [SEG]: the bench forces a well-formed answer in its own
     format instead, so its box/point mask path runs once per question and is timed."""
