@@ -1,0 +1,82 @@
+"""Where a synthetic-shapes model fails: seeing, naming or painting.
+
+For each held-out question (synthetic ``val`` split, asked as its own sentence or as
+"Segment <phrase>.") it checks three things per question family:
+
+* ``name_right``: the answer names the target shape ("the blue square");
+* ``mask_right``: the mask mostly covers the target shape;
+* ``mask_follows_name``: the mask mostly covers the shape the answer names.
+
+Then it asks the model to list the shapes (:mod:`lisa_kit.datasets.synthetic_describe`) and
+counts answers that name exactly the image's shapes: a model that cannot list them cannot
+reason about them.
+
+    python scripts/diagnose_demo_model.py --checkpoint DIR [--images 30] [--show 6]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+
+import numpy as np
+import torch
+
+from lisa_kit.api import Segmenter
+from lisa_kit.datasets.synthetic import CORNERS, PALETTE, SyntheticReasoningSet
+from lisa_kit.datasets.synthetic_describe import SyntheticDescribeSet
+from lisa_kit.evaluate import named_shape, painted_shape, question_family
+
+
+def _names(answer: str) -> list[str]:
+    body = answer.split(": ", 1)[-1].strip().rstrip(".")
+    return sorted(p.strip() for p in body.replace(" and ", ", ").split(", ") if p.strip())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="a lisa_kit-format model directory")
+    ap.add_argument("--images", type=int, default=30, help="held-out images (default 30)")
+    ap.add_argument("--show", type=int, default=6, help="wrong answers to print (default 6)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    seg = Segmenter.from_checkpoint(args.checkpoint)
+    stats: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    shown = 0
+    for rec in SyntheticReasoningSet(split="val", size=args.images):
+        shapes = rec.meta["shapes"]
+        for t in rec.targets:
+            if t.meta.get("absent"):
+                continue
+            q = t.text if t.kind == "sentence" else f"Segment {t.text}."
+            res = seg.seg(rec.image(), q)
+            named = named_shape(res.text, PALETTE, CORNERS)
+            s = shapes[t.meta["answer"]]
+            want = (s["color"], s["kind"])
+            k = painted_shape(np.asarray(res.masks[0]), rec.labels, len(shapes)) if res.num_masks else None
+            painted = (shapes[k]["color"], shapes[k]["kind"]) if k is not None else None
+            c = stats[question_family(t.meta)]
+            c.update(n=1, name_right=named == want, mask_right=painted == want,
+                     mask_follows_name=named is not None and painted == named)
+            if named != want and shown < args.show:
+                shown += 1
+                print(f"Q: {q}\n  A: {res.text}\n  target {want}, painted {painted}")
+    total: collections.Counter = collections.Counter()
+    print(f"\n{'family':<12} {'n':>4} {'name_right':>11} {'mask_right':>11} {'mask_follows_name':>18}")
+    for fam, c in sorted(stats.items()) + [("all", None)]:
+        c = c if c is not None else total
+        if fam != "all":
+            total.update(c)
+        n = max(c["n"], 1)
+        print(f"{fam:<12} {c['n']:>4} {c['name_right'] / n:>11.2f} {c['mask_right'] / n:>11.2f} "
+              f"{c['mask_follows_name'] / n:>18.2f}")
+    listed = 0
+    describe = SyntheticDescribeSet(split="val", size=args.images)
+    for rec in describe:
+        q, a = rec.rounds[0]
+        listed += _names(seg.seg(rec.image(), q).text) == _names(a)
+    print(f"\nlists exactly the image's shapes: {listed}/{len(describe)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
