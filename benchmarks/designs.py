@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="keep designs already trained and exported in --out (rerun only the bench and the rest)")
     args = ap.parse_args(argv)
-    designs = ({f"{r}": r for r in args.recipes} if args.recipes else dict(DESIGNS))
+    designs = {r: r for r in args.recipes} if args.recipes else dict(DESIGNS)
     out = args.out
     for sub in ("runs", "models", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)

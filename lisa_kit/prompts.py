@@ -196,6 +196,11 @@ def _sentence(text: str, kind: str) -> str:
     return f"Segment {_the(text.lower())}."
 
 
+def _sentence_start(text: str) -> str:
+    """``text`` with its first letter upper-cased (the rest kept: "the LCD" -> "The LCD")."""
+    return text[:1].upper() + text[1:]
+
+
 def multi_turn(record: Record, picked: list[int], texts: list[str], rng: np.random.Generator,
                reject_token: str | None = None) -> Turn:
     """One question about several targets (``picked``: record target indices; ``texts``:
@@ -215,7 +220,7 @@ def multi_turn(record: Record, picked: list[int], texts: list[str], rng: np.rand
         sents = " ".join(_sentence(x, t.kind) for x, t in zip(texts, tgts))
         q = MULTI_LONG_QUESTIONS[rng.integers(len(MULTI_LONG_QUESTIONS))].format(sents=sents)
         a = MULTI_ANSWERS[rng.integers(len(MULTI_ANSWERS))].format(marks=_join(marks))
-    a = a[0].upper() + a[1:]
+    a = _sentence_start(a)
     return Turn(q, a, int(picked[0]), [int(t) for t, m in zip(picked, marks) if m == SEG])
 
 
@@ -297,7 +302,7 @@ def _answer(rng: np.random.Generator, tgt: Target, reject_token: str | None, nam
         return REJECT_ANSWERS[rng.integers(len(REJECT_ANSWERS))].replace(REJ, reject_token)
     name = tgt.meta.get("name") if named else None
     if isinstance(name, str) and name:
-        return NAMED_ANSWERS[rng.integers(len(NAMED_ANSWERS))].format(name=name, Name=name[0].upper() + name[1:])
+        return NAMED_ANSWERS[rng.integers(len(NAMED_ANSWERS))].format(name=name, Name=_sentence_start(name))
     return ANSWERS[rng.integers(len(ANSWERS))]
 
 
@@ -346,7 +351,7 @@ def seg_turns(record: Record, rng: np.random.Generator, classes_per_sample: int 
             mark = reject_token if is_absent(tgt) else SEG
             name, predicate = tgt.meta.get("name"), tgt.meta.get("predicate")
             if explain_first == EXPLAIN_AFTER_NAME and mark == SEG and name and predicate:
-                answer = f"{name[0].upper() + name[1:]} {SEG} {predicate}"
+                answer = f"{_sentence_start(name)} {SEG} {predicate}"
             else:
                 answer = f"{why} {mark}."
             turns.append(Turn(_question(tgt, text, rng, phrasing), answer, int(t)))
