@@ -1,0 +1,121 @@
+"""Can a recipe's vision tower see the synthetic shapes? A linear probe on its tokens.
+
+Builds ``model.vision_encoder`` of a recipe (random weights, the real component: its own
+preprocessing and forward), puts two linear read-outs on its tokens and trains tower and
+read-outs together on dense labels from :mod:`lisa_kit.datasets.synthetic`: for each
+token, the kind and the colour of the shape under it (the shape covering at least a
+quarter of the token's cell; cells with less are not scored). Reports held-out accuracy
+on the ``val`` split as it goes.
+
+It answers one question before a long training run: whether the tower can represent
+what the questions ask about at all, with the most direct supervision there is. If it
+cannot here, the language model will not learn it through a caption's few tokens.
+Measured with it: lisa-demo's CLIP tower (a ViT with 8 px patches) reaches 100 % on
+colour and stays near chance (20 %) on kind; lisa-demo-v3's ResNet learns both.
+
+Towers whose ``N`` tokens form a square row-major grid over the whole image (CLIP, timm
+ViTs and CNNs, open_clip) are supported; VLM towers that merge patches are not.
+
+    python scripts/probe_tower.py lisa-demo-v3 [--steps 1500] [--batch 8] [--every 250]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from lisa_kit.builder import build_component
+from lisa_kit.datasets.synthetic import CORNERS, PALETTE, SyntheticReasoningSet
+from lisa_kit.recipes import load_recipe
+
+KINDS, COLOURS = list(CORNERS), list(PALETTE)
+COVER = 0.25  # a token is labelled with a shape that covers at least this share of its cell
+
+
+def cell_labels(labels: np.ndarray, shapes: list[dict], grid: int) -> tuple[list[int], list[int]]:
+    """Per grid cell (row-major), the kind and colour index of the shape covering at least
+    :data:`COVER` of the cell, ``-100`` (ignored) where none does. ``labels``: ``(H, W)``
+    with ``j + 1`` on shape ``j``; ``H`` and ``W`` multiples of ``grid``."""
+    h, w = labels.shape
+    ch, cw = h // grid, w // grid
+    cells = labels.reshape(grid, ch, grid, cw).transpose(0, 2, 1, 3).reshape(grid * grid, ch * cw)
+    kinds, colours = [], []
+    for cell in cells:
+        counts = np.bincount(cell, minlength=len(shapes) + 1)[1:]
+        j = int(counts.argmax()) if counts.size else 0
+        if counts.size and counts[j] >= COVER * cell.size:
+            kinds.append(KINDS.index(shapes[j]["kind"]))
+            colours.append(COLOURS.index(shapes[j]["color"]))
+        else:
+            kinds.append(-100)
+            colours.append(-100)
+    return kinds, colours
+
+
+def batch(tower, ds, indices, grid: int):
+    pixels, kinds, colours = [], [], []
+    for i in indices:
+        rec = ds[i]
+        pixels.append(tower.preprocess(rec.image()))
+        k, c = cell_labels(rec.labels, rec.meta["shapes"], grid)
+        kinds.append(k)
+        colours.append(c)
+    return torch.stack(pixels), torch.tensor(kinds), torch.tensor(colours)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("recipe", help="recipe name or path; its model.vision_encoder is probed")
+    ap.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    ap.add_argument("--batch", type=int, default=8, help="scenes per step (default 8)")
+    ap.add_argument("--every", type=int, default=250, help="report every N steps (default 250)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    ap.add_argument("--val", type=int, default=200, help="held-out scenes (default 200)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    node = OmegaConf.to_container(load_recipe(args.recipe).cfg.model.vision_encoder, resolve=True)
+    tower = build_component("vision_encoder", node)
+    train = SyntheticReasoningSet(split="train", size=args.steps * args.batch)
+    val = SyntheticReasoningSet(split="val", size=args.val)
+    with torch.no_grad():
+        n = tower(tower.preprocess(val[0].image())[None]).shape[1]
+    grid = math.isqrt(n)
+    h, w = val[0].labels.shape
+    if grid * grid != n or h % grid or w % grid:
+        raise SystemExit(f"{args.recipe}: {n} tokens are not a square grid dividing the {h}x{w} scenes")
+    head_kind = torch.nn.Linear(tower.feature_dim, len(KINDS))
+    head_colour = torch.nn.Linear(tower.feature_dim, len(COLOURS))
+    tower.requires_grad_(True).train()
+    params = [*tower.parameters(), *head_kind.parameters(), *head_colour.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    xv, kv, cv = batch(tower, val, range(args.val), grid)
+    ce = torch.nn.functional.cross_entropy
+    start = time.perf_counter()
+    print(f"{args.recipe}: {type(tower).__name__}, {n} tokens of {tower.feature_dim}, "
+          f"{sum(p.numel() for p in tower.parameters()) / 1e6:.2f}M parameters")
+    for step in range(1, args.steps + 1):
+        x, k, c = batch(tower, train, range((step - 1) * args.batch, step * args.batch), grid)
+        f = tower(x)
+        loss = ce(head_kind(f).flatten(0, 1), k.flatten()) + ce(head_colour(f).flatten(0, 1), c.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % args.every == 0 or step == args.steps:
+            tower.eval()
+            with torch.no_grad():
+                f = tower(xv)
+            tower.train()
+            on = kv >= 0
+            acc_k = (head_kind(f).argmax(-1)[on] == kv[on]).float().mean()
+            acc_c = (head_colour(f).argmax(-1)[on] == cv[on]).float().mean()
+            print(f"step {step:>5}  held-out kind {acc_k:.3f}  colour {acc_c:.3f}  "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
