@@ -5,6 +5,11 @@ it and bit-identical to the old path (read in fp32, then cast by that rule), and
 is asked for the dtype, so no fp32 copy of what ends up in bf16 is made."""
 from __future__ import annotations
 
+import gc
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -156,6 +161,18 @@ def test_no_fp32_copy_of_the_low_precision_part(saved, monkeypatch):
         read[dt] = read.get(dt, 0) + n
     assert held[torch.float32] and held[LOW]  # both precisions are there to be told apart
     assert read[torch.float32] == held[torch.float32] and read[LOW] == held[LOW]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's list of mapped files")
+def test_the_checkpoint_is_not_kept_mapped(saved, tmp_path):
+    """transformers hands back a tensor it need not cast as a view of the memory-mapped
+    file; the fp32 detector is copied out, so once loaded nothing keeps the file (and the
+    ViT's fp32 pages with it) mapped."""
+    d = shutil.copytree(saved["sam3"], tmp_path / "sam3")  # a file no other test's model maps
+    comp = sam3.build_sam3(pretrained=str(d), dtype=LOW)
+    gc.collect()
+    assert str(d / "model.safetensors") not in Path("/proc/self/maps").read_text()
+    assert {p.dtype for p in comp.parameters()} == {LOW, torch.float32}
 
 
 def test_random_weights_stay_fp32_and_dtype_names_are_checked(saved):
