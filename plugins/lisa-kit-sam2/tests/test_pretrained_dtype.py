@@ -20,15 +20,13 @@ from lisa_kit.checkpoint.io import cast_component, param_dtype  # noqa: E402
 from lisa_kit_sam2 import _hf, edgetam, hf_sam, sam2, sam3, sam_hq  # noqa: E402
 
 LOW = torch.bfloat16
-# name -> (build, tiny config, config maker, transformers model class name, component class)
+# name -> (build, tiny config, config maker, transformers model class name)
 DECODERS = {
-    "hf_sam": (hf_sam.build_hf_sam, hf_sam.TINY_HF_SAM, hf_sam.sam_config, "SamModel", hf_sam.HFSamMaskDecoder),
-    "sam_hq": (sam_hq.build_sam_hq, sam_hq.TINY_SAM_HQ, sam_hq.sam_hq_config, "SamHQModel",
-               sam_hq.SamHQMaskDecoder),
-    "sam2": (sam2.build_sam2, sam2.TINY_SAM2, sam2.sam2_config, "Sam2Model", sam2.Sam2MaskDecoder),
-    "edgetam": (edgetam.build_edgetam, edgetam.TINY_EDGETAM, edgetam.edgetam_config, "EdgeTamModel",
-                edgetam.EdgeTamMaskDecoder),
-    "sam3": (sam3.build_sam3, sam3.TINY_SAM3, sam3.sam3_config, "Sam3Model", sam3.Sam3MaskDecoder),
+    "hf_sam": (hf_sam.build_hf_sam, hf_sam.TINY_HF_SAM, hf_sam.sam_config, "SamModel"),
+    "sam_hq": (sam_hq.build_sam_hq, sam_hq.TINY_SAM_HQ, sam_hq.sam_hq_config, "SamHQModel"),
+    "sam2": (sam2.build_sam2, sam2.TINY_SAM2, sam2.sam2_config, "Sam2Model"),
+    "edgetam": (edgetam.build_edgetam, edgetam.TINY_EDGETAM, edgetam.edgetam_config, "EdgeTamModel"),
+    "sam3": (sam3.build_sam3, sam3.TINY_SAM3, sam3.sam3_config, "Sam3Model"),
 }
 # Weights spread wide so that bf16 rounding changes most of them (the comparisons then see
 # a tensor read in the wrong precision).
@@ -52,7 +50,7 @@ def saved(tmp_path_factory):
     import transformers
 
     out = {}
-    for name, (_, tiny, make, cls_name, _) in DECODERS.items():
+    for name, (_, tiny, make, cls_name) in DECODERS.items():
         torch.manual_seed(0)
         model = getattr(transformers, cls_name)(make(tiny))
         with torch.no_grad():
@@ -83,7 +81,7 @@ def _old_path(name, path, owner=None):
     component's)."""
     import transformers
 
-    build, _, _, cls_name, _ = DECODERS[name]
+    build, _, _, cls_name = DECODERS[name]
     if owner is None:
         comp = build(pretrained=str(path))
     else:
