@@ -5,6 +5,7 @@ prompt encoder, and the handling of a released LISA checkpoint's SAM weights."""
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from pathlib import Path
 from typing import ClassVar
@@ -53,12 +54,29 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_pretrained(model_cls, path: str, component: str, model_types: tuple[str, ...] = ()):
+# The component attribute that holds the transformers model: its state-dict keys are the
+# model's under this prefix (what `fp32_prefixes` and `normalize_keys` name).
+MODEL_PREFIX = "model."
+
+
+def load_pretrained(model_cls, path: str, component: str, model_types: tuple[str, ...] = (),
+                    dtype: torch.dtype | None = None, owner=None):
     """``model_cls.from_pretrained(path)`` from a local directory, refusing anything that
     does not fit exactly: a missing directory or file, a ``config.json`` whose
     ``model_type`` is not one of ``model_types`` (when given), or weights with missing,
     unexpected or mis-shaped keys raise :class:`CheckpointError` naming the path
-    (transformers would only warn and leave those tensors randomly initialised)."""
+    (transformers would only warn and leave those tensors randomly initialised).
+
+    ``dtype``: the precision asked for (``None``: fp32, transformers' default, as before).
+    Each tensor is read once, straight into the dtype that
+    :func:`lisa_kit.checkpoint.io.param_dtype` gives its key under ``owner`` (the component
+    class, holding the model as ``model.``; ``None``: a rule that keeps nothing): what
+    ``owner.fp32_prefixes`` keeps is read in fp32, everything else in ``dtype``. The
+    result is bit-identical to loading in fp32 and casting by that rule afterwards
+    (:func:`~lisa_kit.checkpoint.io.cast_component`), without ever holding an fp32 copy of
+    the large image encoder, and once loaded nothing keeps the checkpoint file mapped
+    (:func:`_copy_kept`): see :func:`_reading_class` for why transformers' own loader is
+    steered rather than lisa_kit's streaming loader used."""
     p = Path(path).expanduser()
     if not p.is_dir():
         raise CheckpointError(f"pretrained directory not found: {p}", component=component, file=p)
@@ -74,11 +92,13 @@ def load_pretrained(model_cls, path: str, component: str, model_types: tuple[str
     if model_types and found is not None and found not in model_types:
         raise CheckpointError(f"{p} holds a {found!r} model, not {' or '.join(map(repr, model_types))} "
                               f"({model_cls.__name__})", component=component, file=p / "config.json")
+    from lisa_kit.checkpoint.io import cast_component
     from lisa_kit.checkpoint.safe import hf_load
 
+    reader, read_kwargs = _reading_class(model_cls, owner, dtype)
     # Mis-shaped tensors are reported below, by key, rather than as transformers' error.
-    model, info = hf_load(model_cls.from_pretrained, p, component=component, what=model_cls.__name__,
-                          output_loading_info=True, ignore_mismatched_sizes=True)
+    model, info = hf_load(reader.from_pretrained, p, component=component, what=model_cls.__name__,
+                          output_loading_info=True, ignore_mismatched_sizes=True, **read_kwargs)
     problems, first = [], None
     for label in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         entries = sorted(info.get(label) or (), key=str)
@@ -92,7 +112,115 @@ def load_pretrained(model_cls, path: str, component: str, model_types: tuple[str
     if problems:
         raise CheckpointError(f"the weights in {p} do not fit {model_cls.__name__}: " + "; ".join(problems),
                               component=component, key=first, file=p)
+    if reader is not model_cls:
+        model.__class__ = model_cls  # the reader only adds its dtype plan: a plain model_cls from here on
+        _check_kept(model, owner, dtype, component, p)
+        _copy_kept(model, owner, dtype)
+        # Down to the rule: tie sources read wide for a kept tie target, and any tensor
+        # transformers builds in fp32 whatever the dtype (a no-op where the read placed all).
+        cast_component(_RuleView(model, owner), dtype)
+        _record_build_dtype(model.config, dtype)
     return model
+
+
+def _reading_class(model_cls, owner, dtype: torch.dtype | None) -> tuple[type, dict]:
+    """``(class, kwargs)`` whose ``from_pretrained(path, **kwargs)`` reads each tensor once
+    into the dtype :func:`~lisa_kit.checkpoint.io.param_dtype` gives its key under ``owner``
+    (kept keys: the precision a load without ``dtype`` builds in, fp32); ``(model_cls, {})``
+    where nothing is asked or the rule keeps the whole model (read as before).
+
+    transformers' ``from_pretrained(dtype=...)`` casts every floating tensor as it reads it
+    (a few tensors in flight, never an fp32 copy of the model); its one per-tensor exception
+    is the model's dtype plan (``_get_dtype_plan``, where ``_keep_in_fp32_modules_strict``
+    goes), which these models leave empty. A subclass whose plan names, anchored, every key
+    the rule keeps makes transformers read exactly those in fp32. Not taken: loading in
+    ``dtype`` and upcasting the kept parts afterwards (not exact: their bf16 rounding would
+    stay), and building under ``empty_weights`` to stream with ``load_file_into`` as
+    ``build_timm`` does (it would restate what ``from_pretrained`` does for these models:
+    the official SAM 3 checkpoint's ``detector_model.`` prefix, the tracker and video keys it
+    ignores, tied embeddings; for no saving in memory). A transformers without dtype plans
+    gets the old read (fp32, cast afterwards): correct, only not lean."""
+    from lisa_kit.checkpoint.io import param_dtype
+
+    # Every key lies under MODEL_PREFIX: when the rule keeps that prefix it keeps every key.
+    if dtype is None or param_dtype(owner, MODEL_PREFIX, dtype) is None or not hasattr(model_cls, "_get_dtype_plan"):
+        return model_cls, {}
+    build = torch.get_default_dtype()  # what from_pretrained without `dtype` builds and reads in
+
+    def _get_dtype_plan(self, requested: torch.dtype) -> dict:
+        # The component's rule replaces the class's plan: a plain fp32 load and cast (what this
+        # must equal) knows nothing of the class's keep-in-fp32 modules either.
+        keep = {k for k, t in self.state_dict().items()
+                if t.is_floating_point() and param_dtype(owner, MODEL_PREFIX + k, requested) is None}
+        # A tied key is not read but copied from its source after the read (SAM's prompt
+        # encoder's positional matrix from the image embedding's): a kept one needs its
+        # source read wide too, then cast down by the rule (exact) once the tie is made.
+        ties = getattr(self, "all_tied_weights_keys", None) or {}
+        keep |= {source for target, source in ties.items() if target in keep}
+        return {f"^{re.escape(k)}$": build for k in keep}
+
+    reader = type(model_cls.__name__, (model_cls,), {"_get_dtype_plan": _get_dtype_plan,
+                                                     "__module__": model_cls.__module__})
+    return reader, {"dtype": dtype}
+
+
+class _RuleView(nn.Module):
+    """A bare transformers ``model`` seen as ``owner`` holds it (under ``MODEL_PREFIX``, with
+    its ``fp32_prefixes``), for :func:`~lisa_kit.checkpoint.io.cast_component`."""
+
+    def __init__(self, model: nn.Module, owner):
+        from lisa_kit.checkpoint.io import fp32_prefixes
+
+        super().__init__()
+        self.model = model
+        self.fp32_prefixes = fp32_prefixes(owner)
+
+
+def _check_kept(model, owner, dtype: torch.dtype, component: str, path: Path) -> None:
+    """Refuse a read in which a tensor the rule keeps came back narrower (a transformers
+    whose loader ignored the dtype plan): upcasting it now would not restore its bits."""
+    from lisa_kit.checkpoint.io import param_dtype
+
+    build = torch.get_default_dtype()
+    for k, t in model.state_dict().items():
+        if t.is_floating_point() and param_dtype(owner, MODEL_PREFIX + k, dtype) is None and t.dtype != build:
+            raise CheckpointError(f"{component}: {k} was read in {t.dtype}, not {build} as the component keeps it "
+                                  f"(this transformers did not apply the per-tensor dtype plan); load without "
+                                  f"a dtype and cast afterwards", component=component, key=k, file=path)
+
+
+def _copy_kept(model, owner, dtype: torch.dtype) -> None:
+    """Give the kept tensors memory of their own. transformers copies a tensor only to cast
+    it: one the checkpoint already stores in fp32 comes back as a view of the memory-mapped
+    file, and a single view keeps the whole mapping, the encoder's fp32 bytes included,
+    resident for the model's life (measured: SAM 3 with a 150M-parameter ViT kept 600 MiB
+    of file pages beside its 300 MiB of bf16 weights). The kept part is the small one."""
+    from lisa_kit.checkpoint.io import param_dtype
+
+    with torch.no_grad():
+        for prefix, mod in model.named_modules():
+            pre = MODEL_PREFIX + (f"{prefix}." if prefix else "")
+            for name, t in mod._parameters.items():
+                if t is not None and t.is_floating_point() and param_dtype(owner, pre + name, dtype) is None:
+                    t.data = t.data.clone()
+            for name, t in mod._buffers.items():
+                if (t is not None and t.is_floating_point() and name not in mod._non_persistent_buffers_set
+                        and param_dtype(owner, pre + name, dtype) is None):
+                    mod._buffers[name] = t.clone()
+
+
+def _record_build_dtype(config, read: torch.dtype) -> None:
+    """``from_pretrained(dtype=read)`` records ``read`` on the config and its sub-configs (at
+    every depth where a model is built from one); a model read partly in fp32 keeps the
+    record of a plain read there (the default dtype), as before: a config exported from the
+    component rebuilds sub-models in the recorded dtype (a random build would otherwise come
+    out part bf16). Records the read did not make (``None``) are left as they are."""
+    if getattr(config, "dtype", None) == read:
+        config.dtype = torch.get_default_dtype()
+    for name in getattr(config, "sub_configs", {}):
+        sub = getattr(config, name, None)
+        if sub is not None:
+            _record_build_dtype(sub, read)
 
 
 def make_config(config_cls, config: dict, component: str):
@@ -106,16 +234,18 @@ def make_config(config_cls, config: dict, component: str):
 
 
 def build_model(model_cls, make_config, variants: dict, variant: str | None, pretrained: str | None,
-                config: dict | None, component: str, model_types: tuple[str, ...] = ()):
+                config: dict | None, component: str, model_types: tuple[str, ...] = (),
+                dtype: torch.dtype | None = None, owner=None):
     """The transformers model a decoder's build arguments describe: ``pretrained`` (a local
-    directory of one of ``model_types``, loaded strictly by :func:`load_pretrained`), or
-    random weights of ``make_config(config over the variant's)``. Wrong combinations and
-    unknown variants raise :class:`DecoderConfigError`."""
+    directory of one of ``model_types``, loaded strictly by :func:`load_pretrained`, each
+    tensor read into the dtype ``owner``'s rule gives it for ``dtype``), or random weights
+    of ``make_config(config over the variant's)`` (fp32 whatever ``dtype``: the caller casts).
+    Wrong combinations and unknown variants raise :class:`DecoderConfigError`."""
     name = component.split(":")[-1]
     if pretrained is not None:
         if variant is not None or config is not None:
             raise DecoderConfigError(f"{name}: give either `pretrained` or `variant`/`config`, not both")
-        return load_pretrained(model_cls, pretrained, component, model_types)
+        return load_pretrained(model_cls, pretrained, component, model_types, dtype=dtype, owner=owner)
     if variant is not None and variant not in variants:
         raise DecoderConfigError(f"unknown {name} variant {variant!r}; available: {', '.join(variants)}")
     if variant is None and config is None:

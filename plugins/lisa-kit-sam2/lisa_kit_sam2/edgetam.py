@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
+
 from lisa_kit_sam2._hf import (
     DecoderConfigError,
     ForeignWeightsWarning,
@@ -122,15 +124,19 @@ class EdgeTamMaskDecoder(Sam2MaskDecoder):
 
 def build_edgetam(variant: Literal["repvit_m1"] | None = None, pretrained: str | None = None,
                   config: dict | None = None, dynamic_multimask: bool = False,
-                  mean: list[float] | None = None, std: list[float] | None = None) -> EdgeTamMaskDecoder:
+                  mean: list[float] | None = None, std: list[float] | None = None,
+                  dtype: str | torch.dtype | None = None) -> EdgeTamMaskDecoder:
     """``pretrained``: a directory written by ``EdgeTamModel.save_pretrained`` (an
     ``EdgeTamVideoModel`` directory's memory weights are skipped). ``variant: repvit_m1``
     (EdgeTAM's shapes) and/or ``config`` (an ``EdgeTamConfig`` dict over the variant's):
-    random weights. ``dynamic_multimask``, ``mean``/``std``: as ``sam2``."""
+    random weights. ``dynamic_multimask``, ``mean``/``std``, ``dtype``: as ``sam2``."""
     from transformers import EdgeTamModel
 
+    from lisa_kit.components._util import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
     model = build_model(EdgeTamModel, edgetam_config, VARIANTS, variant, pretrained, config, COMPONENT,
-                        ("edgetam", "edgetam_video"))
+                        ("edgetam", "edgetam_video"), dtype=dtype, owner=EdgeTamMaskDecoder)
     pre = read_preprocessor(pretrained)
     return EdgeTamMaskDecoder(model, dynamic_multimask=dynamic_multimask,
                               mean=mean or pre.get("image_mean", IMAGENET_MEAN),

@@ -238,23 +238,32 @@ class HFSamMaskDecoder(GeometryPrompts, ModelParts, MaskDecoder):
 
 def build_hf_sam(variant: Literal["vit_b", "vit_l", "vit_h"] | None = None, pretrained: str | None = None,
                  config: dict | None = None, checkpoint: str | None = None,
-                 mean: list[float] | None = None, std: list[float] | None = None) -> HFSamMaskDecoder:
+                 mean: list[float] | None = None, std: list[float] | None = None,
+                 dtype: str | torch.dtype | None = None) -> HFSamMaskDecoder:
     """``pretrained``: a ``SamModel`` directory (``facebook/sam-vit-*``: ``config.json`` +
     ``model.safetensors``). Otherwise the architecture comes from ``variant`` and/or
     ``config`` (a ``SamConfig`` dict over the variant's), random weights, and
-    ``checkpoint`` may load a Meta ``sam_vit_*.pth`` (or safetensors, either layout) into it."""
+    ``checkpoint`` may load a Meta ``sam_vit_*.pth`` (or safetensors, either layout) into it.
+    ``dtype``: the precision ``pretrained``'s (or ``checkpoint``'s) weights are read into,
+    each tensor once, by the component's rule (:func:`~lisa_kit_sam2._hf.load_pretrained`;
+    this decoder keeps all of itself fp32); random weights stay fp32 (the builder casts them)."""
     from transformers import SamModel
+
+    from lisa_kit.components._util import resolve_dtype
 
     if pretrained is not None and checkpoint is not None:
         raise DecoderConfigError("hf_sam: give either `pretrained` or `variant`/`config`/`checkpoint`, not both")
-    model = build_model(SamModel, sam_config, VARIANTS, variant, pretrained, config, COMPONENT, ("sam",))
+    dtype = resolve_dtype(dtype)
+    model = build_model(SamModel, sam_config, VARIANTS, variant, pretrained, config, COMPONENT, ("sam",),
+                        dtype=dtype, owner=HFSamMaskDecoder)
     pre = read_preprocessor(pretrained)
     comp = HFSamMaskDecoder(model, mean=mean or pre.get("image_mean", IMAGENET_MEAN),
                             std=std or pre.get("image_std", IMAGENET_STD))
     if checkpoint is not None:
         from lisa_kit.checkpoint.io import load_into, load_state_dict
 
-        load_into(comp, comp.normalize_keys(load_state_dict(checkpoint)), component=COMPONENT, strict=True)
+        load_into(comp, comp.normalize_keys(load_state_dict(checkpoint)), component=COMPONENT, strict=True,
+                  dtype=dtype)
     return comp
 
 

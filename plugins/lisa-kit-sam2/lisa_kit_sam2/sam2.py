@@ -222,17 +222,23 @@ class Sam2MaskDecoder(GeometryPrompts, ModelParts, MaskDecoder):
 
 def build_sam2(variant: Literal["hiera_tiny", "hiera_small", "hiera_base_plus", "hiera_large"] | None = None,
                pretrained: str | None = None, config: dict | None = None, dynamic_multimask: bool = False,
-               mean: list[float] | None = None, std: list[float] | None = None) -> Sam2MaskDecoder:
+               mean: list[float] | None = None, std: list[float] | None = None,
+               dtype: str | torch.dtype | None = None) -> Sam2MaskDecoder:
     """``pretrained``: a directory written by ``Sam2Model.save_pretrained`` (or an official
     ``facebook/sam2.1-hiera-*`` download: ``config.json`` + ``model.safetensors``; its video
     parts are skipped); every image-model weight must be there. ``variant``: a released
     size with random weights; ``config``: a ``Sam2Config`` dict (over the variant's, if
     both). ``mean``/``std`` default to the directory's ``preprocessor_config.json``, else
-    ImageNet's."""
+    ImageNet's. ``dtype``: the precision ``pretrained``'s weights are read into, each tensor
+    once, by the component's rule (:func:`~lisa_kit_sam2._hf.load_pretrained`; this decoder
+    keeps all of itself fp32); random weights stay fp32 (the builder casts them)."""
     from transformers import Sam2Model
 
+    from lisa_kit.components._util import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
     model = build_model(Sam2Model, sam2_config, VARIANTS, variant, pretrained, config, COMPONENT,
-                        ("sam2", "sam2_video"))
+                        ("sam2", "sam2_video"), dtype=dtype, owner=Sam2MaskDecoder)
     pre = read_preprocessor(pretrained)
     return Sam2MaskDecoder(model, dynamic_multimask=dynamic_multimask,
                            mean=mean or pre.get("image_mean", IMAGENET_MEAN),

@@ -352,7 +352,8 @@ class Sam3MaskDecoder(MaskDecoder):
 def build_sam3(pretrained: str | None = None, config: dict | None = None,
                select: Literal["best", "threshold"] = "best", threshold: float = DEFAULT_THRESHOLD,
                tokenizer: str | None = None, mean: list[float] | None = None, std: list[float] | None = None,
-               geometry_ids: list[int] | None = None, geometry_mask: list[int] | None = None) -> Sam3MaskDecoder:
+               geometry_ids: list[int] | None = None, geometry_mask: list[int] | None = None,
+               dtype: str | torch.dtype | None = None) -> Sam3MaskDecoder:
     """``pretrained``: a directory written by ``Sam3Model.save_pretrained`` (or the official
     ``facebook/sam3``: ``config.json`` + ``model.safetensors``; its tracker weights are
     skipped); every detector weight must be there. ``config``: a ``Sam3Config`` dict, random
@@ -360,13 +361,20 @@ def build_sam3(pretrained: str | None = None, config: dict | None = None,
     directory with SAM 3's CLIP tokenizer, for box prompts (default: ``pretrained``, when it
     holds one); ``geometry_ids``/``geometry_mask`` give the tokenised phrase directly (what
     :meth:`Sam3MaskDecoder.export_config` writes). ``mean``/``std`` default to the
-    directory's ``preprocessor_config.json``, else 0.5."""
+    directory's ``preprocessor_config.json``, else 0.5. ``dtype``: the precision
+    ``pretrained``'s weights are read into, each tensor once: the ViT and the text encoder
+    in ``dtype``, the detector (``fp32_prefixes``) in fp32, never an fp32 copy of the ViT
+    first (:func:`~lisa_kit_sam2._hf.load_pretrained`); random weights stay fp32 (the
+    builder casts them)."""
     from transformers import Sam3Model
 
+    from lisa_kit.components._util import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
     if pretrained is not None:
         if config is not None:
             raise ValueError("sam3: give either `pretrained` or `config`, not both")
-        model = load_pretrained(Sam3Model, pretrained, COMPONENT)
+        model = load_pretrained(Sam3Model, pretrained, COMPONENT, dtype=dtype, owner=Sam3MaskDecoder)
     elif config is not None:
         model = Sam3Model(sam3_config(config))
     else:

@@ -103,15 +103,20 @@ class SamHQMaskDecoder(HFSamMaskDecoder):
 
 def build_sam_hq(variant: Literal["vit_b", "vit_l", "vit_h"] | None = None, pretrained: str | None = None,
                  config: dict | None = None, hq_token_only: bool = False,
-                 mean: list[float] | None = None, std: list[float] | None = None) -> SamHQMaskDecoder:
+                 mean: list[float] | None = None, std: list[float] | None = None,
+                 dtype: str | torch.dtype | None = None) -> SamHQMaskDecoder:
     """``pretrained``: a ``SamHQModel`` directory (as ``SamHQModel.save_pretrained`` writes
     it). Otherwise ``variant`` and/or ``config`` (a ``SamHQConfig`` dict over the variant's),
     random weights. ``mean``/``std`` default to the directory's ``preprocessor_config.json``,
-    else ImageNet's."""
+    else ImageNet's. ``dtype``: as ``hf_sam``'s (``pretrained`` read by the component's rule;
+    random weights stay fp32)."""
     from transformers import SamHQModel
 
+    from lisa_kit.components._util import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
     model = build_model(SamHQModel, sam_hq_config, VARIANTS, variant, pretrained, config, COMPONENT,
-                        ("sam_hq",))
+                        ("sam_hq",), dtype=dtype, owner=SamHQMaskDecoder)
     pre = read_preprocessor(pretrained)
     return SamHQMaskDecoder(model, hq_token_only=hq_token_only, mean=mean or pre.get("image_mean", IMAGENET_MEAN),
                             std=std or pre.get("image_std", IMAGENET_STD))
