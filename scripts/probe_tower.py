@@ -16,7 +16,11 @@ colour and stays near chance (20 %) on kind; lisa-demo-v3's ResNet learns both.
 Towers whose ``N`` tokens form a square row-major grid over the whole image (CLIP, timm
 ViTs and CNNs, open_clip) are supported; VLM towers that merge patches are not.
 
-    python scripts/probe_tower.py lisa-demo-v3 [--steps 1500] [--batch 8] [--every 250]
+    python scripts/probe_tower.py lisa-demo-v3 [--steps 1500] [--batch 8] [--every 250] [--save FILE]
+
+``--save FILE`` writes the trained tower's weights (timm's layout, safetensors) for a
+recipe's ``model.vision_encoder.pretrained``: lisa-demo-v4 starts from such a tower, as
+LISA starts from a pretrained CLIP.
 """
 from __future__ import annotations
 
@@ -75,6 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=250, help="report every N steps (default 250)")
     ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     ap.add_argument("--val", type=int, default=200, help="held-out scenes (default 200)")
+    ap.add_argument("--save", help="write the trained tower's weights here (safetensors; timm towers only)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     node = OmegaConf.to_container(load_recipe(args.recipe).cfg.model.vision_encoder, resolve=True)
@@ -114,6 +119,17 @@ def main(argv=None) -> int:
             acc_c = (head_colour(f).argmax(-1)[on] == cv[on]).float().mean()
             print(f"step {step:>5}  held-out kind {acc_k:.3f}  colour {acc_c:.3f}  "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
+    if args.save:
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        inner = getattr(tower, "model", None)
+        if not hasattr(tower, "model_name") or inner is None:
+            raise SystemExit(f"--save writes timm towers' weights; {type(tower).__name__} is not one")
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in inner.state_dict().items()}, args.save)
+        print(f"wrote {args.save}")
     return 0
 
 
