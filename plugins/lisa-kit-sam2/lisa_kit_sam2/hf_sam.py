@@ -153,6 +153,11 @@ class HFSamMaskDecoder(GeometryPrompts, ModelParts, MaskDecoder):
     """``model``: a transformers ``SamModel``. ``mean``/``std``: the processor's (ImageNet)."""
 
     component = COMPONENT
+    #: What keeps fp32 in any precision: the prompt encoder and the mask decoder, whose
+    #: positional encoding transformers computes in fp32, and the positional matrix they
+    #: share. The ViT, nearly all the weights, takes the precision asked for, as the
+    #: original LISA runs SAM's image encoder in bf16 (and as the built-in ``sam`` does).
+    fp32_prefixes = ("model.prompt_encoder.", "model.mask_decoder.", "model.shared_image_embedding.")
 
     def __init__(self, model, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
@@ -201,7 +206,9 @@ class HFSamMaskDecoder(GeometryPrompts, ModelParts, MaskDecoder):
                       tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``tokens (M, T, P)``: ``T`` sparse prompt tokens per mask (``decode`` uses one;
         ``decode_geometry`` the prompt encoder's point/box tokens)."""
-        emb = features["image_embeddings"]  # (1, P, h, w)
+        # Embeddings of any precision (a bf16 ViT) are decoded in the decoder's own (fp32).
+        dtype = self.model.mask_decoder.iou_token.weight.dtype
+        emb = features["image_embeddings"].to(dtype)  # (1, P, h, w)
         sparse = tokens.to(emb.dtype)[None]  # one image, M prompt sets
         h, w = emb.shape[-2:]
         dense = self.model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, h, w).to(emb.dtype)
