@@ -1,10 +1,12 @@
-"""The model that works out of the box: lisa_kit/assets/demo_model, trained by
-``recipes/lisa-demo.yaml`` on the synthetic shapes set and used when no model is named."""
+"""The model that works out of the box: lisa_kit/assets/demo_model, trained by the recipe
+it names (``recipes/lisa-demo-v4.yaml``) on the synthetic shapes set and used when no
+model is named."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 import yaml
 from omegaconf import OmegaConf
 from PIL import Image
@@ -33,21 +35,24 @@ def test_shipped_and_small_and_built_by_the_recipe():
     files = [p for p in DEMO_MODEL_DIR.rglob("*") if p.is_file()]
     assert files and sum(p.stat().st_size for p in files) <= MAX_BYTES
     shipped = yaml.safe_load((DEMO_MODEL_DIR / "recipe.yaml").read_text())
-    recipe = OmegaConf.to_container(load_recipe("lisa-demo").cfg, resolve=True)
+    recipe = OmegaConf.to_container(load_recipe(shipped["name"]).cfg, resolve=True)
     for kind in ("vision_encoder", "projector", "mask_decoder", "seg_head"):
         assert shipped["model"][kind]["name"] == recipe["model"][kind]["name"]
     assert shipped["model"]["llm"]["config"]["hidden_size"] == recipe["model"]["llm"]["config"]["hidden_size"]
     assert shipped["model"]["seg_hidden"] == recipe["model"]["seg_hidden"]
 
 
-def test_segment_with_no_model_named_gives_the_right_mask(tmp_path):
+@pytest.mark.parametrize("phrasing", ["lisa", "plain"])
+def test_segment_with_no_model_named_gives_the_right_mask(tmp_path, phrasing):
     """On a fresh install `lisa-kit segment --image <example> --prompt <question>` uses the
-    demo model, answers with [SEG] and paints the shape the question asks for."""
+    demo model, answers with [SEG] and paints the shape the question asks for, whether or
+    not the question ends with LISA's "Please output segmentation mask."."""
     from lisa_kit.cli import main
 
     ex = _examples()[1]  # "Which shape has the most vertices?"
     image = EXAMPLES_DIR / ex["image"]
-    assert main(["segment", "--image", str(image), "--prompt", ex["question"], "--out", str(tmp_path),
+    prompt = ex["question"] if phrasing == "lisa" else ex["source"]["text"]
+    assert main(["segment", "--image", str(image), "--prompt", prompt, "--out", str(tmp_path),
                  "--device", "cpu"]) == 0
     res = json.loads((tmp_path / "result.json").read_text())
     (entry,) = res["results"]
