@@ -5,8 +5,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,3 +26,28 @@ def sam2_model():
 
     torch.manual_seed(0)
     return load("lisa-tiny-sam2").eval()
+
+
+@pytest.fixture(scope="session")
+def save_spread_models(tmp_path_factory):
+    """``save(decoders, spread)``: see :func:`_save_spread_models`."""
+    return lambda decoders, spread: _save_spread_models(tmp_path_factory, decoders, spread)
+
+
+def _save_spread_models(tmp_path_factory, decoders: dict, spread: float) -> dict:
+    """name -> directory of a tiny random transformers model (``save_pretrained``, fp32)
+    for each ``decoders[name] = (build, tiny config, make_config, class name)``, every
+    weight drawn from ``N(0, spread)``: random init leaves some of these models at near-zero
+    outputs, and comparisons must depend on the weights."""
+    import transformers
+
+    out = {}
+    for name, (_, tiny, make, cls_name) in decoders.items():
+        torch.manual_seed(0)
+        model = getattr(transformers, cls_name)(make(tiny)).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, spread)
+        out[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(out[name])
+    return out

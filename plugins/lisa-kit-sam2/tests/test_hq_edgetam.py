@@ -37,20 +37,9 @@ def _image(h=37, w=53, seed=0):
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(save_spread_models):
     """name -> directory of a tiny random transformers model (``save_pretrained``)."""
-    import transformers
-
-    out = {}
-    for name, (_, tiny, make, cls_name) in DECODERS.items():
-        torch.manual_seed(0)
-        model = getattr(transformers, cls_name)(make(tiny)).eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, SPREAD)
-        out[name] = tmp_path_factory.mktemp(name)
-        model.save_pretrained(out[name])
-    return out
+    return save_spread_models(DECODERS, SPREAD)
 
 
 def _pair(saved, name, **kwargs):
