@@ -253,6 +253,21 @@ def build_model(model_cls, make_config, variants: dict, variant: str | None, pre
     return model_cls(make_config(deep_merge(variants.get(variant, {}), config or {})))
 
 
+def build_decoder(decoder_cls, model_cls, make_config, variants: dict, variant: str | None, pretrained: str | None,
+                  config: dict | None, model_types: tuple[str, ...], dtype=None, mean: list[float] | None = None,
+                  std: list[float] | None = None, **kwargs):
+    """``decoder_cls(model, mean=, std=, **kwargs)`` around the transformers model
+    :func:`build_model` gives (``dtype`` resolved, ``decoder_cls``'s rule); ``mean``/``std``
+    default to the ``pretrained`` directory's ``preprocessor_config.json``, else ImageNet's."""
+    from lisa_kit.components._util import resolve_dtype
+
+    model = build_model(model_cls, make_config, variants, variant, pretrained, config, decoder_cls.component,
+                        model_types, dtype=resolve_dtype(dtype), owner=decoder_cls)
+    pre = read_preprocessor(pretrained)
+    return decoder_cls(model, mean=mean or pre.get("image_mean", IMAGENET_MEAN),
+                       std=std or pre.get("image_std", IMAGENET_STD), **kwargs)
+
+
 def sam_weights_or_none(state: dict, component: str, label: str, warning_cls: type[UserWarning],
                         is_sam) -> dict | None:
     """``normalize_keys`` of a decoder that cannot use SAM's weights: when ``is_sam(state)``

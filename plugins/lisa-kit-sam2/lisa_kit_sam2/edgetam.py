@@ -27,13 +27,10 @@ import torch
 from lisa_kit_sam2._hf import (
     DecoderConfigError,
     ForeignWeightsWarning,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    build_model,
+    build_decoder,
     decoder_width,
     deep_merge,
     make_config,
-    read_preprocessor,
 )
 from lisa_kit_sam2.sam2 import Sam2MaskDecoder
 
@@ -132,15 +129,8 @@ def build_edgetam(variant: Literal["repvit_m1"] | None = None, pretrained: str |
     random weights. ``dynamic_multimask``, ``mean``/``std``, ``dtype``: as ``sam2``."""
     from transformers import EdgeTamModel
 
-    from lisa_kit.components._util import resolve_dtype
-
-    dtype = resolve_dtype(dtype)
-    model = build_model(EdgeTamModel, edgetam_config, VARIANTS, variant, pretrained, config, COMPONENT,
-                        ("edgetam", "edgetam_video"), dtype=dtype, owner=EdgeTamMaskDecoder)
-    pre = read_preprocessor(pretrained)
-    return EdgeTamMaskDecoder(model, dynamic_multimask=dynamic_multimask,
-                              mean=mean or pre.get("image_mean", IMAGENET_MEAN),
-                              std=std or pre.get("image_std", IMAGENET_STD))
+    return build_decoder(EdgeTamMaskDecoder, EdgeTamModel, edgetam_config, VARIANTS, variant, pretrained, config,
+                         ("edgetam", "edgetam_video"), dtype, mean, std, dynamic_multimask=dynamic_multimask)
 
 
 def sizes_edgetam(variant: str | None = None, pretrained: str | None = None, config: dict | None = None,

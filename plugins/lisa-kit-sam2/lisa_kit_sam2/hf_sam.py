@@ -31,17 +31,16 @@ import torch.nn.functional as F
 from lisa_kit.interfaces import ImageMeta, MaskDecoder
 from lisa_kit_sam2._hf import (
     DEFAULT_WIDTH,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DecoderConfigError,
     GeometryPrompts,
     ModelParts,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    build_model,
+    build_decoder,
     decoder_width,
     deep_merge,
     make_config,
     normalize,
-    read_preprocessor,
     resize_bilinear,
     to_uint8_chw,
 )
@@ -253,7 +252,8 @@ def build_hf_sam(variant: Literal["vit_b", "vit_l", "vit_h"] | None = None, pret
     ``checkpoint`` may load a Meta ``sam_vit_*.pth`` (or safetensors, either layout) into it.
     ``dtype``: the precision ``pretrained``'s (or ``checkpoint``'s) weights are read into,
     each tensor once, by the component's rule (:func:`~lisa_kit_sam2._hf.load_pretrained`;
-    this decoder keeps all of itself fp32); random weights stay fp32 (the builder casts them)."""
+    the ViT takes ``dtype``, :attr:`HFSamMaskDecoder.fp32_prefixes` stay fp32); random
+    weights stay fp32 (the builder casts them)."""
     from transformers import SamModel
 
     from lisa_kit.components._util import resolve_dtype
@@ -261,11 +261,8 @@ def build_hf_sam(variant: Literal["vit_b", "vit_l", "vit_h"] | None = None, pret
     if pretrained is not None and checkpoint is not None:
         raise DecoderConfigError("hf_sam: give either `pretrained` or `variant`/`config`/`checkpoint`, not both")
     dtype = resolve_dtype(dtype)
-    model = build_model(SamModel, sam_config, VARIANTS, variant, pretrained, config, COMPONENT, ("sam",),
-                        dtype=dtype, owner=HFSamMaskDecoder)
-    pre = read_preprocessor(pretrained)
-    comp = HFSamMaskDecoder(model, mean=mean or pre.get("image_mean", IMAGENET_MEAN),
-                            std=std or pre.get("image_std", IMAGENET_STD))
+    comp = build_decoder(HFSamMaskDecoder, SamModel, sam_config, VARIANTS, variant, pretrained, config, ("sam",),
+                         dtype, mean, std)
     if checkpoint is not None:
         from lisa_kit.checkpoint.io import load_into, load_state_dict
 

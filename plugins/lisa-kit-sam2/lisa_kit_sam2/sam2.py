@@ -62,11 +62,10 @@ from lisa_kit_sam2._hf import (
     ForeignWeightsWarning,
     GeometryPrompts,
     ModelParts,
-    build_model,
+    build_decoder,
     decoder_width,
     deep_merge,
     make_config,
-    read_preprocessor,
     sam_weights_or_none,
     square_preprocess,
 )
@@ -234,15 +233,8 @@ def build_sam2(variant: Literal["hiera_tiny", "hiera_small", "hiera_base_plus", 
     keeps all of itself fp32); random weights stay fp32 (the builder casts them)."""
     from transformers import Sam2Model
 
-    from lisa_kit.components._util import resolve_dtype
-
-    dtype = resolve_dtype(dtype)
-    model = build_model(Sam2Model, sam2_config, VARIANTS, variant, pretrained, config, COMPONENT,
-                        ("sam2", "sam2_video"), dtype=dtype, owner=Sam2MaskDecoder)
-    pre = read_preprocessor(pretrained)
-    return Sam2MaskDecoder(model, dynamic_multimask=dynamic_multimask,
-                           mean=mean or pre.get("image_mean", IMAGENET_MEAN),
-                           std=std or pre.get("image_std", IMAGENET_STD))
+    return build_decoder(Sam2MaskDecoder, Sam2Model, sam2_config, VARIANTS, variant, pretrained, config,
+                         ("sam2", "sam2_video"), dtype, mean, std, dynamic_multimask=dynamic_multimask)
 
 
 def sizes_sam2(variant: str | None = None, pretrained: str | None = None, config: dict | None = None, **_) -> dict:

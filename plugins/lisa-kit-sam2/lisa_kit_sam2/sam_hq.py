@@ -29,16 +29,21 @@ from typing import Literal
 import torch
 
 from lisa_kit_sam2._hf import (
-    ForeignWeightsWarning,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    build_model,
-    deep_merge,
+    ForeignWeightsWarning,
+    build_decoder,
     decoder_width,
-    read_preprocessor,
+    deep_merge,
     sam_weights_or_none,
 )
-from lisa_kit_sam2.hf_sam import TINY_HF_SAM, VARIANTS as SAM_VARIANTS, HFSamMaskDecoder, is_meta_layout, sam_config
+from lisa_kit_sam2.hf_sam import (
+    TINY_HF_SAM,
+    HFSamMaskDecoder,
+    is_meta_layout,
+    sam_config,
+)
+from lisa_kit_sam2.hf_sam import VARIANTS as SAM_VARIANTS
 
 COMPONENT = "mask_decoder:sam_hq"
 # The early-feature key of `encode_image`: the first global-attention block's output.
@@ -113,14 +118,8 @@ def build_sam_hq(variant: Literal["vit_b", "vit_l", "vit_h"] | None = None, pret
     random weights stay fp32)."""
     from transformers import SamHQModel
 
-    from lisa_kit.components._util import resolve_dtype
-
-    dtype = resolve_dtype(dtype)
-    model = build_model(SamHQModel, sam_hq_config, VARIANTS, variant, pretrained, config, COMPONENT,
-                        ("sam_hq",), dtype=dtype, owner=SamHQMaskDecoder)
-    pre = read_preprocessor(pretrained)
-    return SamHQMaskDecoder(model, hq_token_only=hq_token_only, mean=mean or pre.get("image_mean", IMAGENET_MEAN),
-                            std=std or pre.get("image_std", IMAGENET_STD))
+    return build_decoder(SamHQMaskDecoder, SamHQModel, sam_hq_config, VARIANTS, variant, pretrained, config,
+                         ("sam_hq",), dtype, mean, std, hq_token_only=hq_token_only)
 
 
 def sizes_sam_hq(variant: str | None = None, pretrained: str | None = None, config: dict | None = None,
