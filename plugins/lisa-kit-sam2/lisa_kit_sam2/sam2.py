@@ -136,6 +136,12 @@ class Sam2MaskDecoder(GeometryPrompts, ModelParts, MaskDecoder):
     component = COMPONENT
     label = "SAM2"  # in messages
     warning = Sam2Warning
+    #: What keeps fp32 in any precision: the prompt side -- the prompt encoder, the mask
+    #: decoder (with its stride-4/8 projections), the positional matrix they share and the
+    #: no-memory embedding -- as SAM's does. The image encoder (Hiera or EdgeTAM's RepViT
+    #: trunk and the FPN neck), nearly all the weights, takes the precision asked for.
+    fp32_prefixes = ("model.prompt_encoder.", "model.mask_decoder.", "model.shared_image_embedding.",
+                     "model.no_memory_embedding")
 
     def __init__(self, model, dynamic_multimask: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
@@ -186,10 +192,12 @@ class Sam2MaskDecoder(GeometryPrompts, ModelParts, MaskDecoder):
                       tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``tokens (M, T, P)``: ``T`` sparse prompt tokens per mask (``decode`` uses one;
         ``decode_geometry`` the prompt encoder's point/box tokens)."""
-        emb = features["image_embeddings"]  # (1, P, h, w)
         md = self.model.mask_decoder
-        high_res = [md.conv_s0(features["high_res_feats_0"]),  # (1, P/8, 4h, 4w)
-                    md.conv_s1(features["high_res_feats_1"])]  # (1, P/4, 2h, 2w)
+        # Features of any precision (a bf16 image encoder) are decoded in the decoder's own (fp32).
+        dtype = md.iou_token.weight.dtype
+        emb = features["image_embeddings"].to(dtype)  # (1, P, h, w)
+        high_res = [md.conv_s0(features["high_res_feats_0"].to(dtype)),  # (1, P/8, 4h, 4w)
+                    md.conv_s1(features["high_res_feats_1"].to(dtype))]  # (1, P/4, 2h, 2w)
         # transformers' decoder takes (images, prompt sets, tokens, P): one image, M sets.
         sparse = tokens.to(emb.dtype)[None]
         h, w = emb.shape[-2:]
@@ -229,8 +237,9 @@ def build_sam2(variant: Literal["hiera_tiny", "hiera_small", "hiera_base_plus", 
     size with random weights; ``config``: a ``Sam2Config`` dict (over the variant's, if
     both). ``mean``/``std`` default to the directory's ``preprocessor_config.json``, else
     ImageNet's. ``dtype``: the precision ``pretrained``'s weights are read into, each tensor
-    once, by the component's rule (:func:`~lisa_kit_sam2._hf.load_pretrained`; this decoder
-    keeps all of itself fp32); random weights stay fp32 (the builder casts them)."""
+    once, by the component's rule (:func:`~lisa_kit_sam2._hf.load_pretrained`: the image
+    encoder takes ``dtype``, :attr:`Sam2MaskDecoder.fp32_prefixes` stay fp32); random weights
+    stay fp32 (the builder casts them)."""
     from transformers import Sam2Model
 
     return build_decoder(Sam2MaskDecoder, Sam2Model, sam2_config, VARIANTS, variant, pretrained, config,

@@ -104,11 +104,11 @@ def test_pretrained_is_read_by_the_components_rule(saved, read_dtypes, name):
     build = DECODERS[name][0]
     new = build(pretrained=str(saved[name]), dtype=LOW)
     _assert_same(new, _old_path(name, saved[name]))
-    # Asked for bf16 exactly when the rule puts some tensor in bf16 (the ViT of SAM and
-    # SAM-HQ, SAM 3's ViT and text encoder); a decoder kept fp32 whole is read as before.
-    takes_low = any(param_dtype(new, k, LOW) is not None for k in new.state_dict())
-    assert takes_low == (name in ("hf_sam", "sam_hq", "sam3"))
-    assert read_dtypes[0] == (LOW if takes_low else None)
+    # Every decoder puts its image encoder in bf16 (SAM's and SAM-HQ's ViT, SAM2's Hiera,
+    # EdgeTAM's RepViT, SAM 3's ViT and text encoder), so the file is asked for in bf16.
+    assert any(param_dtype(new, k, LOW) is not None for k in new.state_dict())
+    assert any(param_dtype(new, k, LOW) is None for k in new.state_dict())  # and keeps its prompt side
+    assert read_dtypes[0] == LOW
 
 
 @pytest.mark.parametrize("name", [n for n in DECODERS if n != "sam3"])

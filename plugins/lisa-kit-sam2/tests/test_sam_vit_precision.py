@@ -1,6 +1,6 @@
-"""transformers' SAM and SAM-HQ keep only the prompt side fp32: in bf16 the ViT (nearly all
-the weights) is stored and run in bf16, as the built-in ``sam`` and the original LISA do,
-and its embeddings are decoded in fp32."""
+"""transformers' SAM, SAM-HQ, SAM2 and EdgeTAM keep only the prompt side fp32: in bf16 the
+image encoder (nearly all the weights) is stored and run in bf16, as the built-in ``sam``
+and the original LISA do, and its embeddings are decoded in fp32."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +13,7 @@ from lisa_kit.checkpoint.io import cast_component, param_dtype
 from lisa_kit.registry import get_registry
 
 
-@pytest.mark.parametrize("name", ["hf_sam", "sam_hq"])
+@pytest.mark.parametrize("name", ["hf_sam", "sam_hq", "sam2", "edgetam"])
 def test_bf16_vit_fp32_decoder_and_masks_close_to_fp32(name):
     torch.manual_seed(0)
     spec = get_registry().get("mask_decoder", name)
