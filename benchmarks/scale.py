@@ -27,6 +27,8 @@ during it, ``/proc/self/clear_refs``), wall time, and on CUDA ``max_memory_alloc
   ``Segmenter.from_checkpoint(dir, precision="bf16")``;
 * ``seg``: one ``seg()`` (one image, one question, the answer forced to ``--answer-tokens``
   tokens ending in ``[SEG]`` as ``lisa-kit bench`` forces it) after loading the safetensors form;
+* ``seg_q8``: the 8 :data:`QUESTIONS` about that image in one ``seg_batch()`` call, each
+  answer forced the same way (the 8-vs-1 ratio is in ``results.md``);
 * ``export``: ``export_lisa_hf`` of that loaded model (safetensors, default shard size);
 * ``train``: one optimizer step of :class:`lisa_kit.train.loop.Trainer` (LoRA q/v, bf16
   autocast, activation checkpointing, batch 1 (``train``) and LISA's per-device batch 2 (``train_b2``), synthetic samples) on the ``.bin`` form.
@@ -58,8 +60,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MEASUREMENTS = ("load_lisa_hf_bin", "load_lisa_hf_safetensors", "load_lisa_kit", "seg", "export", "train",
+MEASUREMENTS = ("load_lisa_hf_bin", "load_lisa_hf_safetensors", "load_lisa_kit", "seg", "seg_q8", "export", "train",
                 "train_b2")
+# seg_q8: these 8 questions about one image in one seg_batch() call (issue 12: <= 2x one question)
+QUESTIONS = ("Where is the red shape? Please output segmentation mask.",
+             "Segment the largest shape.", "What is the leftmost object in this image?",
+             "Which shape has the most corners? Please output segmentation mask.",
+             "Please segment the shape nearest to the top edge.", "the small blue square",
+             "Can you segment the object below the red shape in this image?",
+             "What in this picture could be used to hold water? Please respond with segmentation mask.")
 # Samples per micro-batch of each training measurement: 1, and LISA's per-device batch (2);
 # the difference is the activation memory of one sample.
 TRAIN_BATCH = {"train": 1, "train_b2": 2}
@@ -246,9 +255,9 @@ def measure(name: str, dirs: dict, clip: str, device: str, answer_tokens: int, w
     if name.startswith("load_"):
         def action():
             return _load(name.removeprefix("load_"), dirs, clip, device)
-    elif name in ("seg", "export"):
+    elif name in ("seg", "seg_q8", "export"):
         seg = _load("lisa_hf_safetensors", dirs, clip, device)
-        if name == "seg":
+        if name in ("seg", "seg_q8"):
             from lisa_kit.bench import answer_tokens as forced_tokens
             from lisa_kit.bench import forced_answer
             from lisa_kit.testing import synthetic_image
@@ -256,12 +265,13 @@ def measure(name: str, dirs: dict, clip: str, device: str, answer_tokens: int, w
             image, _ = synthetic_image(480, 640, 0)
             forced = forced_tokens(seg.model, answer_tokens)
 
+            questions = QUESTIONS if name == "seg_q8" else QUESTIONS[:1]
+
             def action():
                 with forced_answer(forced):
-                    r = seg.seg(image, "Where is the red shape? Please output segmentation mask.",
-                                max_new_tokens=answer_tokens)
-                assert r.masks.shape[0] == 1, "the forced [SEG] gave no mask"
-                return r
+                    rs = seg.seg_batch(image, list(questions), max_new_tokens=answer_tokens)
+                assert all(r.masks.shape[0] == 1 for r in rs), "a forced [SEG] gave no mask"
+                return rs
         else:
             from lisa_kit.checkpoint.export import export_lisa_hf
 
@@ -415,6 +425,25 @@ def _gib(x) -> str:
     return "-" if x is None else f"{x / 2**30:.2f} GiB"
 
 
+def questions_ratio(res: dict) -> list[str]:
+    """Markdown lines: ``seg_q8`` / ``seg`` wall time per measured depth, and of the fitted
+    lines at the extrapolated sizes (issue 12's goal: at most 2)."""
+    rows = [(p["layers"], p["measurements"]["seg_q8"]["wall_s"] / p["measurements"]["seg"]["wall_s"])
+            for p in res["points"] if "wall_s" in p["measurements"].get("seg", {})
+            and "wall_s" in p["measurements"].get("seg_q8", {})]
+    if not rows:
+        return []
+    out = ["", "## 8 questions on one image / 1 question (wall time)", "", "| layers | 8Q / 1Q |", "| --- | --- |"]
+    out += [f"| {layers} | {r:.2f} |" for layers, r in rows]
+    fits = res.get("fits", {})
+    if "wall_s" in fits.get("seg", {}) and "wall_s" in fits.get("seg_q8", {}):
+        for name, ext in res["extrapolated"].items():
+            one, eight = ext.get("seg", {}).get("wall_s"), ext.get("seg_q8", {}).get("wall_s")
+            if one and eight and one > 0:
+                out.append(f"| {name} (extrapolated) | {eight / one:.2f} |")
+    return out
+
+
 def markdown(res: dict) -> str:
     env = res["env"]
     lines = [f"# Scale benchmark ({res['widths']} widths, {res['device']})", "",
@@ -452,6 +481,7 @@ def markdown(res: dict) -> str:
     if two:
         lines += ["", "With two depths the line passes through both points: r2 = 1 by construction, and the "
                   "fit cannot show curvature or noise. Measure three or more depths for a check."]
+    lines += questions_ratio(res)
     lines += ["", "params: " + ", ".join(f"{n} {_count(res['extrapolated'][n]['params'])}" for n in names)
               + " (computed from the widths, CLIP tower and SAM included)."]
     if res.get("notes"):

@@ -88,7 +88,7 @@ def test_generated_forms_load_to_the_same_model(scale, generated):
 
 
 @pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable:FutureWarning")
-@pytest.mark.parametrize("name", ["seg", "export", "train"])
+@pytest.mark.parametrize("name", ["seg", "seg_q8", "export", "train"])
 def test_measurements_run(scale, generated, tmp_path, name):
     _, dirs, work = generated
     r = scale.measure(name, dirs, str(work / "clip-vit-tiny-patch14"), "cpu", 3, tmp_path)
@@ -97,6 +97,20 @@ def test_measurements_run(scale, generated, tmp_path, name):
     assert r["loadavg_before"] >= 0 and r["loadavg_after"] >= 0  # how busy the machine was
     if name == "export":
         assert load_state_dict(tmp_path / "export").keys() == load_state_dict(dirs["lisa_hf_safetensors"]).keys()
+
+
+def test_questions_ratio_per_depth_and_extrapolated(scale):
+    def point(layers, params, one, eight):
+        return {"layers": layers, "params": params,
+                "measurements": {"seg": {"wall_s": one}, "seg_q8": {"wall_s": eight}}}
+
+    points = [point(2, 100, 10.0, 18.0), point(4, 200, 20.0, 30.0)]
+    fits, ext = scale.fits_and_extrapolation(points, {"big": 1000})
+    lines = scale.questions_ratio({"points": points, "fits": fits, "extrapolated": ext})
+    assert "| 2 | 1.80 |" in lines and "| 4 | 1.50 |" in lines
+    # seg = 0.1 * params, seg_q8 = 6 + 0.12 * params: at 1000 params 126 / 100
+    assert "| big (extrapolated) | 1.26 |" in lines
+    assert scale.questions_ratio({"points": [point(2, 100, 1.0, 2.0)] * 0, "fits": {}, "extrapolated": {}}) == []
 
 
 def test_tiny_run_writes_results(tmp_path):
