@@ -230,6 +230,23 @@ def _load_target(device, precision, quantization) -> tuple[torch.device | None, 
     return (None if quantized else dev), (None if dtype == torch.float32 else dtype)
 
 
+def _mapped_load(device_map, precision, quantization):
+    """``(parsed device map, dtype to read in)`` for a multi-device load (``None``: fp32)."""
+    from lisa_kit.checkpoint.device_map import parse_device_map
+
+    if quantization:
+        raise InputError("--device-map and --quantization cannot be combined (bitsandbytes converts the LLM "
+                         "on one device)")
+    spec = parse_device_map(device_map)
+    dtype = PRECISIONS[_resolve_precision(precision)]
+    return spec, (None if dtype == torch.float32 else dtype)
+
+
+def _first_device(model) -> torch.device:
+    """Where a device-mapped model takes its inputs: the device of the LLM's embeddings."""
+    return model.llm.model.get_input_embeddings().weight.device
+
+
 # -- the segmenter ------------------------------------------------------------------
 class Segmenter:
     """A loaded model ready to answer: device, precision, conversation template and the
@@ -285,16 +302,22 @@ class Segmenter:
     @classmethod
     def from_recipe(cls, recipe="lisa-tiny", overrides: Sequence[str] = (), *, device="cpu", precision="fp32",
                     quantization: str | None = None, vision_tower: str | None = None, seed: int | None = 0,
-                    **kwargs) -> "Segmenter":
+                    device_map=None, **kwargs) -> "Segmenter":
         """Build the model a recipe names (name, path, loaded recipe or dict) with its
         ``weights:``. ``vision_tower``: shorthand for ``model.vision_encoder.pretrained=PATH``.
         ``seed`` makes random-weight recipes (``lisa-tiny``) reproducible without touching
-        the global random state."""
+        the global random state. ``device_map``: as :meth:`from_checkpoint`'s, for a recipe
+        whose ``weights.format`` is ``lisa_hf`` or ``lisa_kit``."""
         from lisa_kit.builder import load as build_load
 
         overrides = list(overrides)
         if vision_tower is not None:
             overrides.append(f"model.vision_encoder.pretrained={vision_tower}")
+        if device_map is not None:
+            spec, dtype = _mapped_load(device_map, precision, quantization)
+            model = build_load(recipe, overrides, dtype=dtype, device_map=spec)
+            name = recipe if isinstance(recipe, (str, os.PathLike)) else getattr(recipe, "path", None) or "<recipe>"
+            return cls(model, device=_first_device(model), precision=precision, source=str(name), **kwargs)
         load_device, load_dtype = _load_target(device, precision, quantization)
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
@@ -330,17 +353,9 @@ class Segmenter:
 
         p = Path(path).expanduser()
         if device_map is not None:
-            from lisa_kit.checkpoint.device_map import parse_device_map
-
-            if quantization:
-                raise InputError("--device-map and --quantization cannot be combined (bitsandbytes converts the LLM "
-                                 "on one device)")
-            spec = parse_device_map(device_map)
-            dtype = PRECISIONS[_resolve_precision(precision)]
-            model = load_checkpoint(p, vision_tower=vision_tower, sam=sam,
-                                    dtype=None if dtype == torch.float32 else dtype, device_map=spec)
-            first = model.llm.model.get_input_embeddings().weight.device
-            return cls(model, device=first, precision=precision, source=str(p), **kwargs)
+            spec, dtype = _mapped_load(device_map, precision, quantization)
+            model = load_checkpoint(p, vision_tower=vision_tower, sam=sam, dtype=dtype, device_map=spec)
+            return cls(model, device=_first_device(model), precision=precision, source=str(p), **kwargs)
         load_device, load_dtype = _load_target(device, precision, quantization)
         model = load_checkpoint(p, vision_tower=vision_tower, sam=sam, dtype=load_dtype, device=load_device)
         return cls(model, device=device, precision=precision, quantization=quantization, source=str(p), **kwargs)

@@ -34,8 +34,10 @@ def _plain(node) -> dict:
 def _asset(value: str, resolve: dict | None, key: str) -> str:
     """``@name`` values are built-in assets (tiny offline tokenizers), not code or paths."""
     from lisa_kit import testing
+    from lisa_kit.datasets.synthetic_tokenizer import synthetic_tokenizer_dir
 
-    assets = {"@tiny_tokenizer": testing.tiny_tokenizer_dir, "@tiny_hf_tokenizer": testing.tiny_hf_tokenizer_dir}
+    assets = {"@tiny_tokenizer": testing.tiny_tokenizer_dir, "@tiny_hf_tokenizer": testing.tiny_hf_tokenizer_dir,
+              "@synthetic_tokenizer": synthetic_tokenizer_dir}
     if resolve and value in resolve:
         return resolve[value]
     if value in assets:
@@ -202,7 +204,7 @@ def checkpoint_model(cfg: dict) -> dict:
 
 
 def load(recipe, overrides=(), registry: Registry | None = None, dtype: torch.dtype | None = None,
-         device: torch.device | str | None = None) -> LisaModel:
+         device: torch.device | str | None = None, device_map=None) -> LisaModel:
     """Load the model a recipe names (a recipe name, path, loaded recipe or dict), applying
     its ``weights:`` section: ``lisa_hf`` (a released LISA checkpoint: the LLM, projector,
     seg head and SAM weights come from it, the CLIP tower from ``model.vision_encoder``),
@@ -210,7 +212,9 @@ def load(recipe, overrides=(), registry: Registry | None = None, dtype: torch.dt
     they name). The parts a checkpoint fills are built without memory and receive each
     tensor once, cast to ``dtype`` (the mask decoder keeps its own) on ``device``; a load
     that cannot fit is refused first. Without a checkpoint, weights are random (initialised
-    as the components build them) and ``dtype``/``device`` are left to the caller."""
+    as the components build them) and ``dtype``/``device`` are left to the caller.
+    ``device_map`` (replaces ``device``; ``lisa_hf`` and ``lisa_kit`` weights): the LLM's
+    decoder layers spread over several devices (:mod:`lisa_kit.checkpoint.device_map`)."""
     from lisa_kit.recipes import check_recipe, load_recipe, recipe_env_origins
 
     if not hasattr(recipe, "cfg") and not isinstance(recipe, dict):
@@ -219,7 +223,7 @@ def load(recipe, overrides=(), registry: Registry | None = None, dtype: torch.dt
         recipe = load_recipe(_plain(getattr(recipe, "cfg", recipe)), overrides)
     if hasattr(recipe, "cfg"):
         check_recipe(recipe, registry=registry)
-    model = _load(recipe, registry, dtype, device)
+    model = _load(recipe, registry, dtype, device, device_map)
     if hasattr(recipe, "cfg") and model.recipe is not None and not model.recipe_env:
         # Which recipe nodes hold environment values (by structure), for whoever writes the
         # recipe to a file (checkpoint.native.save_model); a lisa_kit checkpoint's are its own.
@@ -229,19 +233,27 @@ def load(recipe, overrides=(), registry: Registry | None = None, dtype: torch.dt
     return model
 
 
-def _load(recipe, registry, dtype, device) -> LisaModel:
+def _load(recipe, registry, dtype, device, device_map=None) -> LisaModel:
     cfg = _plain(getattr(recipe, "cfg", recipe))
     weights = cfg.get("weights") or {}
     fmt = weights.get("format", "none")
+    if device_map is not None and fmt not in ("lisa_kit", "lisa_hf"):
+        from lisa_kit.errors import InputError
+
+        raise InputError(f"a device map places checkpoint weights as they are read: it needs a recipe whose "
+                         f"weights.format is lisa_hf or lisa_kit, not {fmt!r}")
     if fmt == "lisa_kit":
         from lisa_kit.checkpoint.native import load_model
 
-        return load_model(weights["path"], registry, dtype=dtype, device=device)
+        return load_model(weights["path"], registry, dtype=dtype, device=device, device_map=device_map)
     if fmt == "lisa_hf":
-        from lisa_kit.checkpoint.lisa_hf import LISA_PARTS, ensure_lisa_memory, load_lisa_weights
+        from lisa_kit.checkpoint.lisa_hf import LISA_PARTS, ensure_lisa_memory, load_lisa_weights, plan_lisa
 
         full = {**cfg, "model": checkpoint_model(cfg)}
-        ensure_lisa_memory(full, weights["path"], dtype, device)
+        if device_map is not None:
+            device = plan_lisa(full, weights["path"], dtype, device_map, registry)
+        else:
+            ensure_lisa_memory(full, weights["path"], dtype, device)
         model = build_model(full, registry, empty=LISA_PARTS, dtype=dtype)
         load_lisa_weights(model, weights["path"], lora_alpha=weights.get("lora_alpha", 16), dtype=dtype,
                           device=device)

@@ -201,6 +201,30 @@ def test_device_map_load_answers_as_the_plain_load(saved_tiny, fmt, monkeypatch)
 
 
 @pytest.mark.parametrize("fmt", ["native", "lisa_hf"])
+def test_recipe_with_weights_loads_through_a_device_map(saved_tiny, fmt):
+    """``Segmenter.from_recipe(..., device_map=...)`` plans and places as ``from_checkpoint``
+    does, for a recipe whose ``weights:`` name the checkpoint."""
+    from lisa_kit.api import Segmenter
+    from lisa_kit.checkpoint.lisa_hf import lisa_recipe
+    from lisa_kit.errors import InputError, InsufficientMemoryError
+
+    if fmt == "lisa_hf":
+        kw = _lisa_hf_kwargs(saved_tiny)
+        recipe = lisa_recipe(saved_tiny / fmt, vision_tower=kw["vision_tower"], sam=kw["sam"])
+    else:
+        recipe = {"name": "native", "weights": {"format": "lisa_kit", "path": str(saved_tiny / fmt)}}
+    plain = Segmenter.from_checkpoint(saved_tiny / fmt, precision="bf16", **(kw if fmt == "lisa_hf" else {}))
+    mapped = Segmenter.from_recipe(recipe, precision="bf16", device_map={"cpu": "8GiB"})
+    assert mapped.model.llm.model.hf_device_map and mapped.device == torch.device("cpu")
+    a, b = plain.model.state_dict(), mapped.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    with pytest.raises(InsufficientMemoryError, match="first device \\(cpu"):
+        Segmenter.from_recipe(recipe, device_map={"cpu": "1KiB"})
+    with pytest.raises(InputError, match="weights.format"):  # random weights: nothing to place
+        Segmenter.from_recipe("lisa-tiny", device_map="auto")
+
+
+@pytest.mark.parametrize("fmt", ["native", "lisa_hf"])
 def test_device_map_too_small_is_refused_before_reading_a_weight(saved_tiny, fmt, monkeypatch):
     from lisa_kit.api import Segmenter
     from lisa_kit.checkpoint import io
@@ -225,7 +249,7 @@ def test_cli_device_map_errors_are_one_line(saved_tiny, tmp_path, capsys):
     Image.fromarray(synthetic_image(32, 32, 0)[0]).save(img)
     common = ["--image", str(img), "--prompt", "Segment it.", "--out", str(tmp_path / "o")]
     assert main(["segment", "--recipe", "lisa-tiny", "--device-map", "auto", *common]) == 2
-    assert "--device-map applies to --checkpoint" in capsys.readouterr().err
+    assert "weights.format is lisa_hf or lisa_kit" in capsys.readouterr().err  # random weights: nothing to place
     rc = main(["segment", "--checkpoint", str(saved_tiny / "native"), "--device-map", '{"cpu": "1KiB"}', *common])
     err = capsys.readouterr().err
     assert rc != 0 and "first device (cpu" in err and "Traceback" not in err

@@ -44,7 +44,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, out: bool = True) -> None:
     g.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="weights and activations (default fp32; fp16 needs a GPU)")
     g.add_argument("--device-map", default=None, metavar="auto|balanced|JSON",
-                   help="--checkpoint only, for models larger than one GPU: spread the LLM's decoder layers over the "
+                   help="a checkpoint, or a recipe with weights, larger than one GPU: spread the LLM's decoder layers over the "
                         "visible GPUs (auto: fill in order; balanced: even) or over the devices of a JSON of "
                         "capacities ('{\"cuda:0\": \"20GiB\", \"cuda:1\": \"40GiB\"}'); replaces --device")
     g.add_argument("--quantization", default=None, choices=("8bit", "4bit"),
@@ -77,11 +77,7 @@ def _load_segmenter(args):
 
         raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     extra = {}
-    if args.device_map is not None:
-        if args.checkpoint is None:
-            from lisa_kit.errors import InputError
-
-            raise InputError("--device-map applies to --checkpoint")
+    if args.device_map is not None:  # a recipe without checkpoint weights refuses it (builder.load)
         extra["device_map"] = args.device_map
     return api.load(recipe, overrides, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
                     quantization=args.quantization, vision_tower=args.vision_tower,
