@@ -436,7 +436,9 @@ def questions_ratio(res: dict) -> list[str]:
     out = ["", "## 8 questions on one image / 1 question (wall time)", "", "| layers | 8Q / 1Q |", "| --- | --- |"]
     out += [f"| {layers} | {r:.2f} |" for layers, r in rows]
     fits = res.get("fits", {})
-    if "wall_s" in fits.get("seg", {}) and "wall_s" in fits.get("seg_q8", {}):
+    lines = [fits.get(m, {}).get("wall_s") for m in ("seg", "seg_q8")]
+    # a time that falls as the model grows is noise (a busy machine): no extrapolation from it
+    if all(f is not None and f["b"] >= 0 for f in lines):
         for name, ext in res["extrapolated"].items():
             one, eight = ext.get("seg", {}).get("wall_s"), ext.get("seg_q8", {}).get("wall_s")
             if one and eight and one > 0:

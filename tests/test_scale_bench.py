@@ -110,6 +110,10 @@ def test_questions_ratio_per_depth_and_extrapolated(scale):
     assert "| 2 | 1.80 |" in lines and "| 4 | 1.50 |" in lines
     # seg = 0.1 * params, seg_q8 = 6 + 0.12 * params: at 1000 params 126 / 100
     assert "| big (extrapolated) | 1.26 |" in lines
+    noisy = [point(2, 100, 10.0, 18.0), point(4, 200, 8.0, 30.0)]  # one question got faster with depth
+    fits, ext = scale.fits_and_extrapolation(noisy, {"big": 1000})
+    lines = scale.questions_ratio({"points": noisy, "fits": fits, "extrapolated": ext})
+    assert "| 4 | 3.75 |" in lines and not any("extrapolated" in x for x in lines)
     assert scale.questions_ratio({"points": [point(2, 100, 1.0, 2.0)] * 0, "fits": {}, "extrapolated": {}}) == []
 
 
