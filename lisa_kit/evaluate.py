@@ -132,8 +132,10 @@ def question_family(meta: dict) -> str | None:
 # ("the purple triangle") still names a shape, just not the painted one.
 _PALETTE_NAMES, _KIND_NAMES = set(PALETTE), set(CORNERS)
 CONSISTENCY_VERDICTS = ("consistent", "wrong_shape", "empty_mask", "rejected_with_mask", "unnamed")
-# "There is no purple triangle in the image.", "no such object", "Sorry, nothing ...".
-_REJECTION = re.compile(r"\b(there is no|there's no|there are no|no such|nothing)\b", re.IGNORECASE)
+# "There is no purple triangle in the image.", "The purple triangle is not in the image.",
+# "no such object", "Sorry, nothing ...".
+_REJECTION = re.compile(r"\b(there is no|there's no|there are no|no such|nothing|(is|are) not in the image)\b",
+                        re.IGNORECASE)
 
 
 def named_shape(text: str, colors, kinds) -> tuple[str, str] | None:

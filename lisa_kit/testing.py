@@ -102,11 +102,13 @@ def tiny_tokenizer_dir(vocab_size: int = 384) -> Path:
     return _cached_build("tiny_tok", key, functools.partial(_train_sentencepiece, vocab_size=vocab_size))
 
 
-def _train_sentencepiece(out: Path, vocab_size: int) -> None:
+def _train_sentencepiece(out: Path, vocab_size: int, lines: list[str] | None = None) -> None:
+    """A LLaMA-style BPE model of ``vocab_size`` pieces on ``lines`` (default the tiny
+    sentences) into ``out``."""
     import sentencepiece as spm
 
     corpus = out / "corpus.txt"
-    corpus.write_text("\n".join(_SENTENCES * 4))
+    corpus.write_text("\n".join(lines if lines is not None else _SENTENCES * 4))
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,

@@ -229,6 +229,27 @@ def test_absent_questions_have_empty_masks():
             assert t.meta["explanation"].startswith("There is no ")
 
 
+def test_absent_name_first_names_the_missing_shape_before_saying_so():
+    """The same records, only the absent explanations change: "The <noun> is not in the
+    image." (a model then reads the name before it chooses [SEG] or [REJ])."""
+    plain = SyntheticReasoningSet(None, "val", size=20, absent_ratio=0.5)
+    named = SyntheticReasoningSet(None, "val", size=20, absent_ratio=0.5, absent_name_first=True)
+    n_absent = 0
+    for a, b in zip(plain, named):
+        np.testing.assert_array_equal(a.image(), b.image())
+        for ta, tb in zip(a.targets, b.targets, strict=True):
+            assert ta.text == tb.text and ta.meta["type"] == tb.meta["type"]
+            if ta.meta["absent"]:
+                n_absent += 1
+                noun = ta.meta["explanation"].removeprefix("There is no ").removesuffix(" in the image.")
+                assert tb.meta["explanation"] == f"The {noun} is not in the image."
+            else:
+                assert ta.meta["explanation"] == tb.meta["explanation"]
+    assert n_absent > 0
+    with pytest.raises(InputError, match="absent_name_first must be true or false"):
+        SyntheticReasoningSet(None, "val", absent_name_first="yes")
+
+
 def test_absent_ratio_mixes_and_defaults_to_none(records):
     assert not any(t.meta["absent"] for r in records for t in r.targets)
     ds = SyntheticReasoningSet(None, "train", size=100, absent_ratio=0.3)

@@ -112,6 +112,7 @@ def test_consistency_empty_masks_and_rejections():
     assert answer_consistency("There is no purple triangle in the image. [REJ].", empty, labels, shapes) \
         == "consistent"
     assert answer_consistency("[REJ].", None, labels, shapes, rejected=True) == "consistent"
+    assert answer_consistency("The purple triangle is not in the image.", empty, labels, shapes) == "consistent"
     assert answer_consistency("Sorry, the image has no such object.", None, labels, shapes) == "consistent"
     assert answer_consistency("There is no green hexagon.", labels == 2, labels, shapes) == "rejected_with_mask"
     assert answer_consistency("The blue square is the largest shape.", None, labels, shapes) == "empty_mask"

@@ -417,13 +417,16 @@ def _phrase(qtype: str, q: dict) -> str:
     return f"the other shape with the same {'color' if q['attribute'] == 'color' else 'form'} as {a}"
 
 
-def _explain(qtype: str, q: dict, s: dict | None, pixel_counts: bool = True) -> str:
+def _explain(qtype: str, q: dict, s: dict | None, pixel_counts: bool = True, absent_name_first: bool = False) -> str:
     """One sentence saying why the answer is the answer (ReasonSeg's explanatory style):
     the answer's name, then :func:`_predicate` ("The blue square is the largest shape.").
     ``pixel_counts``: a size answer also states the winner's area in pixels (a number a
-    model cannot read off the image, so at inference it is invented; off in lisa-demo-v2)."""
+    model cannot read off the image, so at inference it is invented; off in lisa-demo-v2).
+    ``absent_name_first``: an absent target is "The purple triangle is not in the image."
+    (its name first, as a present one's) instead of "There is no purple triangle in the image."."""
     if qtype == "absent":
-        return f"There is no {_noun(q['color'], q['kind'])} in the image."
+        noun = _noun(q["color"], q["kind"])
+        return f"The {noun} is not in the image." if absent_name_first else f"There is no {noun} in the image."
     return f"{_name(s).capitalize()} {_predicate(qtype, q, s, pixel_counts)}"
 
 
@@ -477,7 +480,10 @@ class SyntheticReasoningSet(DatasetReader):
     :data:`PALETTE`, :data:`CORNERS`, :data:`QUESTION_TYPES`), ``texture`` (background
     noise amplitude, ``0`` for a plain background) and ``pixel_counts`` (size
     explanations state the area in pixels; default true, as the shipped demo model was
-    trained; ``false`` gives "The blue square is the largest shape.").
+    trained; ``false`` gives "The blue square is the largest shape."), ``absent_name_first``
+    (an absent target's answer names it first, "The purple triangle is not in the image.",
+    so a model reads the name before it decides between ``[SEG]`` and ``[REJ]``; default
+    false: "There is no purple triangle in the image.").
     """
 
     name = "synthetic"
@@ -489,7 +495,7 @@ class SyntheticReasoningSet(DatasetReader):
                  questions_per_image: int = 3, absent_ratio: float = 0.0, min_shapes: int = 2,
                  max_shapes: int = 5, colors: list[str] | None = None, kinds: list[str] | None = None,
                  question_types: list[str] | None = None, texture: int = DEFAULT_TEXTURE,
-                 pixel_counts: bool = True):
+                 pixel_counts: bool = True, absent_name_first: bool = False):
         super().__init__(root if root is not None else ".", split)
         self.root = Path(root) if root is not None else None
         self.split_dir = self.layout_dir(self.root, self.split) if self.root is not None else None
@@ -515,8 +521,9 @@ class SyntheticReasoningSet(DatasetReader):
             problems.append("need questions_per_image >= 1 and at least one color, kind and question type")
         if not 0 <= texture <= 20:  # beyond 20 the background could reach palette colours
             problems.append(f"texture must be in [0, 20], got {texture}")
-        if not isinstance(pixel_counts, bool):
-            problems.append(f"pixel_counts must be true or false, got {pixel_counts!r}")
+        for key, flag in (("pixel_counts", pixel_counts), ("absent_name_first", absent_name_first)):
+            if not isinstance(flag, bool):
+                problems.append(f"{key} must be true or false, got {flag!r}")
         if int(seed) < 0 or (size is not None and int(size) < 0):
             problems.append("seed and size must be non-negative")
         if problems:
@@ -525,7 +532,7 @@ class SyntheticReasoningSet(DatasetReader):
             "seed": int(seed), "image_size": list(hw), "questions_per_image": int(questions_per_image),
             "absent_ratio": float(absent_ratio), "min_shapes": int(min_shapes), "max_shapes": int(max_shapes),
             "colors": colors, "kinds": kinds, "question_types": qtypes, "texture": int(texture),
-            "pixel_counts": pixel_counts,
+            "pixel_counts": pixel_counts, "absent_name_first": absent_name_first,
         }
         self.size = int(size) if size is not None else DEFAULT_SIZES[self.split]
 
@@ -601,7 +608,7 @@ class SyntheticReasoningSet(DatasetReader):
                 kind="phrase" if qtype in ("attribute", "absent") else "sentence",
                 meta={"type": qtype, "query": q, "answer": answer, "absent": answer is None,
                       "explanation": _explain(qtype, q, shapes[answer] if answer is not None else None,
-                                              o["pixel_counts"]),
+                                              o["pixel_counts"], o.get("absent_name_first", False)),
                       "phrase": _phrase(qtype, q),
                       "name": _name(shapes[answer]) if answer is not None else None,
                       "predicate": (_predicate(qtype, q, shapes[answer], o["pixel_counts"])
