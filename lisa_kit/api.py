@@ -313,17 +313,16 @@ class Segmenter:
         overrides = list(overrides)
         if vision_tower is not None:
             overrides.append(f"model.vision_encoder.pretrained={vision_tower}")
+        name = recipe if isinstance(recipe, (str, os.PathLike)) else getattr(recipe, "path", None) or "<recipe>"
         if device_map is not None:
             spec, dtype = _mapped_load(device_map, precision, quantization)
             model = build_load(recipe, overrides, dtype=dtype, device_map=spec)
-            name = recipe if isinstance(recipe, (str, os.PathLike)) else getattr(recipe, "path", None) or "<recipe>"
             return cls(model, device=_first_device(model), precision=precision, source=str(name), **kwargs)
         load_device, load_dtype = _load_target(device, precision, quantization)
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
             model = build_load(recipe, overrides, dtype=load_dtype, device=load_device)
-        name = recipe if isinstance(recipe, (str, os.PathLike)) else getattr(recipe, "path", None) or "<recipe>"
         return cls(model, device=device, precision=precision, quantization=quantization, source=str(name), **kwargs)
 
     @classmethod

@@ -114,7 +114,7 @@ def test_questions_ratio_per_depth_and_extrapolated(scale):
     fits, ext = scale.fits_and_extrapolation(noisy, {"big": 1000})
     lines = scale.questions_ratio({"points": noisy, "fits": fits, "extrapolated": ext})
     assert "| 4 | 3.75 |" in lines and not any("extrapolated" in x for x in lines)
-    assert scale.questions_ratio({"points": [point(2, 100, 1.0, 2.0)] * 0, "fits": {}, "extrapolated": {}}) == []
+    assert scale.questions_ratio({"points": [], "fits": {}, "extrapolated": {}}) == []
 
 
 def test_tiny_run_writes_results(tmp_path):

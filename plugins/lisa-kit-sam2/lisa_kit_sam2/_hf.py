@@ -381,6 +381,11 @@ class ModelParts:
         """The image encoder's precision (pixels are cast to it)."""
         return next(self.model.vision_encoder.parameters()).dtype
 
+    def decoder_dtype(self) -> torch.dtype:
+        """The mask decoder's precision (fp32 under ``fp32_prefixes``): image features of any
+        precision, e.g. a bf16 image encoder's, are cast to it before decoding."""
+        return next(self.model.mask_decoder.parameters()).dtype
+
 
 # Point labels of the geometry interface (SAM's): foreground, background, padding.
 POINT_LABELS = (1, 0, -1)

@@ -205,9 +205,7 @@ class HFSamMaskDecoder(GeometryPrompts, ModelParts, MaskDecoder):
                       tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``tokens (M, T, P)``: ``T`` sparse prompt tokens per mask (``decode`` uses one;
         ``decode_geometry`` the prompt encoder's point/box tokens)."""
-        # Embeddings of any precision (a bf16 ViT) are decoded in the decoder's own (fp32).
-        dtype = self.model.mask_decoder.iou_token.weight.dtype
-        emb = features["image_embeddings"].to(dtype)  # (1, P, h, w)
+        emb = features["image_embeddings"].to(self.decoder_dtype())  # (1, P, h, w)
         sparse = tokens.to(emb.dtype)[None]  # one image, M prompt sets
         h, w = emb.shape[-2:]
         dense = self.model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, h, w).to(emb.dtype)

@@ -193,8 +193,7 @@ class Sam2MaskDecoder(GeometryPrompts, ModelParts, MaskDecoder):
         """``tokens (M, T, P)``: ``T`` sparse prompt tokens per mask (``decode`` uses one;
         ``decode_geometry`` the prompt encoder's point/box tokens)."""
         md = self.model.mask_decoder
-        # Features of any precision (a bf16 image encoder) are decoded in the decoder's own (fp32).
-        dtype = md.iou_token.weight.dtype
+        dtype = self.decoder_dtype()
         emb = features["image_embeddings"].to(dtype)  # (1, P, h, w)
         high_res = [md.conv_s0(features["high_res_feats_0"].to(dtype)),  # (1, P/8, 4h, 4w)
                     md.conv_s1(features["high_res_feats_1"].to(dtype))]  # (1, P/4, 2h, 2w)

@@ -94,9 +94,8 @@ class SamHQMaskDecoder(HFSamMaskDecoder):
 
     def _decoder_extras(self, features: dict[str, torch.Tensor]) -> dict:
         early = features.get(VIT_FEATURES)
-        dtype = self.model.mask_decoder.iou_token.weight.dtype  # a bf16 ViT's features, decoded in fp32
         return {"hq_token_only": self.hq_token_only,
-                "intermediate_embeddings": None if early is None else [early.to(dtype)]}
+                "intermediate_embeddings": None if early is None else [early.to(self.decoder_dtype())]}
 
     def normalize_keys(self, state: dict) -> dict | None:
         """Bare ``SamHQModel`` keys get the ``model.`` prefix; SAM weights in Meta's layout (a
