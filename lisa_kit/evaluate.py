@@ -138,6 +138,12 @@ _REJECTION = re.compile(r"\b(there is no|there's no|there are no|no such|nothing
                         re.IGNORECASE)
 
 
+def is_rejection(answer: str) -> bool:
+    """Whether an answer says that nothing matches ("There is no purple triangle in the
+    image.", "The purple triangle is not in the image.", "no such object", "nothing ...")."""
+    return _REJECTION.search(answer) is not None
+
+
 def named_shape(text: str, colors, kinds) -> tuple[str, str] | None:
     """The first "<colour> <kind>" an answer names (``("blue", "square")``), or ``None``."""
     pattern = r"\b(%s)\s+(%s)s?\b" % ("|".join(map(re.escape, colors)), "|".join(map(re.escape, kinds)))
@@ -169,7 +175,7 @@ def answer_consistency(answer: str, pred: np.ndarray | None, labels: np.ndarray,
     when it paints none; an answer that names no shape is ``unnamed`` (it cannot be
     checked, and counts against the rate)."""
     painted = painted_shape(pred, labels, len(shapes))
-    if rejected or _REJECTION.search(answer):
+    if rejected or is_rejection(answer):
         return "consistent" if painted is None else "rejected_with_mask"
     colors = sorted({s["color"] for s in shapes} | _PALETTE_NAMES)
     kinds = sorted({s["kind"] for s in shapes} | _KIND_NAMES)
@@ -183,12 +189,19 @@ def answer_consistency(answer: str, pred: np.ndarray | None, labels: np.ndarray,
 
 
 def consistency_summary(verdicts: dict) -> dict:
-    """``{query key: (family, verdict)}`` -> counts, rate (consistent / all) and per family."""
+    """``{query key: (family, verdict[, present, rejected])}`` -> counts, rate (consistent /
+    all) and per family. Where ``present`` (the target is in the image) and ``rejected``
+    (the answer said nothing matches) are given, ``present`` counts the queries with a
+    target and ``rejected_present`` those among them that were rejected: a rejection with an
+    empty mask is *consistent* (the answer says what the mask shows) but wrong for a shape
+    that is there, so it is counted apart."""
     def summary(items):
-        counts = Counter(v for _, v in items)
+        counts = Counter(x[1] for x in items)
         n = sum(counts.values())
+        present = [x for x in items if len(x) > 3 and x[2]]
         return {"n": n, "consistent": counts["consistent"], "rate": counts["consistent"] / n if n else None,
-                "verdicts": {v: counts[v] for v in CONSISTENCY_VERDICTS}}
+                "verdicts": {v: counts[v] for v in CONSISTENCY_VERDICTS}, "present": len(present),
+                "rejected_present": sum(bool(x[3]) for x in present)}
 
     items = [verdicts[k] for k in sorted(verdicts, key=str)]
     out = summary(items)
@@ -344,9 +357,10 @@ class Evaluator:
                 labels = getattr(record, "labels", None)
                 if mode == "generate" and shapes and labels is not None:
                     for q, lg, p in zip(qs, logits, preds):
-                        verdict = answer_consistency(self.answers[mode].get(q.key, ""), None if lg is None else p,
-                                                     labels, shapes, self.rejected[mode].get(q.key, False))
-                        self._verdicts.setdefault(mode, {})[q.key] = (q.family, verdict)
+                        answer, rejected = self.answers[mode].get(q.key, ""), self.rejected[mode].get(q.key, False)
+                        verdict = answer_consistency(answer, None if lg is None else p, labels, shapes, rejected)
+                        self._verdicts.setdefault(mode, {})[q.key] = (
+                            q.family, verdict, bool((q.gt == 1).any()), rejected or is_rejection(answer))
         return metrics
 
 
@@ -406,10 +420,12 @@ def markdown_table(results: dict, title: str, consistency: dict | None = None) -
             lines.append(f"| {mode} | {sub} | {r['giou']:.4f} | {r['ciou']:.4f} | {r['n_queries']} | {r['n_samples']} |")
     for mode, c in (consistency or {}).items():
         lines += ["", f"Answer-mask consistency ({mode}): does the answer name the shape its mask paints?", "",
-                  "| family | rate | consistent | queries | " + " | ".join(CONSISTENCY_VERDICTS[1:]) + " |",
-                  "| --- " * (4 + len(CONSISTENCY_VERDICTS) - 1) + "|"]
+                  "| family | rate | consistent | queries | " + " | ".join(CONSISTENCY_VERDICTS[1:])
+                  + " | present target rejected |",
+                  "| --- " * (5 + len(CONSISTENCY_VERDICTS) - 1) + "|"]
         for name, row in [("all", c), *c["families"].items()]:
             rate = "-" if row["rate"] is None else f"{row['rate']:.3f}"
             rest = " | ".join(str(row["verdicts"][v]) for v in CONSISTENCY_VERDICTS[1:])
-            lines.append(f"| {name} | {rate} | {row['consistent']} | {row['n']} | {rest} |")
+            lines.append(f"| {name} | {rate} | {row['consistent']} | {row['n']} | {rest} | "
+                         f"{row['rejected_present']}/{row['present']} |")
     return "\n".join(lines) + "\n"

@@ -5,7 +5,9 @@ For each held-out question (synthetic ``val`` split, asked as its own sentence o
 
 * ``name_right``: the answer names the target shape ("the blue square");
 * ``mask_right``: the mask mostly covers the target shape;
-* ``mask_follows_name``: the mask mostly covers the shape the answer names.
+* ``mask_follows_name``: the mask mostly covers the shape the answer names;
+* ``rejected``: the answer says the (present) target is not there ("There is no blue
+  square in the image. [REJ]"); such an answer names no shape for the two columns above.
 
 Then it asks the model to list the shapes (:mod:`lisa_kit.datasets.synthetic_describe`) and
 counts answers that name exactly the image's shapes: a model that cannot list them cannot
@@ -24,7 +26,7 @@ import torch
 from lisa_kit.api import Segmenter
 from lisa_kit.datasets.synthetic import CORNERS, PALETTE, SyntheticReasoningSet
 from lisa_kit.datasets.synthetic_describe import SyntheticDescribeSet
-from lisa_kit.evaluate import named_shape, painted_shape, question_family
+from lisa_kit.evaluate import is_rejection, named_shape, painted_shape, question_family
 
 
 def _names(answer: str) -> list[str]:
@@ -49,26 +51,27 @@ def main(argv=None) -> int:
                 continue
             q = t.text if t.kind == "sentence" else f"Segment {t.text}."
             res = seg.seg(rec.image(), q)
-            named = named_shape(res.text, PALETTE, CORNERS)
+            rejected = is_rejection(res.text)
+            named = None if rejected else named_shape(res.text, PALETTE, CORNERS)
             s = shapes[t.meta["answer"]]
             want = (s["color"], s["kind"])
             k = painted_shape(np.asarray(res.masks[0]), rec.labels, len(shapes)) if res.num_masks else None
             painted = (shapes[k]["color"], shapes[k]["kind"]) if k is not None else None
             c = stats[question_family(t.meta)]
             c.update(n=1, name_right=named == want, mask_right=painted == want,
-                     mask_follows_name=named is not None and painted == named)
+                     mask_follows_name=named is not None and painted == named, rejected=rejected)
             if named != want and shown < args.show:
                 shown += 1
                 print(f"Q: {q}\n  A: {res.text}\n  target {want}, painted {painted}")
     total: collections.Counter = collections.Counter()
-    print(f"\n{'family':<12} {'n':>4} {'name_right':>11} {'mask_right':>11} {'mask_follows_name':>18}")
+    print(f"\n{'family':<12} {'n':>4} {'name_right':>11} {'mask_right':>11} {'mask_follows_name':>18} {'rejected':>9}")
     for fam, c in sorted(stats.items()) + [("all", None)]:
         c = c if c is not None else total
         if fam != "all":
             total.update(c)
         n = max(c["n"], 1)
         print(f"{fam:<12} {c['n']:>4} {c['name_right'] / n:>11.2f} {c['mask_right'] / n:>11.2f} "
-              f"{c['mask_follows_name'] / n:>18.2f}")
+              f"{c['mask_follows_name'] / n:>18.2f} {c['rejected'] / n:>9.2f}")
     listed = 0
     describe = SyntheticDescribeSet(split="val", size=args.images)
     for rec in describe:

@@ -1,7 +1,9 @@
-"""Can a recipe's vision tower see the synthetic shapes? A linear probe on its tokens.
+"""Can a recipe's vision tower (or SAM's image encoder) see the synthetic shapes? A linear probe on its tokens.
 
-Builds ``model.vision_encoder`` of a recipe (random weights, the real component: its own
-preprocessing and forward), puts two linear read-outs on its tokens and trains tower and
+Builds ``model.vision_encoder`` of a recipe (or, with ``--component mask_decoder``, the
+mask decoder, whose ``encode_image`` map ``(I, C, h, w)`` is read as ``h * w`` tokens;
+random weights, the real component: its own preprocessing and forward), puts two linear
+read-outs on its tokens and trains tower and
 read-outs together on dense labels from :mod:`lisa_kit.datasets.synthetic`: for each
 token, the kind and the colour of the shape under it (the shape covering at least a
 quarter of the token's cell; cells with less are not scored). Reports held-out accuracy
@@ -14,13 +16,18 @@ Measured with it: lisa-demo's CLIP tower (a ViT with 8 px patches) reaches 100 %
 colour and stays near chance (20 %) on kind; lisa-demo-v3's ResNet learns both.
 
 Towers whose ``N`` tokens form a square row-major grid over the whole image (CLIP, timm
-ViTs and CNNs, open_clip) are supported; VLM towers that merge patches are not.
+ViTs and CNNs, open_clip) are supported; VLM towers that merge patches are not. Mask
+decoders: those whose ``encode_image`` gives ``image_embeddings`` over a square input
+(SAM and the transformers SAMs).
 
     python scripts/probe_tower.py lisa-demo-v3 [--steps 1500] [--batch 8] [--every 250] [--save FILE]
+    python scripts/probe_tower.py lisa-demo-v6 --component mask_decoder --steps 4000 --save FILE
 
 ``--save FILE`` writes the trained tower's weights (timm's layout, safetensors) for a
 recipe's ``model.vision_encoder.pretrained``: lisa-demo-v4 starts from such a tower, as
-LISA starts from a pretrained CLIP.
+LISA starts from a pretrained CLIP. With ``--component mask_decoder`` it writes the whole
+decoder's state dict (its own layout; the prompt side keeps its random initialisation)
+for ``model.mask_decoder.checkpoint``, as LISA starts from a pretrained SAM.
 """
 from __future__ import annotations
 
@@ -60,6 +67,26 @@ def cell_labels(labels: np.ndarray, shapes: list[dict], grid: int) -> tuple[list
     return kinds, colours
 
 
+class _EncoderTokens(torch.nn.Module):
+    """A mask decoder's image encoder seen as a tower: ``(I, 3, S, S) -> (I, h * w, C)``."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+        with torch.no_grad():
+            x, _ = decoder.preprocess(np.zeros((8, 8, 3), np.uint8))
+            self.feature_dim = decoder.encode_image(x[None])["image_embeddings"].shape[1]
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        h, w = image.shape[:2]
+        if h != w:  # a non-square scene is padded by SAM; the grid would not cover it evenly
+            raise SystemExit(f"mask decoder probe needs square scenes, got {h}x{w}")
+        return self.decoder.preprocess(image)[0]
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.decoder.encode_image(pixels)["image_embeddings"].flatten(2).transpose(1, 2)
+
+
 def batch(tower, ds, indices, grid: int):
     pixels, kinds, colours = [], [], []
     for i in indices:
@@ -74,6 +101,8 @@ def batch(tower, ds, indices, grid: int):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("recipe", help="recipe name or path; its model.vision_encoder is probed")
+    ap.add_argument("--component", choices=["vision_encoder", "mask_decoder"], default="vision_encoder",
+                    help="which image encoder of the recipe to probe (default vision_encoder)")
     ap.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
     ap.add_argument("--batch", type=int, default=8, help="scenes per step (default 8)")
     ap.add_argument("--every", type=int, default=250, help="report every N steps (default 250)")
@@ -82,8 +111,11 @@ def main(argv=None) -> int:
     ap.add_argument("--save", help="write the trained tower's weights here (safetensors; timm towers only)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    node = OmegaConf.to_container(load_recipe(args.recipe).cfg.model.vision_encoder, resolve=True)
-    tower = build_component("vision_encoder", node)
+    node = OmegaConf.to_container(load_recipe(args.recipe).cfg.model[args.component], resolve=True)
+    for key in ("pretrained", "checkpoint"):  # the probe trains from random weights (and makes such files)
+        node.pop(key, None)
+    built = build_component(args.component, node)
+    tower = built if args.component == "vision_encoder" else _EncoderTokens(built)
     train = SyntheticReasoningSet(split="train", size=args.steps * args.batch)
     val = SyntheticReasoningSet(split="val", size=args.val)
     with torch.no_grad():
@@ -124,8 +156,8 @@ def main(argv=None) -> int:
 
         from safetensors.torch import save_file
 
-        inner = getattr(tower, "model", None)
-        if not hasattr(tower, "model_name") or inner is None:
+        inner = built if args.component == "mask_decoder" else getattr(tower, "model", None)
+        if args.component == "vision_encoder" and (not hasattr(tower, "model_name") or inner is None):
             raise SystemExit(f"--save writes timm towers' weights; {type(tower).__name__} is not one")
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous() for k, v in inner.state_dict().items()}, args.save)

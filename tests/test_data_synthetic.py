@@ -3,6 +3,8 @@
 round trip and the reader plumbing."""
 from __future__ import annotations
 
+import collections
+
 import json
 import math
 
@@ -255,6 +257,44 @@ def test_absent_ratio_mixes_and_defaults_to_none(records):
     ds = SyntheticReasoningSet(None, "train", size=100, absent_ratio=0.3)
     flags = [t.meta["absent"] for r in ds for t in r.targets]
     assert 0.15 < sum(flags) / len(flags) < 0.45
+
+
+def _lookup_form(t) -> str:
+    q = t.meta["query"]
+    return "colour+kind" if q["color"] and q["kind"] else "colour" if q["color"] else "kind"
+
+
+def test_absent_from_lookups_keeps_a_phrase_form_from_giving_its_answer_away():
+    """``absent_from="lookups"``: only attribute lookups are replaced by absent ones, each
+    by one of its own form, so every form is absent about ``absent_ratio`` of the time;
+    with the default (any question), a "<colour> <kind>" phrase is absent most of the time."""
+    def share_absent(ds):
+        counts = collections.Counter()
+        for rec in ds:
+            for t in rec.targets:
+                if t.meta["type"] in ("attribute", "absent"):
+                    counts[(_lookup_form(t), t.meta["absent"])] += 1
+                else:
+                    assert not t.meta["absent"]
+        return {f: counts[(f, True)] / (counts[(f, True)] + counts[(f, False)]) for f in ("colour+kind", "colour", "kind")}
+
+    default = share_absent(SyntheticReasoningSet(None, "train", size=600, absent_ratio=0.1))
+    assert default["colour+kind"] > 0.4 and default["kind"] == 0.0
+    lookups = SyntheticReasoningSet(None, "train", size=600, absent_ratio=0.4, absent_from="lookups")
+    shares = share_absent(lookups)
+    assert all(0.25 < v < 0.55 for v in shares.values()), shares
+    for rec in lookups:
+        for t in rec.targets:
+            if t.meta["absent"]:  # an absent lookup matches no shape and is answered as one
+                assert _resolve("absent", t.meta["query"], rec.meta["shapes"]) == []
+                assert not t.mask.any() and t.kind == "phrase"
+                assert t.meta["explanation"].startswith("There is no ")
+    # the default's records are unchanged by the new option's existence (same draws)
+    a = SyntheticReasoningSet(None, "val", size=5, absent_ratio=0.3)
+    b = SyntheticReasoningSet(None, "val", size=5, absent_ratio=0.3, absent_from="questions")
+    assert [t.text for r in a for t in r.targets] == [t.text for r in b for t in r.targets]
+    with pytest.raises(InputError, match="absent_from must be one of questions, lookups"):
+        SyntheticReasoningSet(None, "val", absent_from="scenes")
 
 
 # ---------------------------------------------------------------- options

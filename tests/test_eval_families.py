@@ -130,6 +130,11 @@ def test_consistency_summary_counts_and_rate():
     assert sum(s["verdicts"].values()) == 4 and set(s["verdicts"]) == set(CONSISTENCY_VERDICTS)
     assert s["families"]["size"]["rate"] == 0.5 and s["families"]["absent"]["rate"] == 1.0
     assert consistency_summary({})["rate"] is None
+    # a rejection of a shape that is there is consistent (empty mask) but counted apart
+    s = consistency_summary({"a#0": ("colour", "consistent", True, True), "a#1": ("colour", "consistent", True, False),
+                             "b#0": ("absent", "consistent", False, True)})
+    assert (s["rate"], s["present"], s["rejected_present"]) == (1.0, 2, 1)
+    assert s["families"]["absent"]["rejected_present"] == 0 and s["families"]["colour"]["present"] == 2
 
 
 # ---------------------------------------------------------------- through the evaluator and CLI
@@ -143,6 +148,8 @@ def test_generate_mode_gives_every_query_a_verdict(tiny_model, reader):
     c = ev.consistency["generate"]
     assert c["n"] == res["generate"]["all"]["n_queries"] == sum(c["verdicts"].values())
     assert sum(f["n"] for f in c["families"].values()) == c["n"]
+    assert c["present"] == sum(f["present"] for f in c["families"].values())
+    assert c["present"] == c["n"] - c["families"].get("absent", {"n": 0})["n"] and 0 <= c["rejected_present"] <= c["present"]
 
 
 def test_cli_reports_families_phrasings_and_consistency(tmp_path):
@@ -160,6 +167,7 @@ def test_cli_reports_families_phrasings_and_consistency(tmp_path):
     assert ev["consistency"]["generate"]["n"] == modes["all"]["n_queries"]
     md = (tmp_path / "metrics.md").read_text()
     assert "| generate | family:absent |" in md and "Answer-mask consistency (generate)" in md
+    assert "present target rejected" in md
 
 
 def test_cli_refuses_malformed_dataset_options(tmp_path):

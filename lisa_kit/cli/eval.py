@@ -87,7 +87,7 @@ def _run(args: argparse.Namespace) -> int:
             for mode, c in evaluator.consistency.items():
                 if c["n"]:
                     print(f"{name}:{split} [{mode}] answer names the painted shape: {c['consistent']}/{c['n']} "
-                          f"({c['rate']:.3f})")
+                          f"({c['rate']:.3f}); present targets rejected: {c['rejected_present']}/{c['present']}")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(report, indent=1))

@@ -73,6 +73,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 CORNERS: dict[str, int] = {"circle": 0, "triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6}
 QUESTION_TYPES = ("attribute", "size", "corners", "extreme", "relation", "nearest", "same")
 SPLITS = ("train", "val", "test")
+#: Where absent targets come from (the ``absent_from`` option): any question, or lookups only.
+ABSENT_FROM = ("questions", "lookups")
 DEFAULT_SIZES = {"train": 10_000, "val": 500, "test": 500}
 DEFAULT_IMAGE_SIZE = (64, 64)
 LAYOUT_VERSION = 1
@@ -354,15 +356,26 @@ def _candidates(shapes: list[dict], hw: tuple[int, int]) -> dict[str, list[tuple
     return out
 
 
-def _absent_query(rng: np.random.Generator, shapes: list[dict], colors: list[str], kinds: list[str]) -> dict | None:
+def _absent_query(rng: np.random.Generator, shapes: list[dict], colors: list[str], kinds: list[str],
+                  form: tuple[bool, bool] | None = None) -> dict | None:
     """A colour-and-kind (or colour-only) description that matches no shape, preferring
-    near misses whose colour and kind both occur, just not together."""
+    near misses whose colour and kind both occur, just not together.
+
+    ``form``: ``(names a colour, names a kind)`` of the lookup it stands in for (the
+    ``lookups`` mode of :class:`SyntheticReasoningSet`'s ``absent_from``): only
+    descriptions of that form, so "the blue square" is as often absent as present and a
+    phrase's form says nothing about the answer. ``None``: colour-and-kind or colour-only."""
     present = {(s["color"], s["kind"]) for s in shapes}
     seen_c, seen_k = {s["color"] for s in shapes}, {s["kind"] for s in shapes}
-    pairs = [(c, k) for c in colors for k in kinds if (c, k) not in present]
-    near = [(c, k) for c, k in pairs if c in seen_c and k in seen_k]
-    lone = [(c, None) for c in colors if c not in seen_c]
-    pool = near if near and rng.random() < 0.5 else pairs + lone
+    if form == (True, False):
+        pool = [(c, None) for c in colors if c not in seen_c]
+    elif form == (False, True):
+        pool = [(None, k) for k in kinds if k not in seen_k]
+    else:
+        pairs = [(c, k) for c in colors for k in kinds if (c, k) not in present]
+        near = [(c, k) for c, k in pairs if c in seen_c and k in seen_k]
+        lone = [(c, None) for c in colors if c not in seen_c] if form is None else []
+        pool = near if near and rng.random() < 0.5 else pairs + lone
     if not pool:
         return None
     c, k = pool[int(rng.integers(len(pool)))]
@@ -475,7 +488,12 @@ class SyntheticReasoningSet(DatasetReader):
     of 6-13 px radius keep their corners visible there), ``seed``,
     ``questions_per_image`` (up to that many distinct questions per scene; fewer only in
     rare crowded or tiny scenes), ``absent_ratio`` (chance that a question names
-    something absent), ``min_shapes`` / ``max_shapes`` (shapes per scene, 2-5 by default;
+    something absent), ``absent_from`` (``questions``, the default: any question is
+    replaced by an absent lookup with chance ``absent_ratio``; ``lookups``: only attribute
+    lookups are, each by an absent one of its own form -- colour and kind, colour, or
+    kind -- so a phrase's form does not give its answer away: with ``questions``, a
+    "<colour> <kind>" phrase names something absent in most cases, and a model that
+    cannot yet bind colours to kinds learns to reject them all), ``min_shapes`` / ``max_shapes`` (shapes per scene, 2-5 by default;
     scenes where fewer fit are resampled), ``colors`` / ``kinds`` / ``question_types`` (subsets of
     :data:`PALETTE`, :data:`CORNERS`, :data:`QUESTION_TYPES`), ``texture`` (background
     noise amplitude, ``0`` for a plain background) and ``pixel_counts`` (size
@@ -495,7 +513,7 @@ class SyntheticReasoningSet(DatasetReader):
                  questions_per_image: int = 3, absent_ratio: float = 0.0, min_shapes: int = 2,
                  max_shapes: int = 5, colors: list[str] | None = None, kinds: list[str] | None = None,
                  question_types: list[str] | None = None, texture: int = DEFAULT_TEXTURE,
-                 pixel_counts: bool = True, absent_name_first: bool = False):
+                 pixel_counts: bool = True, absent_name_first: bool = False, absent_from: str = "questions"):
         super().__init__(root if root is not None else ".", split)
         self.root = Path(root) if root is not None else None
         self.split_dir = self.layout_dir(self.root, self.split) if self.root is not None else None
@@ -517,6 +535,8 @@ class SyntheticReasoningSet(DatasetReader):
             problems.append(f"need 2 <= min_shapes <= max_shapes <= 8, got {min_shapes}, {max_shapes}")
         if not 0.0 <= absent_ratio <= 1.0:
             problems.append(f"absent_ratio must be in [0, 1], got {absent_ratio}")
+        if absent_from not in ABSENT_FROM:
+            problems.append(f"absent_from must be one of {', '.join(ABSENT_FROM)}, got {absent_from!r}")
         if questions_per_image < 1 or not colors or not kinds or (not qtypes and absent_ratio < 1.0):
             problems.append("need questions_per_image >= 1 and at least one color, kind and question type")
         if not 0 <= texture <= 20:  # beyond 20 the background could reach palette colours
@@ -532,7 +552,7 @@ class SyntheticReasoningSet(DatasetReader):
             "seed": int(seed), "image_size": list(hw), "questions_per_image": int(questions_per_image),
             "absent_ratio": float(absent_ratio), "min_shapes": int(min_shapes), "max_shapes": int(max_shapes),
             "colors": colors, "kinds": kinds, "question_types": qtypes, "texture": int(texture),
-            "pixel_counts": pixel_counts, "absent_name_first": absent_name_first,
+            "pixel_counts": pixel_counts, "absent_name_first": absent_name_first, "absent_from": absent_from,
         }
         self.size = int(size) if size is not None else DEFAULT_SIZES[self.split]
 
@@ -585,8 +605,9 @@ class SyntheticReasoningSet(DatasetReader):
                 break
         targets: list[Target] = []
         asked: list[dict] = []  # absent questions already asked, not to repeat them
+        lookups = o.get("absent_from", "questions") == "lookups"
         for _ in range(k):
-            if rng.random() < o["absent_ratio"]:
+            if not lookups and rng.random() < o["absent_ratio"]:
                 q, qtype, answer = _absent_query(rng, shapes, o["colors"], o["kinds"]), "absent", None
                 if q is None or q in asked:
                     continue
@@ -600,6 +621,13 @@ class SyntheticReasoningSet(DatasetReader):
                     del pools[qtype]
                 if "anchor" in q:  # one of the anchor's unique descriptions, for variety
                     q = {**q, "anchor": q["anchor"][int(rng.integers(len(q["anchor"])))]}
+                if lookups and qtype == "attribute" and rng.random() < o["absent_ratio"]:
+                    # the same form of lookup, naming something absent (kept present when
+                    # the scene leaves no such description, or it was asked already)
+                    neg = _absent_query(rng, shapes, o["colors"], o["kinds"], (bool(q["color"]), bool(q["kind"])))
+                    if neg is not None and neg not in asked:
+                        asked.append(neg)
+                        q, qtype, answer = neg, "absent", None
             else:
                 break
             mask = (labels == answer + 1).astype(np.uint8) if answer is not None else np.zeros(hw, np.uint8)
