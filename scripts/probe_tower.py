@@ -22,6 +22,10 @@ decoders: those whose ``encode_image`` gives ``image_embeddings`` over a square 
 
     python scripts/probe_tower.py lisa-demo-v3 [--steps 1500] [--batch 8] [--every 250] [--save FILE]
     python scripts/probe_tower.py lisa-demo-v6 --component mask_decoder --steps 4000 --save FILE
+    python scripts/probe_tower.py lisa-demo-v4 --frozen lisa_kit/assets/demo_model --steps 300
+
+``--frozen MODEL_DIR`` asks what a trained model's encoder still tells: its weights are
+loaded from the lisa_kit-format directory and frozen, and only the two read-outs learn.
 
 ``--save FILE`` writes the trained tower's weights (timm's layout, safetensors) for a
 recipe's ``model.vision_encoder.pretrained``: lisa-demo-v4 starts from such a tower, as
@@ -109,12 +113,21 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     ap.add_argument("--val", type=int, default=200, help="held-out scenes (default 200)")
     ap.add_argument("--save", help="write the trained tower's weights here (safetensors; timm towers only)")
+    ap.add_argument("--frozen", metavar="MODEL_DIR",
+                    help="a lisa_kit-format model (lisa-kit export --format lisa_kit) whose encoder is probed as "
+                         "trained: its weights are loaded and frozen, only the read-outs learn")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     node = OmegaConf.to_container(load_recipe(args.recipe).cfg.model[args.component], resolve=True)
     for key in ("pretrained", "checkpoint"):  # the probe trains from random weights (and makes such files)
         node.pop(key, None)
     built = build_component(args.component, node)
+    if args.frozen:
+        from pathlib import Path
+
+        from lisa_kit.checkpoint.io import load_file_into
+
+        load_file_into(built, Path(args.frozen) / f"{args.component}.safetensors", component=args.component)
     tower = built if args.component == "vision_encoder" else _EncoderTokens(built)
     train = SyntheticReasoningSet(split="train", size=args.steps * args.batch)
     val = SyntheticReasoningSet(split="val", size=args.val)
@@ -126,8 +139,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.recipe}: {n} tokens are not a square grid dividing the {h}x{w} scenes")
     head_kind = torch.nn.Linear(tower.feature_dim, len(KINDS))
     head_colour = torch.nn.Linear(tower.feature_dim, len(COLOURS))
-    tower.requires_grad_(True).train()
-    params = [*tower.parameters(), *head_kind.parameters(), *head_colour.parameters()]
+    if args.frozen:  # what the trained encoder still tells, read linearly
+        tower.requires_grad_(False).eval()
+        params = [*head_kind.parameters(), *head_colour.parameters()]
+    else:
+        tower.requires_grad_(True).train()
+        params = [*tower.parameters(), *head_kind.parameters(), *head_colour.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr)
     xv, kv, cv = batch(tower, val, range(args.val), grid)
     ce = torch.nn.functional.cross_entropy
@@ -145,7 +162,7 @@ def main(argv=None) -> int:
             tower.eval()
             with torch.no_grad():
                 f = tower(xv)
-            tower.train()
+            tower.train(not args.frozen)
             on = kv >= 0
             acc_k = (head_kind(f).argmax(-1)[on] == kv[on]).float().mean()
             acc_c = (head_colour(f).argmax(-1)[on] == cv[on]).float().mean()

@@ -47,3 +47,24 @@ def test_tower_probe_saves_weights_the_recipe_loads_as_pretrained(probe, tmp_pat
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert not torch.allclose(trained(x), fresh(x))
+
+
+def test_frozen_probe_reads_a_trained_models_encoder(probe, tmp_path, capsys):
+    """``--frozen DIR`` loads the component from a lisa_kit-format directory and trains the
+    read-outs only; a directory without that component's file is refused."""
+    from safetensors.torch import save_file
+
+    node = OmegaConf.to_container(load_recipe("lisa-tiny").cfg.model.mask_decoder, resolve=True)
+    decoder = build_component("mask_decoder", node)
+    save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(tmp_path / "mask_decoder.safetensors"))
+    args = ["lisa-tiny", "--component", "mask_decoder", "--frozen", str(tmp_path), "--steps", "2", "--batch", "2",
+            "--every", "2", "--val", "4"]
+    assert probe.main(args) == 0
+    assert "held-out kind" in capsys.readouterr().out
+    bad = decoder.state_dict()
+    bad["image_encoder.patch_embed.proj.weight"] = torch.zeros(1)  # the file is really read: a wrong shape is refused
+    save_file({k: v.contiguous() for k, v in bad.items()}, str(tmp_path / "mask_decoder.safetensors"))
+    with pytest.raises(Exception, match="patch_embed.proj.weight"):
+        probe.main(args)
+    with pytest.raises(Exception, match="vision_encoder.safetensors"):
+        probe.main(["lisa-tiny", "--frozen", str(tmp_path), "--steps", "1", "--val", "2"])
