@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from pathlib import Path
 
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,6 +11,21 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_script():
+    """``repo_script("benchmarks/scale.py")``: one of the repository's scripts (``benchmarks/``,
+    ``scripts/``: not a package) imported as a module, so tests call its functions."""
+    def load(relpath: str):
+        path = REPO / relpath
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load
 
 
 @pytest.fixture(scope="session")

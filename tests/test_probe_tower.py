@@ -2,9 +2,6 @@
 it saves loading where a recipe names them (lisa-demo-v4's tower, lisa-demo-v6's SAM)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -12,15 +9,10 @@ from omegaconf import OmegaConf
 from lisa_kit.builder import build_component
 from lisa_kit.recipes import load_recipe
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "probe_tower.py"
-
 
 @pytest.fixture(scope="module")
-def probe():
-    spec = importlib.util.spec_from_file_location("probe_tower", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def probe(repo_script):
+    return repo_script("scripts/probe_tower.py")
 
 
 def test_mask_decoder_probe_saves_a_checkpoint_the_recipe_loads(probe, tmp_path, capsys):

@@ -3,7 +3,6 @@ three forms, every measurement runs, the fit and the extrapolation are what they
 a whole run writes the documented results (in seconds; the real widths are run by hand)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,11 +19,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
 
 
 @pytest.fixture(scope="module")
-def scale():
-    spec = importlib.util.spec_from_file_location("scale_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def scale(repo_script):
+    return repo_script("benchmarks/scale.py")
 
 
 @pytest.fixture(scope="module")
