@@ -493,8 +493,9 @@ class SyntheticReasoningSet(DatasetReader):
     lookups are, each by an absent one of its own form -- colour and kind, colour, or
     kind -- so a phrase's form does not give its answer away: with ``questions``, a
     "<colour> <kind>" phrase names something absent in most cases, and a model that
-    cannot yet bind colours to kinds learns to reject them all), ``min_shapes`` / ``max_shapes`` (shapes per scene, 2-5 by default;
-    scenes where fewer fit are resampled), ``colors`` / ``kinds`` / ``question_types`` (subsets of
+    cannot yet bind colours to kinds learns to reject them all), ``min_shapes`` /
+    ``max_shapes`` (shapes per scene, 2-5 by default; scenes where fewer fit are
+    resampled), ``colors`` / ``kinds`` / ``question_types`` (subsets of
     :data:`PALETTE`, :data:`CORNERS`, :data:`QUESTION_TYPES`), ``texture`` (background
     noise amplitude, ``0`` for a plain background) and ``pixel_counts`` (size
     explanations state the area in pixels; default true, as the shipped demo model was
