@@ -538,19 +538,16 @@ def run(a) -> dict:
             rec = {"layers": layers, "params": n, "generate_s": gen_s,
                    "checkpoint_bytes": {f: dir_bytes(d) for f, d in dirs.items()},
                    "clip_bytes": dir_bytes(clip), "measurements": {}}
-            for m in wanted:
-                if m in TRAIN_BATCH and a.train_layers and layers not in a.train_layers:
-                    continue
+            jobs = {m: (lambda m=m: _child(m, dirs, clip, device, a.answer_tokens, point, a.timeout))
+                    for m in wanted if not (m in TRAIN_BATCH and a.train_layers and layers not in a.train_layers)}
+            if a.original:
+                jobs[ORIGINAL_LOAD] = lambda: _original(a.original, a.original_python or sys.executable,
+                                                        dirs["lisa_hf_bin"], clip, device, a.timeout)
+            for m, job in jobs.items():
                 print(f"[{layers} layers] {m} ...", file=sys.stderr, flush=True)
-                rec["measurements"][m] = r = _child(m, dirs, clip, device, a.answer_tokens, point, a.timeout)
+                rec["measurements"][m] = r = job()
                 print(f"[{layers} layers] {m}: " + (f"{r['wall_s']:.2f} s, peak {_gib(r['peak_rss_bytes'])}"
                                                     if "error" not in r else "FAILED"), file=sys.stderr, flush=True)
-            if a.original:
-                print(f"[{layers} layers] {ORIGINAL_LOAD} ...", file=sys.stderr, flush=True)
-                rec["measurements"][ORIGINAL_LOAD] = r = _original(
-                    a.original, a.original_python or sys.executable, dirs["lisa_hf_bin"], clip, device, a.timeout)
-                print(f"[{layers} layers] {ORIGINAL_LOAD}: " + (f"{r['wall_s']:.2f} s, peak {_gib(r['peak_rss_bytes'])}"
-                                                              if "error" not in r else "FAILED"), file=sys.stderr, flush=True)
             points.append(rec)
             if not a.keep:
                 shutil.rmtree(point, ignore_errors=True)

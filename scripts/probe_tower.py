@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -123,8 +124,6 @@ def main(argv=None) -> int:
         node.pop(key, None)
     built = build_component(args.component, node)
     if args.frozen:
-        from pathlib import Path
-
         from lisa_kit.checkpoint.io import load_file_into
 
         load_file_into(built, Path(args.frozen) / f"{args.component}.safetensors", component=args.component)
@@ -169,8 +168,6 @@ def main(argv=None) -> int:
             print(f"step {step:>5}  held-out kind {acc_k:.3f}  colour {acc_c:.3f}  "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     if args.save:
-        from pathlib import Path
-
         from safetensors.torch import save_file
 
         inner = built if args.component == "mask_decoder" else getattr(tower, "model", None)

@@ -4,7 +4,6 @@ round trip and the reader plumbing."""
 from __future__ import annotations
 
 import collections
-
 import json
 import math
 
@@ -276,7 +275,8 @@ def test_absent_from_lookups_keeps_a_phrase_form_from_giving_its_answer_away():
                     counts[(_lookup_form(t), t.meta["absent"])] += 1
                 else:
                     assert not t.meta["absent"]
-        return {f: counts[(f, True)] / (counts[(f, True)] + counts[(f, False)]) for f in ("colour+kind", "colour", "kind")}
+        return {f: counts[(f, True)] / (counts[(f, True)] + counts[(f, False)])
+                for f in ("colour+kind", "colour", "kind")}
 
     default = share_absent(SyntheticReasoningSet(None, "train", size=600, absent_ratio=0.1))
     assert default["colour+kind"] > 0.4 and default["kind"] == 0.0
