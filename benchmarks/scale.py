@@ -31,7 +31,10 @@ during it, ``/proc/self/clear_refs``), wall time, and on CUDA ``max_memory_alloc
   answer forced the same way (the 8-vs-1 ratio is in ``results.md``);
 * ``export``: ``export_lisa_hf`` of that loaded model (safetensors, default shard size);
 * ``train``: one optimizer step of :class:`lisa_kit.train.loop.Trainer` (LoRA q/v, bf16
-  autocast, activation checkpointing, batch 1 (``train``) and LISA's per-device batch 2 (``train_b2``), synthetic samples) on the ``.bin`` form.
+  autocast, activation checkpointing, synthetic samples) on the ``.bin`` form, at batch 1
+  (``train``), LISA's per-device batch 2 (``train_b2``) and 4 (``train_b4``). ``results.md``
+  fits peak = fixed + per-sample x batch at each depth and at the extrapolated sizes: the
+  memory one more sample costs, per LLM layer, and the largest batch that fits 24 / 40 / 80 GiB.
 
 Across depths every metric is fitted as ``a + b * params`` (least squares) and extrapolated
 to LISA-7B (32 layers) and LISA-13B (40 layers, hidden 5120, intermediate 13824, 40 heads):
@@ -62,7 +65,7 @@ import numpy as np
 import torch
 
 MEASUREMENTS = ("load_lisa_hf_bin", "load_lisa_hf_safetensors", "load_lisa_kit", "seg", "seg_q8", "export", "train",
-                "train_b2")
+                "train_b2", "train_b4")
 # seg_q8: these 8 questions about one image in one seg_batch() call (issue 12: <= 2x one question)
 QUESTIONS = ("Where is the red shape? Please output segmentation mask.",
              "Segment the largest shape.", "What is the leftmost object in this image?",
@@ -70,9 +73,12 @@ QUESTIONS = ("Where is the red shape? Please output segmentation mask.",
              "Please segment the shape nearest to the top edge.", "the small blue square",
              "Can you segment the object below the red shape in this image?",
              "What in this picture could be used to hold water? Please respond with segmentation mask.")
-# Samples per micro-batch of each training measurement: 1, and LISA's per-device batch (2);
-# the difference is the activation memory of one sample.
-TRAIN_BATCH = {"train": 1, "train_b2": 2}
+# Samples per micro-batch of each training measurement: 1, LISA's per-device batch (2) and 4;
+# the slope over them is the memory of one more sample (its activations), the intercept what
+# does not grow with the batch (weights, masters, gradients, optimizer state).
+TRAIN_BATCH = {"train": 1, "train_b2": 2, "train_b4": 4}
+# GPU memory sizes the training budget is worked out for (a 24 GB card, A100-40GB, 80 GB cards)
+GPU_BUDGETS_GIB = (24, 40, 80)
 ORIGINAL_LOAD = "original_from_pretrained"  # --original: the original LISA's from_pretrained, in its interpreter
 METRICS = ("wall_s", "peak_rss_bytes", "cuda_peak_bytes")
 FORMS = ("lisa_hf_bin", "lisa_hf_safetensors", "lisa_kit")
@@ -259,6 +265,7 @@ def measure(name: str, dirs: dict, clip: str, device: str, answer_tokens: int, w
     cuda = device.startswith("cuda")
     setup_t0 = time.perf_counter()
     action = None
+    extra: dict = {}  # what the measurement reports besides time and memory
     if name.startswith("load_"):
         def action():
             return _load(name.removeprefix("load_"), dirs, clip, device)
@@ -302,6 +309,9 @@ def measure(name: str, dirs: dict, clip: str, device: str, answer_tokens: int, w
                          "train.precision=bf16", "train.activation_checkpointing=true"])
         micro, where = next(tr._micro_batches())
 
+        # the text the step trains on (before the image tokens are fused in), for the report
+        extra["input_ids_shape"] = list(tr._collate(micro).input_ids.shape)
+
         def action():
             stats = tr.train_step([micro], [where])
             assert np.isfinite(stats["loss"]), stats
@@ -330,7 +340,7 @@ def measure(name: str, dirs: dict, clip: str, device: str, answer_tokens: int, w
            "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0]}
     if cuda:
         out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
-    return out
+    return {**out, **extra}
 
 
 # -- the original's loader (its own interpreter) --------------------------------------------------
@@ -458,6 +468,84 @@ def questions_ratio(res: dict) -> list[str]:
     return out
 
 
+def batch_fit(peaks: dict[int, float]) -> tuple[float, float] | None:
+    """``peak = fixed + per_sample * batch`` by least squares over ``{batch: peak bytes}``
+    (``None`` with fewer than two batch sizes)."""
+    if len(peaks) < 2:
+        return None
+    per_sample, fixed = np.polyfit(list(peaks), list(peaks.values()), 1)
+    return float(fixed), float(per_sample)
+
+
+def largest_batch(fixed: float, per_sample: float, budget_bytes: float) -> str:
+    if fixed > budget_bytes:
+        return "none"
+    if per_sample <= 0:
+        return "n/a (per sample <= 0)"
+    # the fits are least squares: a batch that fits exactly must not round down to one less
+    return str(int((budget_bytes - fixed) / per_sample + 1e-6))
+
+
+def step_peak(r: dict, cuda: bool) -> float | None:
+    """The training step's own peak: on CUDA ``max_memory_allocated`` (reset before the step);
+    on the CPU the RSS before the step plus its peak growth (``/proc/self/clear_refs``), so a
+    higher peak while loading does not hide what the batch adds; ``None`` when not measured."""
+    if cuda:
+        return r.get("cuda_peak_bytes")
+    if r.get("rss_before_bytes") is None or r.get("action_peak_growth_bytes") is None:
+        return None
+    return r["rss_before_bytes"] + r["action_peak_growth_bytes"]
+
+
+def training_budget(res: dict) -> list[str]:
+    """Markdown lines: each depth's (and each extrapolated size's) training-step peak split
+    into a part that does not grow with the batch and one per sample, and the largest batch
+    that fits :data:`GPU_BUDGETS_GIB`."""
+    cuda = res["device"].startswith("cuda")
+    peaks = {p["layers"]: {b: v for m, b in TRAIN_BATCH.items()
+                           if (v := step_peak(p["measurements"].get(m, {}), cuda)) is not None} for p in res["points"]}
+    params = {p["layers"]: p["params"] for p in res["points"]}
+    rows: list[tuple[str, int | None, tuple[float, float]]] = [
+        (f"{layers} layers (measured)", layers, f) for layers, per in peaks.items() if (f := batch_fit(per))]
+    if not rows:
+        return []
+    # each batch size's step peak fitted a + b * params across depths, then split at each size
+    lines = {b: fit([params[layers] for layers in peaks if b in peaks[layers]],
+                    [peaks[layers][b] for layers in peaks if b in peaks[layers]]) for b in TRAIN_BATCH.values()}
+    lines = {b: f for b, f in lines.items() if f is not None}
+    if all(f["b"] >= 0 for f in lines.values()):  # a cost falling as the model grows is noise
+        for name, ext in res["extrapolated"].items():
+            f = batch_fit({b: f["a"] + f["b"] * ext["params"] for b, f in lines.items()})
+            if f:
+                rows.append((f"{name} (extrapolated)", None, f))
+    budgets = " | ".join(f"{g} GiB" for g in GPU_BUDGETS_GIB)
+    out = ["", "## Training: fixed memory, memory per sample, largest batch", "",
+           "The peak of one training step (" + ("CUDA `max_memory_allocated`" if cuda else
+                                                "RSS before the step + its peak growth") +
+           ") fitted as fixed + per sample x batch over the batch sizes "
+           f"{sorted(TRAIN_BATCH.values())}; at LISA-7B/13B from each batch size's fit across depths "
+           "(extrapolated); largest batch = (budget - fixed) / per sample.", "",
+           f"| where | fixed | per sample | largest batch: {budgets} |", "| --- | --- | --- | " +
+           " | ".join("---" for _ in GPU_BUDGETS_GIB) + " |"]
+    for where, _layers, (fixed, per) in rows:
+        out.append(f"| {where} | {_gib(fixed)} | {_gib(per)} | " +
+                   " | ".join(largest_batch(fixed, per, g * 2**30) for g in GPU_BUDGETS_GIB) + " |")
+    measured = [(layers, per) for _w, layers, (_f, per) in rows if layers is not None]
+    if len(measured) >= 2:
+        (l0, p0), (l1, p1) = measured[0], measured[-1]
+        out += ["", f"One more sample costs {_gib((p1 - p0) / (l1 - l0))} more per LLM layer "
+                f"(between {l0} and {l1} layers): the activations each layer keeps for the backward pass."]
+    shapes = sorted({tuple(p["measurements"][m]["input_ids_shape"]) for p in res["points"] for m in TRAIN_BATCH
+                     if "input_ids_shape" in p["measurements"].get(m, {})})
+    if shapes:
+        out += ["", "Text per step (`input_ids`, before the image tokens are fused in): "
+                + ", ".join(" x ".join(map(str, s)) for s in shapes) + "."]
+    if not cuda:
+        out += ["", "Measured on the CPU: the process's RSS includes the Python runtime and its libraries, "
+                "and lacks a GPU's CUDA context and allocator slack; `--device cuda` measures the GPU itself."]
+    return out
+
+
 def markdown(res: dict) -> str:
     env = res["env"]
     lines = [f"# Scale benchmark ({res['widths']} widths, {res['device']})", "",
@@ -496,6 +584,7 @@ def markdown(res: dict) -> str:
         lines += ["", "With two depths the line passes through both points: r2 = 1 by construction, and the "
                   "fit cannot show curvature or noise. Measure three or more depths for a check."]
     lines += questions_ratio(res)
+    lines += training_budget(res)
     lines += ["", "params: " + ", ".join(f"{n} {_count(res['extrapolated'][n]['params'])}" for n in names)
               + " (computed from the widths, CLIP tower and SAM included)."]
     if res.get("notes"):

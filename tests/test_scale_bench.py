@@ -91,6 +91,8 @@ def test_measurements_run(scale, generated, tmp_path, name):
     assert r["measurement"] == name and r["wall_s"] > 0 and r["setup_s"] > 0
     assert r["peak_rss_bytes"] >= r["rss_before_bytes"] > 0
     assert r["loadavg_before"] >= 0 and r["loadavg_after"] >= 0  # how busy the machine was
+    if name == "train":  # the trained text's shape, for the report: one sample of some tokens
+        assert r["input_ids_shape"][0] >= 1 and r["input_ids_shape"][1] > 1  # conversations x tokens
     if name == "export":
         assert load_state_dict(tmp_path / "export").keys() == load_state_dict(dirs["lisa_hf_safetensors"]).keys()
 
@@ -111,6 +113,34 @@ def test_questions_ratio_per_depth_and_extrapolated(scale):
     lines = scale.questions_ratio({"points": noisy, "fits": fits, "extrapolated": ext})
     assert "| 4 | 3.75 |" in lines and not any("extrapolated" in x for x in lines)
     assert scale.questions_ratio({"points": [], "fits": {}, "extrapolated": {}}) == []
+
+
+def test_training_budget_splits_fixed_and_per_sample(scale):
+    gib = 2**30
+
+    def point(layers, params, fixed, per):
+        # the step's own peak (RSS before it + its growth) is split; the process peak, here
+        # a load that peaked higher, is not what the batch adds to
+        return {"layers": layers, "params": params, "measurements": {
+            m: {"rss_before_bytes": 3 * gib, "action_peak_growth_bytes": (fixed - 3 + per * b) * gib,
+                "peak_rss_bytes": 99 * gib, "input_ids_shape": [b, 90]} for m, b in scale.TRAIN_BATCH.items()}}
+
+    # fixed 10 / 12 GiB, one sample 1 / 2 GiB at 2 / 4 layers: fixed = 8 + params / 100 GiB,
+    # per sample = params / 200 GiB -> at 1000 params 18 GiB fixed, 5 GiB per sample
+    points = [point(2, 200, 10.0, 1.0), point(4, 400, 12.0, 2.0)]
+    ext = {"big": {"params": 1000}, "huge": {"params": 8000}}
+    lines = scale.training_budget({"device": "cpu", "points": points, "fits": {}, "extrapolated": ext})
+    # (24 - 10) // 1 = 14, (40 - 10) // 1 = 30, (80 - 10) // 1 = 70
+    assert "| 2 layers (measured) | 10.00 GiB | 1.00 GiB | 14 | 30 | 70 |" in lines
+    assert "| 4 layers (measured) | 12.00 GiB | 2.00 GiB | 6 | 14 | 34 |" in lines
+    assert "| big (extrapolated) | 18.00 GiB | 5.00 GiB | 1 | 4 | 12 |" in lines
+    assert any(x.startswith("| huge (extrapolated) | 88.00 GiB | 40.00 GiB | none | none | none |") for x in lines)
+    assert any("0.50 GiB more per LLM layer" in x for x in lines)  # (2 - 1) GiB / (4 - 2) layers
+    assert any("1 x 90, 2 x 90, 4 x 90" in x for x in lines)
+    # one batch size only: nothing to split
+    single = [{"layers": 2, "params": 200, "measurements": {"train": {"rss_before_bytes": gib,
+                                                                     "action_peak_growth_bytes": gib}}}]
+    assert scale.training_budget({"device": "cpu", "points": single, "fits": {}, "extrapolated": {}}) == []
 
 
 def test_tiny_run_writes_results(tmp_path):
