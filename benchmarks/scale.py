@@ -510,14 +510,14 @@ def training_budget(res: dict) -> list[str]:
     if not rows:
         return []
     # each batch size's step peak fitted a + b * params across depths, then split at each size
-    lines = {b: fit([params[layers] for layers in peaks if b in peaks[layers]],
-                    [peaks[layers][b] for layers in peaks if b in peaks[layers]]) for b in TRAIN_BATCH.values()}
-    lines = {b: f for b, f in lines.items() if f is not None}
-    if all(f["b"] >= 0 for f in lines.values()):  # a cost falling as the model grows is noise
+    across = {b: fit([params[layers] for layers in peaks if b in peaks[layers]],
+                     [peaks[layers][b] for layers in peaks if b in peaks[layers]]) for b in TRAIN_BATCH.values()}
+    across = {b: line for b, line in across.items() if line is not None}
+    if all(line["b"] >= 0 for line in across.values()):  # a cost falling as the model grows is noise
         for name, ext in res["extrapolated"].items():
-            f = batch_fit({b: f["a"] + f["b"] * ext["params"] for b, f in lines.items()})
-            if f:
-                rows.append((f"{name} (extrapolated)", None, f))
+            split = batch_fit({b: line["a"] + line["b"] * ext["params"] for b, line in across.items()})
+            if split:
+                rows.append((f"{name} (extrapolated)", None, split))
     budgets = " | ".join(f"{g} GiB" for g in GPU_BUDGETS_GIB)
     out = ["", "## Training: fixed memory, memory per sample, largest batch", "",
            "The peak of one training step (" + ("CUDA `max_memory_allocated`" if cuda else
@@ -534,7 +534,7 @@ def training_budget(res: dict) -> list[str]:
     if len(measured) >= 2:
         (l0, p0), (l1, p1) = measured[0], measured[-1]
         out += ["", f"One more sample costs {_gib((p1 - p0) / (l1 - l0))} more per LLM layer "
-                f"(between {l0} and {l1} layers): the activations each layer keeps for the backward pass."]
+                f"(between {l0} and {l1} layers)."]
     shapes = sorted({tuple(p["measurements"][m]["input_ids_shape"]) for p in res["points"] for m in TRAIN_BATCH
                      if "input_ids_shape" in p["measurements"].get(m, {})})
     if shapes:

@@ -91,8 +91,8 @@ def test_measurements_run(scale, generated, tmp_path, name):
     assert r["measurement"] == name and r["wall_s"] > 0 and r["setup_s"] > 0
     assert r["peak_rss_bytes"] >= r["rss_before_bytes"] > 0
     assert r["loadavg_before"] >= 0 and r["loadavg_after"] >= 0  # how busy the machine was
-    if name == "train":  # the trained text's shape, for the report: one sample of some tokens
-        assert r["input_ids_shape"][0] >= 1 and r["input_ids_shape"][1] > 1  # conversations x tokens
+    if name == "train":  # the trained text's shape, for the report: conversations x tokens
+        assert r["input_ids_shape"][0] >= 1 and r["input_ids_shape"][1] > 1
     if name == "export":
         assert load_state_dict(tmp_path / "export").keys() == load_state_dict(dirs["lisa_hf_safetensors"]).keys()
 
