@@ -45,9 +45,10 @@ def test_resume_replays_exactly(tmp_path, one_thread):
     from lisa_kit.train.checkpointing import load_trained_model
     from lisa_kit.train.loop import Trainer
 
-    # LoRA dropout on (RNG state must be restored), validation and a `best/` save in between
+    # LoRA dropout on (RNG state must be restored), validation and a `best/` save in between;
+    # two optimizer parameter groups (lr_scale), whose index-keyed state must load back in place
     ov = QUICK + ["train.steps=6", "train.save_every=3", "train.val_every=2",
-                  "train.val={dataset: synthetic, split: val, options: {size: 2}}"]
+                  "train.val={dataset: synthetic, split: val, options: {size: 2}}", "train.lr_scale={seg_head: 0.5}"]
     full = Trainer(RECIPE, tmp_path / "full", overrides=ov, progress=False).fit()
     assert full["step"] == 6
 
@@ -351,3 +352,35 @@ def test_tensorboard_scalars_are_written(tmp_path, one_thread):
     assert {"train/loss", "train/ce", "train/lr", "val/giou"} <= set(tags)
     log = _log(tmp_path / "run")
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["loss"] for r in log], rel=1e-6)
+
+
+def test_lr_scale_moves_each_part_at_its_own_rate(tmp_path, one_thread):
+    from lisa_kit.train.loop import Trainer
+
+    assert TrainConfig(lr_scale={"mask_decoder": 0.5, "mask_decoder.image_encoder": 0.1}).scale_for(
+        "mask_decoder.image_encoder.blocks.0.attn.qkv.weight") == 0.1  # the longest prefix wins
+    c = TrainConfig(lr_scale={"mask_decoder": 0.5})
+    assert (c.scale_for("mask_decoder.mask_decoder.x"), c.scale_for("mask_decoder_extra.x")) == (0.5, 1.0)  # dots only
+    nested = TrainConfig.from_recipe({"train": {"lr_scale": {"mask_decoder": {"image_encoder": 0.1}, "llm": 2}}})
+    assert nested.lr_scale == {"mask_decoder.image_encoder": 0.1, "llm": 2}  # as `train.lr_scale.a.b=0.1` writes it
+    for node, key in [({"lr_scale": {"llm": -1}}, "train.lr_scale.llm"),
+                      ({"lr_scale": {"llm": "fast"}}, "train.lr_scale.llm"),
+                      ({"lr_scale": {"llm.": 0.1}}, "train.lr_scale"), ({"lr_scale": [0.1]}, "train.lr_scale")]:
+        with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
+            TrainConfig.from_recipe({"train": node})
+
+    ov = QUICK + ["train.steps=2", "train.lr_scale={seg_head: 0, mask_decoder.mask_decoder: 0.5}"]
+    t = Trainer(RECIPE, tmp_path / "r", overrides=ov, progress=False)
+    scales = {g["lr_scale"]: g["initial_lr"] for g in t.optimizer.param_groups}
+    assert scales == pytest.approx({1.0: t.cfg.lr, 0.5: t.cfg.lr * 0.5, 0.0: 0.0})
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    t.fit()
+    after = dict(t.model.named_parameters())
+    held = [n for n in before if n.startswith("seg_head.")]
+    assert held and all(torch.equal(after[n], before[n]) for n in held)  # lr 0: not moved
+    assert any(not torch.equal(after[n], before[n]) for n in before if n.startswith("mask_decoder.mask_decoder."))
+    assert [r["lr"] for r in _log(tmp_path / "r")] == pytest.approx([t.cfg.lr * t.cfg.lr_factor(s) for s in (0, 1)])
+    # a prefix that names nothing trained (a typo, or a frozen part) is refused before any step
+    for prefix in ("mask_decoderr", "vision_encoder"):
+        with pytest.raises(RecipeError, match=rf"train\.lr_scale\.{prefix}"):
+            Trainer(RECIPE, tmp_path / prefix, overrides=QUICK + [f"train.lr_scale={{{prefix}: 0.1}}"], progress=False)

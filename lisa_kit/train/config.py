@@ -42,6 +42,10 @@ and its DeepSpeed config::
       cast_frozen: true            # bf16/fp16: frozen weights loaded straight into that dtype (LISA
                                    # loads the model in bf16); trained weights are fp32 masters of
                                    # the loaded values
+      lr_scale: {}                 # parameter-name prefix -> multiplier of lr (and min_lr) for the
+                                   # trained parameters under it, e.g. {mask_decoder.image_encoder: 0.1}
+                                   # to move a pretrained encoder slowly; the longest prefix wins;
+                                   # a prefix that names no trained parameter is an error (LISA: none)
 
 Unknown keys and wrong types raise :class:`~lisa_kit.errors.RecipeError` naming
 ``train.<key>``.
@@ -120,6 +124,7 @@ class TrainConfig:
     workers: int = 4
     shuffle: bool = True
     cast_frozen: bool = True
+    lr_scale: dict = field(default_factory=dict)
 
     # -- derived -------------------------------------------------------------------
     @property
@@ -150,6 +155,15 @@ class TrainConfig:
             return 0.0
         return (self.min_lr + (self.lr - self.min_lr) * gamma) / self.lr
 
+    def scale_for(self, name: str) -> float:
+        """The ``lr_scale`` multiplier of parameter ``name``: the entry with the longest
+        prefix that is ``name`` itself or ends at one of its dots; 1.0 when none does."""
+        best, factor = -1, 1.0
+        for prefix, value in self.lr_scale.items():
+            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+                best, factor = len(prefix), float(value)
+        return factor
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -171,6 +185,7 @@ class TrainConfig:
                 out.precision = top
             else:
                 out.precision = "bf16"
+        out.lr_scale = _flat(out.lr_scale, "train.lr_scale")
         _check(out)
         return out
 
@@ -214,6 +229,21 @@ def _coerce(value: Any, annotation: str, key: str) -> Any:
             raise RecipeError(f"expected a list of {inner}, got {value!r}", key=key)
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     return value
+
+
+def _flat(node: dict, key: str, prefix: str = "") -> dict:
+    """``{"a": {"b": 0.1}}`` -> ``{"a.b": 0.1}``: the override ``train.lr_scale.a.b=0.1``
+    nests where the recipe's ``lr_scale: {a.b: 0.1}`` does not; both mean one prefix."""
+    out = {}
+    for k, v in node.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key, name + "."))
+        elif name in out:
+            raise RecipeError(f"{name!r} is given twice", key=key)
+        else:
+            out[name] = v
+    return out
 
 
 def _build(cls, node: dict, prefix: str):
@@ -271,5 +301,10 @@ def _check(c: TrainConfig) -> None:
         bad("lora.dropout", f"must be in [0, 1), got {c.lora.dropout}")
     if c.lora.r > 0 and not c.lora.targets:
         bad("lora.targets", "needs at least one module name (e.g. [q_proj, v_proj])")
+    for prefix, value in c.lr_scale.items():
+        if not isinstance(prefix, str) or not prefix or prefix.startswith(".") or prefix.endswith("."):
+            bad("lr_scale", f"keys are parameter-name prefixes such as mask_decoder.image_encoder, got {prefix!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            bad(f"lr_scale.{prefix}", f"must be a number >= 0, got {value!r}")
     if c.val is not None and c.val.limit is not None and c.val.limit < 1:
         bad("val.limit", f"must be >= 1 (or null: all), got {c.val.limit}")

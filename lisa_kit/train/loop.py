@@ -195,7 +195,8 @@ class Trainer:
         from lisa_kit.recipes import (check_recipe, env_free, load_recipe, load_yaml_safely, persisted_yaml,
                                       recipe_env_origins)
         from lisa_kit.train.lora import apply_lora
-        from lisa_kit.train.trainable import cast_frozen, set_trainable, trainable_parameters, upcast_trainable
+        from lisa_kit.train.trainable import (cast_frozen, param_groups, set_trainable, trainable_parameters,
+                                             upcast_trainable)
 
         self.progress = progress
         self.stop_after = stop_after
@@ -274,10 +275,10 @@ class Trainer:
         self.weights = LossWeights(**{k: float(v) for k, v in (self.plain.get("loss") or {}).items()})
         self.module = wrap_model(model, env, LossModule(model, self.weights),
                                  param_dtype=self.dtype if cfg.precision != "fp32" else None)
-        params = [p for _, p in trainable_parameters(model)]  # after FSDP2: the sharded parameters
-        self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                           weight_decay=cfg.weight_decay)
+        named = trainable_parameters(model)  # after FSDP2: the sharded parameters
+        self.params = [p for _, p in named]
+        self.optimizer = torch.optim.AdamW(param_groups(named, cfg), lr=cfg.lr, betas=tuple(cfg.betas),
+                                           eps=cfg.eps, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cfg.lr_factor)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
 
@@ -432,7 +433,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = cfg.lr * cfg.lr_factor(self.step)  # the recipe's rate (LambdaLR's), before any lr_scale
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

@@ -92,6 +92,26 @@ def trainable_parameters(model) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def param_groups(named: list[tuple[str, nn.Parameter]], cfg) -> list[dict]:
+    """AdamW parameter groups for ``train.lr_scale``: one group per distinct multiplier,
+    in order of first appearance (each group keeps ``named_parameters`` order, so an
+    index-keyed optimizer state saved by one run loads into the next), each with its
+    ``lr`` already scaled and the multiplier under ``"lr_scale"``. Without ``lr_scale``:
+    one group, as before. Raises :class:`~lisa_kit.errors.RecipeError` for a prefix that
+    names no trained parameter (a typo would otherwise train at the full rate)."""
+    from lisa_kit.errors import RecipeError
+
+    for prefix in cfg.lr_scale:
+        if not any(n == prefix or n.startswith(prefix + ".") for n, _ in named):
+            tops = sorted({n.split(".")[0] for n, _ in named})
+            raise RecipeError(f"names no trained parameter (trained parameters are under: {', '.join(tops)})",
+                              key=f"train.lr_scale.{prefix}")
+    groups: dict[float, list[nn.Parameter]] = {}
+    for n, p in named:
+        groups.setdefault(cfg.scale_for(n), []).append(p)
+    return [{"params": ps, "lr": cfg.lr * scale, "lr_scale": scale} for scale, ps in groups.items()]
+
+
 def trainable_names(model) -> list[str]:
     return [n for n, _ in trainable_parameters(model)]
 
