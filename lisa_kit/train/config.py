@@ -160,7 +160,7 @@ class TrainConfig:
         prefix that is ``name`` itself or ends at one of its dots; 1.0 when none does."""
         best, factor = -1, 1.0
         for prefix, value in self.lr_scale.items():
-            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            if under(name, prefix) and len(prefix) > best:
                 best, factor = len(prefix), float(value)
         return factor
 
@@ -188,6 +188,12 @@ class TrainConfig:
         out.lr_scale = _flat(out.lr_scale, "train.lr_scale")
         _check(out)
         return out
+
+
+def under(name: str, prefix: str) -> bool:
+    """Parameter ``name`` is ``prefix`` itself or lies below it (a match ends at a dot, so
+    ``mask_decoder`` does not take ``mask_decoder_extra.weight``)."""
+    return name == prefix or name.startswith(prefix + ".")
 
 
 # -- checking --------------------------------------------------------------------------
@@ -302,7 +308,7 @@ def _check(c: TrainConfig) -> None:
     if c.lora.r > 0 and not c.lora.targets:
         bad("lora.targets", "needs at least one module name (e.g. [q_proj, v_proj])")
     for prefix, value in c.lr_scale.items():
-        if not isinstance(prefix, str) or not prefix or prefix.startswith(".") or prefix.endswith("."):
+        if not prefix or prefix.startswith(".") or prefix.endswith("."):  # keys are strings once flattened
             bad("lr_scale", f"keys are parameter-name prefixes such as mask_decoder.image_encoder, got {prefix!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             bad(f"lr_scale.{prefix}", f"must be a number >= 0, got {value!r}")

@@ -100,9 +100,10 @@ def param_groups(named: list[tuple[str, nn.Parameter]], cfg) -> list[dict]:
     one group, as before. Raises :class:`~lisa_kit.errors.RecipeError` for a prefix that
     names no trained parameter (a typo would otherwise train at the full rate)."""
     from lisa_kit.errors import RecipeError
+    from lisa_kit.train.config import under
 
     for prefix in cfg.lr_scale:
-        if not any(n == prefix or n.startswith(prefix + ".") for n, _ in named):
+        if not any(under(n, prefix) for n, _ in named):
             tops = sorted({n.split(".")[0] for n, _ in named})
             raise RecipeError(f"names no trained parameter (trained parameters are under: {', '.join(tops)})",
                               key=f"train.lr_scale.{prefix}")
