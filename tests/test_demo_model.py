@@ -1,5 +1,5 @@
 """The model that works out of the box: lisa_kit/assets/demo_model, trained by the recipe
-it names (``recipes/lisa-demo-v9.yaml``) on the synthetic shapes set and used when no
+it names (``recipes/lisa-demo-v11.yaml``) on the synthetic shapes set and used when no
 model is named."""
 from __future__ import annotations
 
