@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from lisa_kit.builder import build_component
 from lisa_kit.datasets.synthetic import CORNERS, PALETTE, SyntheticReasoningSet
 from lisa_kit.loss import bce_loss, dice_loss
+from lisa_kit.metrics import mask_iou_stats
 from lisa_kit.recipes import load_recipe
 
 KINDS, COLOURS = list(CORNERS), list(PALETTE)
@@ -77,8 +78,9 @@ def sample_prompts(shapes: list[dict], labels, per_scene: int, rng: random.Rando
     return colours, kinds, torch.stack(targets)
 
 
-def run_batch(decoder, concepts, recs, per_scene: int, rng: random.Random):
-    """Losses and IoUs of one batch of scenes: ``(bce + dice) / M``, ``(M,)`` IoU."""
+def run_batch(decoder, concepts, recs, per_scene: int, rng: random.Random, score: bool = False):
+    """Loss of one batch of scenes, ``(bce + dice) / M``, and with ``score`` the ``M``
+    masks' IoUs (LISA's metric, :func:`~lisa_kit.metrics.mask_iou_stats`; training skips it)."""
     pixels, metas = zip(*(decoder.preprocess(r.image()) for r in recs))
     feats = decoder.encode_image(torch.stack(pixels))
     loss, ious, n = 0.0, [], 0
@@ -87,12 +89,9 @@ def run_batch(decoder, concepts, recs, per_scene: int, rng: random.Random):
         low, _ = decoder.decode({k: v[i:i + 1] for k, v in feats.items()}, concepts(colours, kinds))
         logits = decoder.postprocess(low, metas[i])
         loss = loss + bce_loss(logits, target) + dice_loss(logits, target)
-        pred = logits > 0
-        inter = (pred & (target > 0)).flatten(1).sum(1)
-        union = (pred | (target > 0)).flatten(1).sum(1).clamp(min=1)
-        ious.append(inter / union)
+        ious += [] if not score else [float(mask_iou_stats(p.detach(), t).iou[1]) for p, t in zip(logits, target)]
         n += len(colours)
-    return loss / n, torch.cat(ious)
+    return loss / n, ious
 
 
 def main(argv=None) -> int:
@@ -109,7 +108,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     spec = load_recipe(args.recipe).cfg.model.mask_decoder
-    node = OmegaConf.to_container(spec, resolve=False)
+    node = OmegaConf.to_container(spec, resolve=True)
     if args.init or OmegaConf.is_missing(spec, "checkpoint"):  # "???": the file this script makes
         node.pop("checkpoint", None)
     decoder = build_component("mask_decoder", node)
@@ -138,16 +137,17 @@ def main(argv=None) -> int:
             decoder.eval()
             with torch.no_grad():
                 vrng = random.Random(1)  # the same held-out prompts at every report
-                ious = torch.cat([run_batch(decoder, concepts, [val[j] for j in range(i, min(i + 16, args.val))],
-                                            args.per_scene, vrng)[1] for i in range(0, args.val, 16)])
+                ious = [iou for i in range(0, args.val, 16)
+                        for iou in run_batch(decoder, concepts, [val[j] for j in range(i, min(i + 16, args.val))],
+                                             args.per_scene, vrng, score=True)[1]]
             decoder.train()
-            print(f"step {step:>5}  loss {loss.item():.3f}  held-out mIoU {ious.mean():.3f}  "
+            print(f"step {step:>5}  loss {loss.item():.3f}  held-out mIoU {sum(ious) / len(ious):.3f}  "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     if args.save:
-        from safetensors.torch import save_file
+        from lisa_kit.checkpoint.io import save_safetensors
 
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in decoder.state_dict().items()}, args.save)
+        save_safetensors(decoder.state_dict(), args.save)
         print(f"wrote {args.save}")
     return 0
 

@@ -168,13 +168,13 @@ def main(argv=None) -> int:
             print(f"step {step:>5}  held-out kind {acc_k:.3f}  colour {acc_c:.3f}  "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     if args.save:
-        from safetensors.torch import save_file
+        from lisa_kit.checkpoint.io import save_safetensors
 
         inner = built if args.component == "mask_decoder" else getattr(tower, "model", None)
         if args.component == "vision_encoder" and (not hasattr(tower, "model_name") or inner is None):
             raise SystemExit(f"--save writes timm towers' weights; {type(tower).__name__} is not one")
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in inner.state_dict().items()}, args.save)
+        save_safetensors(inner.state_dict(), args.save)
         print(f"wrote {args.save}")
     return 0
 
