@@ -7,6 +7,7 @@ states them must agree, and a mismatch names both sizes.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -224,12 +225,16 @@ def load(recipe, overrides=(), registry: Registry | None = None, dtype: torch.dt
     if hasattr(recipe, "cfg"):
         check_recipe(recipe, registry=registry)
     model = _load(recipe, registry, dtype, device, device_map)
-    if hasattr(recipe, "cfg") and model.recipe is not None and not model.recipe_env:
+    if hasattr(recipe, "cfg") and model.recipe is not None:
         # Which recipe nodes hold environment values (by structure), for whoever writes the
-        # recipe to a file (checkpoint.native.save_model); a lisa_kit checkpoint's are its own.
-        fmt = ((model.recipe.get("weights") or {}).get("format"))
-        if fmt != "lisa_kit":
-            model.recipe_env = recipe_env_origins(recipe)
+        # recipe to a file (checkpoint.native.save_model). A lisa_kit checkpoint's model
+        # nodes keep the checkpoint's own; every other section is this recipe's.
+        given = recipe_env_origins(recipe)
+        if (recipe.cfg.get("weights") or {}).get("format") != "lisa_kit":
+            model.recipe_env = model.recipe_env or given
+        else:
+            own = {p: o for p, o in (model.recipe_env or {}).items() if p[:1] == ("model",)}
+            model.recipe_env = {**own, **{p: o for p, o in given.items() if p[:1] != ("model",)}}
     return model
 
 
@@ -245,7 +250,12 @@ def _load(recipe, registry, dtype, device, device_map=None) -> LisaModel:
     if fmt == "lisa_kit":
         from lisa_kit.checkpoint.native import load_model
 
-        return load_model(weights["path"], registry, dtype=dtype, device=device, device_map=device_map)
+        model = load_model(weights["path"], registry, dtype=dtype, device=device, device_map=device_map)
+        # The checkpoint's model nodes describe the weights it holds; the rest (name,
+        # description, data, train, generation, …) is what this recipe asks for, so a run
+        # started from these weights is saved and exported under its own name and settings.
+        model.recipe = {**model.recipe, **copy.deepcopy({k: v for k, v in cfg.items() if k != "model"})}
+        return model
     if fmt == "lisa_hf":
         from lisa_kit.checkpoint.lisa_hf import LISA_PARTS, ensure_lisa_memory, load_lisa_weights, plan_lisa
 

@@ -384,3 +384,28 @@ def test_lr_scale_moves_each_part_at_its_own_rate(tmp_path, one_thread):
     for prefix in ("mask_decoderr", "vision_encoder"):
         with pytest.raises(RecipeError, match=rf"train\.lr_scale\.{prefix}"):
             Trainer(RECIPE, tmp_path / prefix, overrides=QUICK + [f"train.lr_scale={{{prefix}: 0.1}}"], progress=False)
+
+
+def test_run_from_lisa_kit_weights_exports_under_its_own_recipe(tmp_path, one_thread):
+    """A run that starts from an exported model (``weights.format: lisa_kit``) is exported
+    with the checkpoint's model nodes (they describe the weights) and the run's own name,
+    description and train section, not the source model's."""
+    import yaml
+
+    from lisa_kit.builder import load
+    from lisa_kit.checkpoint.native import save_model
+    from lisa_kit.cli import main
+    from lisa_kit.train.loop import Trainer
+
+    torch.manual_seed(0)
+    source = save_model(load(RECIPE, ["model.llm.config.num_hidden_layers=1"]), tmp_path / "source")
+    ov = QUICK + ["train.steps=2", "train.lr=3e-4", "name=second-schedule", "description=from the source",
+                  f"weights={{format: lisa_kit, path: {source}}}"]
+    Trainer(RECIPE, tmp_path / "run", overrides=ov, progress=False).fit()
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "lisa_kit",
+                 "--out", str(tmp_path / "out")]) == 0
+    src, out = (yaml.safe_load((d / "recipe.yaml").read_text()) for d in (source, tmp_path / "out"))
+    assert (out["name"], out["description"]) == ("second-schedule", "from the source")
+    assert (out["train"]["steps"], out["train"]["lr"]) == (2, 3e-4)
+    assert out["model"] == src["model"]  # the weights' own description: one decoder layer
+    assert out["model"]["llm"]["config"]["num_hidden_layers"] == 1 and "weights" not in out
