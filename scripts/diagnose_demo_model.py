@@ -72,13 +72,29 @@ def main(argv=None) -> int:
         n = max(c["n"], 1)
         print(f"{fam:<12} {c['n']:>4} {c['name_right'] / n:>11.2f} {c['mask_right'] / n:>11.2f} "
               f"{c['mask_follows_name'] / n:>18.2f} {c['rejected'] / n:>9.2f}")
-    listed = 0
     describe = SyntheticDescribeSet(split="val", size=args.images)
-    for rec in describe:
-        q, a = rec.rounds[0]
-        listed += _names(seg.seg(rec.image(), q).text) == _names(a)
-    print(f"\nlists exactly the image's shapes: {listed}/{len(describe)}")
+    lists = [(_names(seg.seg(rec.image(), rec.rounds[0][0]).text), _names(rec.rounds[0][1])) for rec in describe]
+    print(listing_report(lists))
     return 0
+
+
+def listing_report(lists: list[tuple[list[str], list[str]]]) -> str:
+    """How well the model lists an image's shapes, from ``(listed, true)`` name lists
+    ("the blue square", …): lists exactly right, and right in their colours only or in
+    their kinds only (as multisets), plus the precision and recall of the names. A model
+    whose kinds are wrong while its colours are right cannot see the forms it is asked about."""
+    def part(names, i):
+        return sorted(n.split()[i] for n in names)
+
+    n = max(len(lists), 1)
+    exact = sum(got == want for got, want in lists)
+    colours = sum(part(got, 1) == part(want, 1) for got, want in lists)
+    kinds = sum(part(got, -1) == part(want, -1) for got, want in lists)
+    hits = sum(sum((collections.Counter(got) & collections.Counter(want)).values()) for got, want in lists)
+    said, true = sum(len(g) for g, _ in lists), sum(len(w) for _, w in lists)
+    return (f"\nlists exactly the image's shapes: {exact}/{len(lists)}; colours right {colours / n:.2f}, "
+            f"kinds right {kinds / n:.2f}; names listed: precision {hits / max(said, 1):.2f}, "
+            f"recall {hits / max(true, 1):.2f}")
 
 
 if __name__ == "__main__":
