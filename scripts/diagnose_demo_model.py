@@ -83,8 +83,8 @@ def listing_report(lists: list[tuple[list[str], list[str]]]) -> str:
     ("the blue square", …): lists exactly right, and right in their colours only or in
     their kinds only (as multisets), plus the precision and recall of the names. A model
     whose kinds are wrong while its colours are right cannot see the forms it is asked about."""
-    def part(names, i):
-        return sorted(n.split()[i] for n in names)
+    def part(names, i):  # a listed name not of the form "the <colour> <kind>" matches nothing
+        return sorted(w[i] if len(w := n.split()) == 3 else f"?{n}" for n in names)
 
     n = max(len(lists), 1)
     exact = sum(got == want for got, want in lists)

@@ -23,6 +23,9 @@ def test_listing_report_separates_colours_kinds_and_names(script):
     assert "colours right 0.67" in out and "kinds right 0.33" in out  # the first list: colours only
     # 3 of the 6 names said are true (a repeated name counts once per true shape); 3 of 4 true found
     assert "precision 0.50" in out and "recall 0.75" in out
+    # what a model may write instead of a name: each is a wrong entry, never an error
+    odd = script.listing_report([(["the", "", "blue", "the big red square"], ["the blue square"])])
+    assert "0/1; colours right 0.00, kinds right 0.00" in odd and "precision 0.00" in odd
 
 
 def test_the_demo_model_is_diagnosed_per_family(script, capsys, one_thread):
