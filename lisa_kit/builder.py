@@ -229,12 +229,12 @@ def load(recipe, overrides=(), registry: Registry | None = None, dtype: torch.dt
         # Which recipe nodes hold environment values (by structure), for whoever writes the
         # recipe to a file (checkpoint.native.save_model). A lisa_kit checkpoint's model
         # nodes keep the checkpoint's own; every other section is this recipe's.
-        given = recipe_env_origins(recipe)
         if (recipe.cfg.get("weights") or {}).get("format") != "lisa_kit":
-            model.recipe_env = model.recipe_env or given
+            model.recipe_env = model.recipe_env or recipe_env_origins(recipe)
         else:
             own = {p: o for p, o in (model.recipe_env or {}).items() if p[:1] == ("model",)}
-            model.recipe_env = {**own, **{p: o for p, o in given.items() if p[:1] != ("model",)}}
+            given = {p: o for p, o in recipe_env_origins(recipe).items() if p[:1] != ("model",)}
+            model.recipe_env = {**own, **given}
     return model
 
 

@@ -83,13 +83,13 @@ def listing_report(lists: list[tuple[list[str], list[str]]]) -> str:
     ("the blue square", …): lists exactly right, and right in their colours only or in
     their kinds only (as multisets), plus the precision and recall of the names. A model
     whose kinds are wrong while its colours are right cannot see the forms it is asked about."""
-    def part(names, i):  # a listed name not of the form "the <colour> <kind>" matches nothing
-        return sorted(w[i] if len(w := n.split()) == 3 else f"?{n}" for n in names)
+    def part(names, i):  # i: 0 colour, 1 kind; a listed name naming no "<colour> <kind>" matches nothing
+        return sorted(s[i] if (s := named_shape(n, PALETTE, CORNERS)) else f"?{n}" for n in names)
 
     n = max(len(lists), 1)
     exact = sum(got == want for got, want in lists)
-    colours = sum(part(got, 1) == part(want, 1) for got, want in lists)
-    kinds = sum(part(got, -1) == part(want, -1) for got, want in lists)
+    colours = sum(part(got, 0) == part(want, 0) for got, want in lists)
+    kinds = sum(part(got, 1) == part(want, 1) for got, want in lists)
     hits = sum(sum((collections.Counter(got) & collections.Counter(want)).values()) for got, want in lists)
     said, true = sum(len(g) for g, _ in lists), sum(len(w) for _, w in lists)
     return (f"\nlists exactly the image's shapes: {exact}/{len(lists)}; colours right {colours / n:.2f}, "
