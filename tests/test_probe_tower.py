@@ -60,3 +60,29 @@ def test_frozen_probe_reads_a_trained_models_encoder(probe, tmp_path, capsys):
         probe.main(args)
     with pytest.raises(Exception, match="vision_encoder.safetensors"):
         probe.main(["lisa-tiny", "--frozen", str(tmp_path), "--steps", "1", "--val", "2"])
+
+
+def test_geometry_labels_give_each_cell_its_whole_shapes_centroid_and_area(probe):
+    """``cell_labels``' third list: every cell of a shape carries that shape's centroid (in
+    cells, x then y) and log area (in cells), not its own cell's; uncovered cells are NaN."""
+    import math
+
+    import numpy as np
+
+    labels = np.zeros((16, 16), np.int64)
+    labels[0:8, 4:16] = 1  # shape 0: 8 x 12 px, two full cells and a half one on a 4 x 4 grid of 4 px cells
+    shapes = [{"kind": "square", "color": "red", "center": [9.5, 3.5], "area": 96}]
+    kinds, colours, geometry = probe.cell_labels(labels, shapes, grid=4)
+    covered = [i for i, k in enumerate(kinds) if k >= 0]
+    assert covered == [1, 2, 3, 5, 6, 7]
+    for i in covered:
+        assert geometry[i] == pytest.approx([9.5 / 4, 3.5 / 4, math.log(96 / 16)])
+    assert all(math.isnan(v) for i, g in enumerate(geometry) if i not in covered for v in g)
+
+
+def test_geometry_probe_reports_centroid_and_area_errors(probe, capsys):
+    assert probe.main(["lisa-tiny-timm-convnext", "--geometry", "--steps", "2", "--batch", "2", "--every", "1",
+                       "--val", "4"]) == 0
+    log = capsys.readouterr().out
+    assert "centroid error of the grid alone" in log
+    assert log.count("centroid error") == 3 and log.count("area error") == 2
