@@ -174,12 +174,17 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr)
     xv, kv, cv, gv = batch(tower, val, range(args.val), grid)
     ce = torch.nn.functional.cross_entropy
-    cell_xy = torch.stack(torch.meshgrid(torch.arange(grid) + 0.5, torch.arange(grid) + 0.5, indexing="xy"), -1)
-    cell_xy = cell_xy.reshape(grid * grid, 2)  # (N, 2) each cell's own centre, x then y, in cells
+    cell_px = torch.tensor([w / grid, h / grid])  # a cell's width and height: centroids in cells -> px
+
+    def centroid_px(pred: torch.Tensor, true: torch.Tensor) -> float:
+        """Mean absolute centroid error in px; ``(M, 2)`` centroids ``x, y`` in cells."""
+        return float(((pred - true).abs() * cell_px).mean())
+
     if args.geometry:  # what the grid alone tells: a token's own cell centre as the shape's centroid
         on = kv >= 0
-        err = (cell_xy.expand_as(gv[..., :2])[on] - gv[..., :2][on]).abs().mean() * (h / grid)
-        print(f"centroid error of the grid alone (cell centres): {err:.2f} px")
+        xy = torch.stack(torch.meshgrid(torch.arange(grid) + 0.5, torch.arange(grid) + 0.5, indexing="xy"), -1)
+        xy = xy.reshape(grid * grid, 2).expand_as(gv[..., :2])  # (V, N, 2) each cell's own centre, in cells
+        print(f"centroid error of the grid alone (cell centres): {centroid_px(xy[on], gv[..., :2][on]):.2f} px")
     start = time.perf_counter()
     print(f"{args.recipe}: {type(tower).__name__}, {n} tokens of {tower.feature_dim}, "
           f"{sum(p.numel() for p in tower.parameters()) / 1e6:.2f}M parameters")
@@ -203,9 +208,10 @@ def main(argv=None) -> int:
             acc_c = (head_colour(f).argmax(-1)[on] == cv[on]).float().mean()
             geo = ""
             if args.geometry:
-                err = (head_geometry(f)[on] - gv[on]).abs().mean(0).detach()
-                geo = (f"  centroid error {err[:2].mean() * (h / grid):.2f} px"
-                       f"  area error {math.expm1(float(err[2])) * 100:.0f} %")
+                pred = head_geometry(f)[on].detach()
+                log_area = float((pred[:, 2] - gv[on][:, 2]).abs().mean())  # exp(.) - 1: a relative error
+                geo = (f"  centroid error {centroid_px(pred[:, :2], gv[on][:, :2]):.2f} px"
+                       f"  area error {math.expm1(log_area) * 100:.0f} %")
             print(f"step {step:>5}  held-out kind {acc_k:.3f}  colour {acc_c:.3f}{geo}  "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     if args.save:

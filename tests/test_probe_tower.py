@@ -70,7 +70,7 @@ def test_geometry_labels_give_each_cell_its_whole_shapes_centroid_and_area(probe
     import numpy as np
 
     labels = np.zeros((16, 16), np.int64)
-    labels[0:8, 4:16] = 1  # shape 0: 8 x 12 px, two full cells and a half one on a 4 x 4 grid of 4 px cells
+    labels[0:8, 4:16] = 1  # shape 0: 8 x 12 px, cells 1-3 of rows 0 and 1 on a 4 x 4 grid of 4 px cells
     shapes = [{"kind": "square", "color": "red", "center": [9.5, 3.5], "area": 96}]
     kinds, colours, geometry = probe.cell_labels(labels, shapes, grid=4)
     covered = [i for i, k in enumerate(kinds) if k >= 0]
