@@ -265,7 +265,7 @@ class Segmenter:
     def __init__(self, model, *, device="cpu", precision="fp32", quantization: str | None = None,
                  template: str | None = None, max_new_tokens: int | None = None, source: str | None = None,
                  image_limits=None):
-        from lisa_kit.conversation import get_template
+        from lisa_kit.conversation import recipe_template
         from lisa_kit.images import DEFAULT_LIMITS, ImageLimits
 
         if image_limits is not None and not isinstance(image_limits, ImageLimits):
@@ -281,7 +281,7 @@ class Segmenter:
         self.quantization = _check_quantization(quantization, self.device)
         recipe = model.recipe or {}
         self.template_name = template or (recipe.get("conversation") or {}).get("template") or "llava_v1"
-        self.template = get_template(self.template_name, model.tokenizer)
+        self.template = recipe_template(recipe, model.tokenizer, name=self.template_name)
         gen = recipe.get("generation") or {}
         self.max_new_tokens = int(max_new_tokens or gen.get("max_new_tokens") or 512)
         self.source = source

@@ -388,13 +388,12 @@ def param_counts(model) -> dict[str, int]:
 def make_inputs(model, n_images: int, questions: int, image_size, seed: int = 0):
     """``n_images`` synthetic scenes with ``questions`` prompts each (one row per
     question; rows of an image are consecutive)."""
-    from lisa_kit.conversation import IMAGE, Conversation, encode, get_template
+    from lisa_kit.conversation import IMAGE, Conversation, encode, recipe_template
     from lisa_kit.datasets.synthetic import SyntheticReasoningSet
 
     hw = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
     ds = SyntheticReasoningSet(None, "val", image_size=hw, seed=seed, questions_per_image=max(questions, 1))
-    name = ((model.recipe or {}).get("conversation") or {}).get("template", "llava_v1")
-    template = get_template(name, model.tokenizer)
+    template = recipe_template(model.recipe, model.tokenizer)
     slot_ids = model.fusion.wrap_image(model.tokenizer)
     geometry = getattr(model, "text_geometry", None)
     vis, sam, metas, prompts, rows = [], [], [], [], []

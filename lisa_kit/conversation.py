@@ -13,7 +13,7 @@ re-tokenising prefixes and counting.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lisa_kit.errors import UnknownComponentError
 from lisa_kit.tokenizer import Tokenizer
@@ -70,7 +70,8 @@ class SeparatorTemplate(Template):
     eos: bool = True
 
     def pieces(self, rounds):
-        out: list[tuple[object, bool]] = [(self.system + self.system_sep, False)]
+        # An empty system prompt leaves no separator either: the first round opens the text.
+        out: list[tuple[object, bool]] = [(self.system + self.system_sep, False)] if self.system else []
         for r, (user, answer) in enumerate(rounds):
             if r and self.round_sep:
                 out.append((self.round_sep, False))
@@ -209,15 +210,25 @@ TEMPLATES: dict[str, Template] = {
 TEMPLATE_NAMES = (*TEMPLATES, "chat")
 
 
-def get_template(name: str, tokenizer=None) -> Template:
-    """A named template, or ``"chat"``: the tokenizer's own chat template."""
+def get_template(name: str, tokenizer=None, system: str | None = None) -> Template:
+    """A named template, or ``"chat"``: the tokenizer's own chat template. ``system``
+    replaces the template's system prompt (``""``: none); ``None`` keeps its own."""
     if name == "chat":
         if tokenizer is None:
             raise ValueError("the 'chat' template needs the tokenizer")
-        return ChatTemplate(tokenizer)
+        return ChatTemplate(tokenizer, system=system)
     if name not in TEMPLATES:
         raise UnknownComponentError("conversation template", name, TEMPLATE_NAMES)
-    return TEMPLATES[name]
+    return TEMPLATES[name] if system is None else replace(TEMPLATES[name], system=system)
+
+
+def recipe_template(recipe: dict | None, tokenizer=None, name: str | None = None) -> Template:
+    """The template a recipe's ``conversation`` section names: ``template`` (default
+    ``llava_v1``; ``name``, when given, wins) with ``system`` in place of its system prompt
+    when the section sets one. Training, evaluation, the benchmark and the API all read the
+    section through this, so a model is asked in the layout it was trained on."""
+    section = (recipe or {}).get("conversation") or {}
+    return get_template(name or section.get("template") or "llava_v1", tokenizer, section.get("system"))
 
 
 def parse_answer(text: str, markers: tuple[str, ...] = ("[SEG]",), lead: str = " ") -> list:

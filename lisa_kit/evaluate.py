@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lisa_kit.conversation import IMAGE, Conversation, encode, get_template
+from lisa_kit.conversation import IMAGE, Conversation, encode, recipe_template
 from lisa_kit.data import Sample, collate
 from lisa_kit.datasets.base import DatasetReader, Record
 from lisa_kit.datasets.synthetic import CORNERS, PALETTE
@@ -231,8 +231,7 @@ class Evaluator:
         self.model = model
         self.reader = reader
         self.modes = tuple(modes)
-        name = template or ((model.recipe or {}).get("conversation") or {}).get("template", "llava_v1")
-        self.template = get_template(name, model.tokenizer)
+        self.template = recipe_template(model.recipe, model.tokenizer, name=template)
         self.all_texts = all_texts
         self.max_new_tokens = max_new_tokens
         self.limit = limit

@@ -992,6 +992,10 @@ def _text(value, key):
     return None if isinstance(value, str) and value else (key, f"expected a non-empty string, got {_short(value)}")
 
 
+def _any_text(value, key):
+    return None if isinstance(value, str) else (key, f"expected a string (may be empty), got {_short(value)}")
+
+
 def _probability_or_off(value, key):
     ok = _type_ok(value, float) and value <= 1
     return None if ok else (key, f"expected a probability (<= 1; negative: none), got {_short(value)}")
@@ -1068,7 +1072,7 @@ def _section_fields() -> dict[str, dict[str, tuple]]:
     ``data``: :func:`lisa_kit.datasets.hybrid.hybrid_from_config`)."""
     return {
         "generation": {"max_new_tokens": (_positive_int, False)},
-        "conversation": {"template": (_template, False)},
+        "conversation": {"template": (_template, False), "system": (_any_text, False)},
         "data": {
             "root": (_text, True),
             "samples_per_epoch": (_positive_int, False),

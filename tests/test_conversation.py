@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lisa_kit.conversation import IGNORE, IMAGE, Conversation, encode, get_template
+from lisa_kit.conversation import LLAVA_SYSTEM, IGNORE, IMAGE, Conversation, encode, get_template, recipe_template
 from lisa_kit.errors import UnknownComponentError
 from lisa_kit.testing import tiny_hf_tokenizer_dir, tiny_tokenizer_dir
 from lisa_kit.tokenizer import load_tokenizer
@@ -70,3 +70,37 @@ def test_chat_template_generation_prompt(chat_tok):
 def test_chat_template_needs_one(sp_tok):
     with pytest.raises(UnknownComponentError, match="no chat template"):
         get_template("chat", sp_tok)
+
+
+@pytest.mark.parametrize("name", ["llava_v1", "llava_llama_2"])
+def test_system_prompt_replaced_or_dropped(sp_tok, name):
+    """``conversation.system`` replaces the template's system prompt; ``""`` drops it and
+    its separator, so the first round opens the text and the answer is supervised as before."""
+    def text_and_answer(template):
+        conv = Conversation(template).add([IMAGE, "\nwhat is red?"], "It is [SEG].")
+        ids, labels = encode(conv, sp_tok, [SLOT])
+        return sp_tok.decode([i for i in ids if i >= 0]), _supervised(ids, labels), ids
+
+    own, own_sup, own_ids = text_and_answer(get_template(name))
+    bare, bare_sup, bare_ids = text_and_answer(get_template(name, system=""))
+    mine, mine_sup, _ = text_and_answer(get_template(name, system="Shapes only."))
+    own_system = get_template(name).system
+    assert own_system in own and own_system not in bare and own_system not in mine and "Shapes only." in mine
+    assert len(bare_ids) < len(own_ids) and bare_ids[0] == sp_tok.bos_id
+    assert own_sup == bare_sup == mine_sup
+    if name == "llava_v1":  # no leading separator: the text after <s> starts with the user prefix
+        assert sp_tok.decode([i for i in bare_ids[1:] if i >= 0]).startswith("USER:")
+    else:
+        assert "<<SYS>>" not in bare
+
+
+def test_recipe_template_reads_the_conversation_section(chat_tok):
+    assert recipe_template(None).system == LLAVA_SYSTEM  # no section: LISA's llava_v1
+    t = recipe_template({"conversation": {"template": "llava_v1", "system": ""}})
+    assert t.name == "llava_v1" and t.system == ""
+    t = recipe_template({"conversation": {"system": "Be brief."}}, name="llava_llama_2")  # name wins
+    assert t.name == "llava_llama_2" and t.system == "Be brief."
+    chat = recipe_template({"conversation": {"template": "chat", "system": "Be brief."}}, chat_tok)
+    conv = Conversation(chat).add([IMAGE, "\nwhere?"], None)
+    ids, _ = encode(conv, chat_tok, [SLOT])
+    assert "Be brief." in chat_tok.decode([i for i in ids if i >= 0])

@@ -142,6 +142,7 @@ def test_training_run_and_checkpoints_hold_no_environment_value(tmp_path, secret
     ("generation.max_tokens=5", "generation.max_tokens", "unknown key; generation takes: max_new_tokens"),
     ("conversation.template=vicuna", "conversation.template", "unknown conversation template 'vicuna'"),
     ("conversation.template=[llava_v1]", "conversation.template", "templates: llava_v1"),
+    ("conversation.system=3", "conversation.system", "expected a string (may be empty), got 3"),
     ("data.samples_per_epoch=many", "data.samples_per_epoch", "expected a positive int"),
     ("data.classes_per_sample=true", "data.classes_per_sample", "expected a positive int, got True"),
     ("data.explanatory=2", "data.explanatory", "expected a probability"),

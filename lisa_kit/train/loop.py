@@ -189,7 +189,7 @@ class Trainer:
         from omegaconf import OmegaConf
 
         from lisa_kit.builder import load
-        from lisa_kit.conversation import get_template
+        from lisa_kit.conversation import recipe_template
         from lisa_kit.datasets.hybrid import hybrid_from_config
         from lisa_kit.loss import LossWeights
         from lisa_kit.recipes import (check_recipe, env_free, load_recipe, load_yaml_safely, persisted_yaml,
@@ -283,8 +283,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
 
         # -- data ---------------------------------------------------------------------------
-        tpl_name = (self.plain.get("conversation") or {}).get("template", "llava_v1")
-        self.template = get_template(tpl_name, model.tokenizer)
+        self.template = recipe_template(self.plain, model.tokenizer)
         data_cfg = self.plain.get("data") or {}
         self.dataset = hybrid_from_config(data_cfg, self.template, seed=cfg.seed, reject_token=model.reject_token,
                                           geometry=getattr(model, "text_geometry", None))
