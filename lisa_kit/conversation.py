@@ -212,7 +212,8 @@ TEMPLATE_NAMES = (*TEMPLATES, "chat")
 
 def get_template(name: str, tokenizer=None, system: str | None = None) -> Template:
     """A named template, or ``"chat"``: the tokenizer's own chat template. ``system``
-    replaces the template's system prompt (``""``: none); ``None`` keeps its own."""
+    replaces the template's system prompt (``""``: none, though a chat template may still
+    write the default its Jinja holds); ``None`` keeps the template's own."""
     if name == "chat":
         if tokenizer is None:
             raise ValueError("the 'chat' template needs the tokenizer")
