@@ -280,8 +280,8 @@ class Segmenter:
                              "use --precision bf16 or fp32, or --device cuda")
         self.quantization = _check_quantization(quantization, self.device)
         recipe = model.recipe or {}
-        self.template_name = template or (recipe.get("conversation") or {}).get("template") or "llava_v1"
-        self.template = recipe_template(recipe, model.tokenizer, name=self.template_name)
+        self.template = recipe_template(recipe, model.tokenizer, name=template)
+        self.template_name = self.template.name
         gen = recipe.get("generation") or {}
         self.max_new_tokens = int(max_new_tokens or gen.get("max_new_tokens") or 512)
         self.source = source
