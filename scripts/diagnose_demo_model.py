@@ -13,6 +13,14 @@ Then it asks the model to list the shapes (:mod:`lisa_kit.datasets.synthetic_des
 counts answers that name exactly the image's shapes: a model that cannot list them cannot
 reason about them.
 
+Last it separates the mask from the naming: each question is answered for the model,
+teacher-forced, "<The name> [SEG]." with the target's own name and with another shape's
+(one whose colour and kind differ). ``given_right`` / ``given_other``: how often the mask
+then paints the named shape; ``other_paints_answer``: how often it paints the question's
+answer although another shape was named (the mask following the question, not the name).
+Masks that miss a given name are counted by what they paint instead: another shape of the
+same kind, of the same colour, another, or nothing.
+
     python scripts/diagnose_demo_model.py --checkpoint DIR [--images 30] [--show 6]
 """
 from __future__ import annotations
@@ -24,6 +32,8 @@ import numpy as np
 import torch
 
 from lisa_kit.api import Segmenter
+from lisa_kit.conversation import IMAGE, Conversation, recipe_template
+from lisa_kit.data import Sample, collate
 from lisa_kit.datasets.synthetic import CORNERS, PALETTE, SyntheticReasoningSet
 from lisa_kit.datasets.synthetic_describe import SyntheticDescribeSet
 from lisa_kit.evaluate import is_rejection, named_shape, painted_shape, question_family
@@ -75,7 +85,50 @@ def main(argv=None) -> int:
     describe = SyntheticDescribeSet(split="val", size=args.images)
     lists = [(_names(seg.seg(rec.image(), rec.rounds[0][0]).text), _names(rec.rounds[0][1])) for rec in describe]
     print(listing_report(lists))
+    print(forced_report(seg.model, SyntheticReasoningSet(split="val", size=args.images)))
     return 0
+
+
+def _name(shape: dict) -> str:
+    return f"The {shape['color']} {shape['kind']}"
+
+
+@torch.inference_mode()
+def forced_report(model, records) -> str:
+    """Masks under teacher-forced names (module docstring): does the mask follow the name
+    the answer gives, or the question?"""
+    model.eval()
+    template = recipe_template(model.recipe, model.tokenizer)
+    rng = np.random.default_rng(0)
+    c: collections.Counter = collections.Counter()
+    for rec in records:
+        shapes = rec.meta["shapes"]
+        for t in rec.targets:
+            a = t.meta.get("answer")
+            others = [j for j, s in enumerate(shapes) if a is not None
+                      and (s["color"], s["kind"]) != (shapes[a]["color"], shapes[a]["kind"])]
+            if not others:
+                continue
+            j = others[int(rng.integers(len(others)))]
+            q = t.text if t.kind == "sentence" else f"Segment {t.text}."
+            convs = [Conversation(template).add([IMAGE, "\n" + q], f"{_name(shapes[k])} [SEG].") for k in (a, j)]
+            masks = model(collate([Sample(rec.image(), convs, None)], model)).pred_masks[0]
+            for given, logits, tag in ((a, masks[0], "given_right"), (j, masks[1], "given_other")):
+                k = painted_shape((logits > 0).cpu().numpy(), rec.labels, len(shapes))
+                c[tag] += k == given
+                if tag == "given_other":
+                    c["other_paints_answer"] += k == a
+                if k != given:
+                    g = shapes[given]
+                    miss = ("nothing" if k is None else "same kind" if shapes[k]["kind"] == g["kind"]
+                            else "same colour" if shapes[k]["color"] == g["color"] else "another")
+                    c[f"miss: {miss}"] += 1
+            c["n"] += 1
+    n = max(c["n"], 1)
+    misses = ", ".join(f"{k[6:]} {v}" for k, v in sorted(c.items()) if k.startswith("miss: ")) or "none"
+    return (f"\nmask under a given name ({c['n']} questions): given_right {c['given_right'] / n:.2f}, "
+            f"given_other {c['given_other'] / n:.2f}, other_paints_answer {c['other_paints_answer'] / n:.2f}; "
+            f"masks missing the given name paint: {misses}")
 
 
 def listing_report(lists: list[tuple[list[str], list[str]]]) -> str:

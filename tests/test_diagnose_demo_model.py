@@ -36,3 +36,8 @@ def test_the_demo_model_is_diagnosed_per_family(script, capsys, one_thread):
     rows = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\S+)\s+(\d+)\s+[\d.]+\s+[\d.]+", out, re.M)}
     assert rows.pop("all") == sum(rows.values()) > 0
     assert re.search(r"lists exactly the image's shapes: \d/3; colours right [\d.]+, kinds right", out)
+    # the mask under teacher-forced names: rates in [0, 1] and the misses counted by kind
+    m = re.search(r"mask under a given name \((\d+) questions\): given_right ([\d.]+), given_other ([\d.]+), "
+                  r"other_paints_answer ([\d.]+); masks missing the given name paint: (.+)$", out, re.M)
+    assert m and int(m.group(1)) > 0 and all(0 <= float(m.group(i)) <= 1 for i in (2, 3, 4))
+    assert m.group(5) == "none" or re.fullmatch(r"((same kind|same colour|another|nothing) \d+(, )?)+", m.group(5))

@@ -286,6 +286,35 @@ def test_nothing_to_train_is_an_error_before_any_step(tmp_path):
     assert not any("lora_" in n for n, _ in tr.model.named_parameters())
 
 
+def test_mask_path_alone_trains_through_steps_without_a_mask(tmp_path, one_thread):
+    """Only the seg head and mask decoder train (the language model frozen): a step whose
+    samples hold no [SEG] (text answers, rejections) reaches no trainable parameter. It is
+    a step like any other, leaving those parameters as they are, not a crash in backward."""
+    import numpy as np
+
+    from lisa_kit.conversation import IMAGE, Conversation, recipe_template
+    from lisa_kit.data import Sample
+    from lisa_kit.train.loop import Trainer
+
+    frozen = ["train.train_llm=false", "train.train_embeddings=false", "train.train_lm_head=false",
+              "train.train_projector=false", "train.train_vision_encoder=false"]
+    tr = Trainer(RECIPE, tmp_path / "run", overrides=QUICK + frozen + ["train.steps=4"], progress=False)
+    assert tr.trainable_names and all(n.startswith(("seg_head.", "mask_decoder.")) for n in tr.trainable_names)
+    template = recipe_template(tr.model.recipe, tr.model.tokenizer)
+    image = np.full((32, 32, 3), 90, np.uint8)
+    text_only = [Sample(image, [Conversation(template).add([IMAGE, "\nWhat colour is it?"], "Grey.")],
+                        np.zeros((0, 32, 32), np.float32))]
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+    stats = tr.train_step([text_only, text_only])
+    assert stats["step"] == 1 and np.isfinite(stats["loss"]) and stats["ce"] > 0 and stats["dice"] == 0
+    assert all(torch.equal(p, before[n]) for n, p in tr.model.named_parameters() if p.requires_grad)
+    # the next step with masks trains them, and the run goes on to its end
+    batches = tr._micro_batches()
+    stats = tr.train_step([next(batches)[0] for _ in range(2)])
+    assert stats["step"] == 2 and stats["dice"] > 0 and stats["grad_norm"] > 0
+    assert any(not torch.equal(p, before[n]) for n, p in tr.model.named_parameters() if p.requires_grad)
+
+
 def test_frozen_weights_reach_the_device_already_in_the_training_precision(tmp_path, monkeypatch):
     """bf16 training stores frozen weights in bf16 (trainable ones stay fp32 masters), and
     the cast happens before the model moves to its device: on a 24 GB GPU, LISA-7B's frozen

@@ -174,6 +174,14 @@ def _flatten(d, prefix=""):
     return out
 
 
+def _zero_link(params) -> torch.Tensor:
+    """``0`` tied to every trainable parameter, for a rank whose micro-batch loss reaches
+    none of them (only the mask path trains and its samples hold no ``[SEG]``): its backward
+    then runs like the other ranks', so DDP's gradient all-reduce does not wait for it."""
+    local = (p.to_local() if hasattr(p, "to_local") else p for p in params)  # FSDP2 shards
+    return torch.stack([t.sum() * 0.0 for t in local]).sum()
+
+
 class Trainer:
     """Train the model a recipe describes.
 
@@ -418,7 +426,14 @@ class Trainer:
                     ce, bce, dice = (parts[k] / acc for k in ("ce_loss", "mask_bce_loss", "mask_dice_loss"))
                     total = parts["loss"] / acc
                     objective = total
-                self.scaler.scale(objective).backward()
+                # A loss that reaches no trainable parameter (only the mask path trains and
+                # these samples hold no [SEG]) has nothing to backpropagate: alone, its step
+                # leaves gradients unset, as for any part a step does not reach; under DDP every
+                # rank must still join the gradient all-reduce, so it backpropagates a zero.
+                if not objective.requires_grad and env.world_size > 1:
+                    objective = objective + _zero_link(self.params)
+                if objective.requires_grad:
+                    self.scaler.scale(objective).backward()
             if not torch.isfinite(total.detach()).all():
                 bad_micro.append(i)
             logged += [float(total.detach()), float(ce.detach()), float(bce.detach()), float(dice.detach())]
