@@ -15,7 +15,8 @@ reason about them.
 
 Last it separates the mask from the naming: each question is answered for the model,
 teacher-forced, "<The name> [SEG]." with the target's own name and with another shape's
-(one whose colour and kind differ). ``given_right`` / ``given_other``: how often the mask
+(one whose colour and kind differ; questions whose answer shares its name with another shape
+are left out, as the name cannot pick it). ``given_right`` / ``given_other``: how often the mask
 then paints the named shape; ``other_paints_answer``: how often it paints the question's
 answer although another shape was named (the mask following the question, not the name).
 Masks that miss a given name are counted by what they paint instead: another shape of the
@@ -99,20 +100,25 @@ def forced_report(model, records) -> str:
     the answer gives, or the question?"""
     model.eval()
     template = recipe_template(model.recipe, model.tokenizer)
+    seg, device = model.seg_token, next(model.parameters()).device
     rng = np.random.default_rng(0)
     c: collections.Counter = collections.Counter()
     for rec in records:
         shapes = rec.meta["shapes"]
         for t in rec.targets:
             a = t.meta.get("answer")
-            others = [j for j, s in enumerate(shapes) if a is not None
-                      and (s["color"], s["kind"]) != (shapes[a]["color"], shapes[a]["kind"])]
-            if not others:
+            if a is None:
+                continue
+            same = [j for j, s in enumerate(shapes) if (s["color"], s["kind"]) == (shapes[a]["color"], shapes[a]["kind"])]
+            others = [j for j in range(len(shapes)) if j not in same]
+            if len(same) > 1 or not others:  # a name shared by two shapes cannot pick one of them
                 continue
             j = others[int(rng.integers(len(others)))]
             q = t.text if t.kind == "sentence" else f"Segment {t.text}."
-            convs = [Conversation(template).add([IMAGE, "\n" + q], f"{_name(shapes[k])} [SEG].") for k in (a, j)]
-            masks = model(collate([Sample(rec.image(), convs, None)], model)).pred_masks[0]
+            convs = [Conversation(template).add([IMAGE, "\n" + q], f"{_name(shapes[k])} {seg}.", markers=(seg,))
+                     for k in (a, j)]
+            batch = collate([Sample(rec.image(), convs, None)], model).to(device)
+            masks = model(batch).pred_masks[0]
             for given, logits, tag in ((a, masks[0], "given_right"), (j, masks[1], "given_other")):
                 k = painted_shape((logits > 0).cpu().numpy(), rec.labels, len(shapes))
                 c[tag] += k == given
