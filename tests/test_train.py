@@ -172,6 +172,34 @@ def test_two_process_run_matches_one_process(tmp_path, one_thread, strategy):
                                                       weights_only=True)["ranks"]) == 2
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_training_only_the_mask_path(tmp_path, one_thread, strategy):
+    """The language model frozen, half the records answered in text only: in this data order
+    step 4 gives one rank a batch without [SEG] (its dice is half the others'), whose loss
+    reaches no trainable parameter. DDP runs through it (a parameter tied to the loss outside
+    DDP's forward was reported "marked ready twice"); FSDP2, whose sharded backward would wait
+    for that rank, is refused before any step."""
+    frozen = ["train.train_llm=false", "train.train_embeddings=false", "train.train_lm_head=false",
+              "train.train_projector=false", "train.train_vision_encoder=false"]
+    common = ["train.steps=5", "train.warmup_steps=1", "train.grad_accumulation=1", "train.val=null",
+              "train.workers=0", "train.save_every=0", "data.samples_per_epoch=16", "data.explanatory=0.5",
+              "data.sources.synthetic.options.size=50", "train.batch_size=2", *frozen]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lisa_kit",
+           "train", RECIPE, *common, f"train.strategy={strategy}", "--out", str(tmp_path / "run"),
+           "--no-progress", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    if strategy == "fsdp2":
+        assert proc.returncode != 0 and "error: train.strategy: fsdp2 needs a trainable part" in proc.stderr
+        assert "Traceback" not in proc.stderr.split("error: train.strategy")[0][-2000:]
+        return
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = _log(tmp_path / "run")
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    assert all(r["dice"] > 0 for r in log[1:]) and 0 < log[3]["dice"] < 0.7 * log[2]["dice"]
+
+
 # -- 4. it learns --------------------------------------------------------------------------------
 
 def test_tiny_recipe_learns_synthetic_shapes(tmp_path, one_thread):

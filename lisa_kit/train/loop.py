@@ -50,7 +50,7 @@ from lisa_kit.errors import CheckpointError, DataError, InputError, LisaKitError
 from lisa_kit.provenance import git_state, versions
 from lisa_kit.train import checkpointing as ckpt
 from lisa_kit.train.config import TrainConfig
-from lisa_kit.train.distributed import (DistEnv, all_gather_object, all_reduce_sum, barrier, full_state,
+from lisa_kit.train.distributed import (SHARDED, DistEnv, all_gather_object, all_reduce_sum, barrier, full_state,
                                         init_distributed, launched_rank, load_optimizer_state, optimizer_state,
                                         raise_on_any_failure, wrap_model)
 from lisa_kit.train.signals import StopSignals, exit_code, stderr_line
@@ -99,12 +99,18 @@ def _as_list(samples):
 class LossModule(torch.nn.Module):
     """``model`` plus :func:`~lisa_kit.loss.lisa_loss`: ``forward(batch)`` returns the
     loss parts and ``n_tokens`` (supervised next-token targets after fusion). What DDP
-    wraps, so only the loss is its output."""
+    wraps, so only the loss is its output.
 
-    def __init__(self, model, weights):
+    ``link_unused`` (several DDP ranks): a batch whose loss reaches no trainable parameter (only
+    the mask path trains and its samples hold no ``[SEG]``) also returns ``unused_link``, a
+    zero tied to every trainable parameter inside this forward, so that rank's backward joins
+    the others' gradient reduction (DDP counts a parameter used outside forward twice)."""
+
+    def __init__(self, model, weights, link_unused: bool = False):
         super().__init__()
         self.model = model
         self.weights = weights
+        self.link_unused = link_unused
 
     def forward(self, batch):
         from lisa_kit.conversation import IGNORE
@@ -113,6 +119,8 @@ class LossModule(torch.nn.Module):
         out = self.model(batch)
         parts = lisa_loss(out.logits, out.fused.labels, out.pred_masks, batch.gt_masks, self.weights)
         parts["n_tokens"] = (out.fused.labels[:, 1:] != IGNORE).sum()
+        if self.link_unused and torch.is_grad_enabled() and not parts["loss"].requires_grad:
+            parts["unused_link"] = _zero_link(p for p in self.parameters() if p.requires_grad)
         return parts
 
 
@@ -174,12 +182,13 @@ def _flatten(d, prefix=""):
     return out
 
 
+#: Parameter-name prefixes of the parts every batch's token loss reaches.
+UPSTREAM_OF_TOKENS = ("llm.", "projector.", "vision_encoder.")
+
+
 def _zero_link(params) -> torch.Tensor:
-    """``0`` tied to every trainable parameter, for a rank whose micro-batch loss reaches
-    none of them (only the mask path trains and its samples hold no ``[SEG]``): its backward
-    then runs like the other ranks', so DDP's gradient all-reduce does not wait for it."""
-    local = (p.to_local() if hasattr(p, "to_local") else p for p in params)  # FSDP2 shards
-    return torch.stack([t.sum() * 0.0 for t in local]).sum()
+    """``0`` tied to every parameter of ``params`` (:class:`LossModule`'s ``link_unused``)."""
+    return torch.stack([p.sum() * 0.0 for p in params]).sum()
 
 
 class Trainer:
@@ -266,6 +275,14 @@ class Trainer:
                 raise RecipeError(f"the LLM does not support activation checkpointing: {e}",
                                   key="train.activation_checkpointing") from e
         self.trainable_names = set_trainable(model, cfg)
+        if env.distributed and env.strategy in SHARDED and not any(
+                n.startswith(UPSTREAM_OF_TOKENS) for n in self.trainable_names):
+            # A batch without [SEG] would then reach no trainable parameter on one rank while
+            # the others' sharded backward waits for it (DDP handles that: LossModule).
+            raise RecipeError(f"{env.strategy} needs a trainable part that every batch's token loss reaches "
+                              "(the LLM, LoRA, embeddings, head, projector or vision encoder); to train only "
+                              "the seg head and mask decoder on several ranks use train.strategy=ddp",
+                              key="train.strategy")
         if read_dtype is not None:
             upcast_trainable(model)
         self.fingerprint = ckpt.frozen_fingerprint(model, read_dtype)
@@ -281,7 +298,8 @@ class Trainer:
         model.to(env.device)
         self.model = model
         self.weights = LossWeights(**{k: float(v) for k, v in (self.plain.get("loss") or {}).items()})
-        self.module = wrap_model(model, env, LossModule(model, self.weights),
+        step_module = LossModule(model, self.weights, link_unused=env.distributed and env.strategy == "ddp")
+        self.module = wrap_model(model, env, step_module,
                                  param_dtype=self.dtype if cfg.precision != "fp32" else None)
         named = trainable_parameters(model)  # after FSDP2: the sharded parameters
         self.params = [p for _, p in named]
@@ -428,10 +446,10 @@ class Trainer:
                     objective = total
                 # A loss that reaches no trainable parameter (only the mask path trains and
                 # these samples hold no [SEG]) has nothing to backpropagate: alone, its step
-                # leaves gradients unset, as for any part a step does not reach; under DDP every
-                # rank must still join the gradient all-reduce, so it backpropagates a zero.
-                if not objective.requires_grad and env.world_size > 1:
-                    objective = objective + _zero_link(self.params)
+                # leaves gradients unset, as for any part a step does not reach; with several
+                # ranks it backpropagates the forward's zero link, to join the reduction.
+                if "unused_link" in parts:
+                    objective = objective + parts["unused_link"]
                 if objective.requires_grad:
                     self.scaler.scale(objective).backward()
             if not torch.isfinite(total.detach()).all():
