@@ -25,7 +25,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lisa_kit.errors import CheckpointError, InputError
@@ -45,19 +45,23 @@ def graft(model: Path, component: str, prefix: str, source: Path, out: Path, ove
     if out.resolve() == model.resolve():
         raise InputError("--out must differ from --model (the model directory is read, never changed)")
     try:
-        weights, donor = load_file(target), load_file(source)
+        weights = load_file(target)
+        keys = [k for k in weights if k.startswith(prefix)]
+        if not keys:
+            raise InputError(f"no tensor of {target} starts with {prefix!r}")
+        # Only the tensors replaced are read from the source (a full SAM file may be GBs).
+        with safe_open(str(source), "pt") as donor:
+            missing = sorted(set(keys) - set(donor.keys()))
+            if missing:
+                raise CheckpointError(f"{source} has no tensor {missing[0]!r}")
+            for k in keys:
+                new = donor.get_tensor(k)
+                if new.shape != weights[k].shape or new.dtype != weights[k].dtype:
+                    raise CheckpointError(f"{k}: {source} holds {tuple(new.shape)} {new.dtype}, the model "
+                                          f"{tuple(weights[k].shape)} {weights[k].dtype}")
+                weights[k] = new
     except (OSError, SafetensorError) as exc:
         raise CheckpointError(f"cannot read safetensors weights: {exc}") from exc
-    keys = [k for k in weights if k.startswith(prefix)]
-    if not keys:
-        raise InputError(f"no tensor of {target} starts with {prefix!r}")
-    for k in keys:
-        if k not in donor:
-            raise CheckpointError(f"{source} has no tensor {k!r}")
-        if donor[k].shape != weights[k].shape or donor[k].dtype != weights[k].dtype:
-            raise CheckpointError(f"{k}: {source} holds {tuple(donor[k].shape)} {donor[k].dtype}, the model "
-                                  f"{tuple(weights[k].shape)} {weights[k].dtype}")
-        weights[k] = donor[k]
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(model, out)
